@@ -1,0 +1,90 @@
+/*
+ * common.c - status messages, clocks, liveness and process hardening shared
+ * by both transports.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+/* The only place a status becomes words; Python's exception map reuses it. */
+const char *shmkey_strerror(int status)
+{
+    switch (status) {
+    case SHMKEY_OK: return "success";
+    case SHMKEY_EINVAL: return "invalid argument";
+    case SHMKEY_ETIMEDOUT: return "timed out waiting for the key oracle";
+    case SHMKEY_EUNAVAIL: return "the key oracle is not running";
+    case SHMKEY_EPOLICY: return "refused by the key oracle's policy";
+    case SHMKEY_EPROTO: return "malformed request or reply";
+    case SHMKEY_ETOOBIG: return "input too large for a ring slot or message";
+    case SHMKEY_EDECRYPT: return "decryption failed";
+    case SHMKEY_EUNSUPPORTED: return "unsupported operation, padding or hash";
+    case SHMKEY_ESYSTEM: return "system call failed";
+    case SHMKEY_ENOKEY: return "no such key in the oracle";
+    case SHMKEY_EINTERNAL: return "the key oracle's crypto library failed";
+    case SHMKEY_EACCESS: return "permission denied";
+    default: return "unknown shmkey status";
+    }
+}
+
+uint64_t shmkey_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* sem_timedwait wants CLOCK_REALTIME; convert a monotonic deadline to it. */
+void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns)
+{
+    uint64_t now = shmkey_now_ns();
+    uint64_t left = deadline_ns > now ? deadline_ns - now : 0;
+    clock_gettime(CLOCK_REALTIME, ts);
+    uint64_t ns = (uint64_t)ts->tv_nsec + left % 1000000000u;
+    ts->tv_sec += (time_t)(left / 1000000000u + ns / 1000000000u);
+    ts->tv_nsec = (long)(ns % 1000000000u);
+}
+
+/* EPERM means alive under another uid: only ESRCH proves death. */
+int shmkey_pid_alive(pid_t pid)
+{
+    if (pid <= 0)
+        return 0;
+    return kill(pid, 0) == 0 || errno != ESRCH;
+}
+
+uint32_t shmkey_ncpu(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (uint32_t)n : 1u;
+}
+
+size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size)
+{
+    size_t stride = (sizeof(struct shmkey_slot) + slot_size + SHMKEY_ALIGN - 1)
+                    & ~(size_t)(SHMKEY_ALIGN - 1);
+    return SHMKEY_ALIGN + (size_t)nslots * stride;
+}
+
+/*
+ * Make the key process hard to read from outside before it touches the key:
+ * no core dumps, no ptrace by same-uid processes, no privilege gain through
+ * exec, and no timer slack (it rounds every timed wait up by 50 us).
+ * Returns 0, or a negative status if a step that must not fail did.
+ */
+int shmkey_harden_process(void)
+{
+    struct rlimit zero = {0, 0};
+    if (setrlimit(RLIMIT_CORE, &zero) != 0)
+        return SHMKEY_ESYSTEM;
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+        return SHMKEY_ESYSTEM;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return SHMKEY_ESYSTEM;
+    (void)prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0);
+    return SHMKEY_OK;
+}

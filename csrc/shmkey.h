@@ -1,0 +1,167 @@
+/*
+ * shmkey.h - the one description of the shmkey wire and ring layout.
+ *
+ * Read twice: by the C compiler (each .c file includes <stdint.h> first) and
+ * by the cffi build as its cdef, so Python, C and the ring never disagree.
+ * That is why this file has no #include, no include guard and no macros
+ * other than integer constants: cffi's parser accepts nothing else.
+ */
+
+/* ---- versioning ------------------------------------------------------ */
+#define SHMKEY_MAGIC 0x59454b53          /* "SKEY" little-endian */
+#define SHMKEY_VERSION 1
+
+/* ---- status codes: 0 is success, every failure is negative ----------- */
+#define SHMKEY_OK 0
+#define SHMKEY_EINVAL -1        /* bad argument, caught before or at the oracle */
+#define SHMKEY_ETIMEDOUT -2     /* deadline passed; the request was withdrawn */
+#define SHMKEY_EUNAVAIL -3      /* the oracle is gone or shutting down */
+#define SHMKEY_EPOLICY -4       /* the oracle's policy refuses this operation */
+#define SHMKEY_EPROTO -5        /* malformed request or reply */
+#define SHMKEY_ETOOBIG -6       /* input larger than a slot or message allows */
+#define SHMKEY_EDECRYPT -7      /* decryption failed (one error for every cause) */
+#define SHMKEY_EUNSUPPORTED -8  /* unknown operation, padding or hash */
+#define SHMKEY_ESYSTEM -9       /* an OS call failed (see errno at the caller) */
+#define SHMKEY_ENOKEY -10       /* no key with that index */
+#define SHMKEY_EINTERNAL -11    /* the crypto library failed */
+#define SHMKEY_EACCESS -12      /* permission denied on a ring object or socket */
+
+/* ---- operations and their parameters ---------------------------------- */
+#define SHMKEY_OP_PING 1        /* no-op, answered by the C worker loop */
+#define SHMKEY_OP_PUBKEY 2      /* reply: SubjectPublicKeyInfo DER of key */
+#define SHMKEY_OP_SIGN 3        /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=salt len; in = digest */
+#define SHMKEY_OP_DECRYPT 4     /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=label len; in = ct || label */
+
+#define SHMKEY_PAD_PKCS1V15 1
+#define SHMKEY_PAD_PSS 2
+#define SHMKEY_PAD_OAEP 3
+
+#define SHMKEY_HASH_NONE 0
+#define SHMKEY_HASH_SHA1 1
+#define SHMKEY_HASH_SHA256 2
+#define SHMKEY_HASH_SHA384 3
+#define SHMKEY_HASH_SHA512 4
+
+/* ---- transports -------------------------------------------------------- */
+#define SHMKEY_TRANSPORT_SHM 1
+#define SHMKEY_TRANSPORT_SOCKET 2
+
+/* ---- slot states (low 32 bits of shmkey_slot.ctl) ---------------------- */
+#define SHMKEY_SLOT_FREE 0        /* owned by nobody */
+#define SHMKEY_SLOT_CLAIMED 1     /* a client is writing its request */
+#define SHMKEY_SLOT_SUBMITTED 2   /* waiting for a worker */
+#define SHMKEY_SLOT_BUSY 3        /* a worker copied the request and works on it */
+#define SHMKEY_SLOT_WRITING 4     /* a worker is writing the reply */
+#define SHMKEY_SLOT_DONE 5        /* reply ready for the client */
+#define SHMKEY_SLOT_ABANDONED 6   /* client gave up while BUSY; worker frees it */
+
+#define SHMKEY_RING_RUNNING 1
+#define SHMKEY_RING_STOPPING 2
+
+/* Limits that both sides enforce. */
+#define SHMKEY_MIN_SLOT_SIZE 256
+#define SHMKEY_MAX_SLOT_SIZE 65536
+#define SHMKEY_MAX_SLOTS 1024
+#define SHMKEY_MAX_SOCKET_CONNS 256
+
+/* What a client asks: fixed-size, copied out of the ring in one go. */
+struct shmkey_req {
+    uint32_t op;
+    uint32_t key;           /* key index in the oracle, 0 for the first */
+    uint32_t p[4];          /* operation parameters, see SHMKEY_OP_* */
+    uint32_t in_len;        /* bytes of payload that are input */
+    uint32_t reserved;
+};
+
+/* What the oracle answers. On error the payload may hold a short UTF-8 reason. */
+struct shmkey_resp {
+    int32_t status;
+    uint32_t out_len;
+};
+
+/*
+ * Shared ring header. Clients may scribble on it, so the oracle reads
+ * nslots/slot_size/stride only from its own private copy; "active" is a
+ * heuristic that steers spinning and cannot break correctness.
+ */
+struct shmkey_ring_hdr {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t nslots;
+    uint32_t slot_size;     /* payload bytes per slot */
+    uint32_t slot_stride;   /* bytes from one slot to the next */
+    uint32_t slots_offset;  /* bytes from the header to slot 0 */
+    uint32_t oracle_pid;
+    uint32_t state;         /* SHMKEY_RING_RUNNING or _STOPPING */
+    uint32_t spin_us;       /* how long either side spins before sleeping */
+    uint32_t ncpu;
+    uint32_t active;        /* threads spinning or computing for this ring */
+    uint32_t reserved[5];
+};
+
+/*
+ * One slot. ctl packs (generation << 32) | state so that every transition is
+ * a single compare-and-swap that also checks the generation: a worker that
+ * finishes late can never write into a slot that was freed and reused.
+ * The payload (slot_size bytes) follows the struct, 64-byte aligned.
+ */
+struct shmkey_slot {
+    uint64_t ctl;
+    uint32_t waiters;       /* nonzero: the client sleeps on ctl, wake it */
+    uint32_t client_pid;
+    struct shmkey_req req;
+    struct shmkey_resp resp;
+    uint32_t reserved[2];
+};
+
+/* A worker's private copy of one request; filled by shmkey_server_next. */
+struct shmkey_work {
+    struct shmkey_req req;
+    uint8_t *payload;       /* private buffer, cap bytes */
+    uint32_t cap;
+    uint32_t slot;          /* shm: which slot; socket: unused */
+    uint64_t gen;           /* shm: generation the request was read at */
+    int fd;                 /* socket: connection the request came on */
+    uint32_t cursor;        /* where this worker starts its next scan */
+    uint32_t active;        /* nonzero while counted in hdr->active */
+    uint32_t served;        /* requests this worker answered in C (pings) */
+    uint32_t woke;          /* last reply woke a sleeping client: yield the core */
+};
+
+struct shmkey_client;
+struct shmkey_server;
+
+/* ---- client side: thread-safe, blocking calls release no locks held by Python ---- */
+int shmkey_client_open_shm(const char *name, struct shmkey_client **out);
+int shmkey_client_open_socket(const char *path, int ctl_fd, uint32_t max_payload,
+                              struct shmkey_client **out);
+void shmkey_client_close(struct shmkey_client *c);
+uint32_t shmkey_client_max_payload(const struct shmkey_client *c);
+int shmkey_client_transport(const struct shmkey_client *c);
+int shmkey_client_free_slots(const struct shmkey_client *c);
+int shmkey_call(struct shmkey_client *c, const struct shmkey_req *req,
+                const uint8_t *in, uint8_t *out, uint32_t out_cap,
+                struct shmkey_resp *resp, uint32_t timeout_ms);
+int shmkey_ping_loop(struct shmkey_client *c, uint32_t n, uint64_t *ns_out,
+                     uint32_t timeout_ms);
+
+/* ---- oracle side ----------------------------------------------------- */
+int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
+                           uint32_t spin_us, const char *req_sem,
+                           const char *free_sem, struct shmkey_server **out);
+int shmkey_server_open_socket(int ctl_fd, int listening, uint32_t max_payload,
+                              struct shmkey_server **out);
+int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w,
+                       uint32_t timeout_ms);
+int shmkey_server_reply(struct shmkey_server *s, struct shmkey_work *w,
+                        int32_t status, const uint8_t *out, uint32_t out_len);
+int shmkey_server_reap(struct shmkey_server *s);
+void shmkey_server_stop(struct shmkey_server *s);
+void shmkey_server_close(struct shmkey_server *s);
+struct shmkey_work *shmkey_work_new(uint32_t cap);
+void shmkey_work_free(struct shmkey_work *w);
+
+/* ---- shared helpers -------------------------------------------------- */
+const char *shmkey_strerror(int status);
+size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
+int shmkey_harden_process(void);

@@ -1,0 +1,22 @@
+"""shmkey: keep a TLS server's private key in a separate key oracle process,
+reached over a shared-memory ring (or a socket, to compare).
+
+    with shmkey.KeyOracle("server.key") as oracle:
+        key = oracle.private_key()          # duck-types RSAPrivateKey
+        sig = key.sign(data, padding.PSS(...), hashes.SHA256())
+"""
+from .client import OracleClient, OracleKey, connect
+from .config import Config
+from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsolatedError,
+                     KeyLoadError, OracleAccessError, OracleInternalError, OracleTimeoutError,
+                     OracleUnavailableError, PolicyError, ProtocolError, ShmkeyError,
+                     SystemCallError, UnsupportedOperationError)
+from .oracle import KeyOracle
+
+__all__ = [
+    "Config", "ConfigError", "DecryptionError", "InvalidArgumentError", "KeyIsolatedError",
+    "KeyLoadError", "KeyOracle", "OracleAccessError", "OracleClient", "OracleInternalError",
+    "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError",
+    "ProtocolError", "ShmkeyError", "SystemCallError", "UnsupportedOperationError", "connect",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
+work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
+the environment variables.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import config, ring
+from .errors import ShmkeyError
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    for s in config.SETTINGS:
+        kind = str if s.choices else int
+        p.add_argument(f"--{s.field.replace('_', '-')}", type=kind, default=None,
+                       metavar=s.env, help=f"{s.help} (default: ${s.env} or {s.default})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shmkey", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a key oracle in the foreground")
+    serve.add_argument("--key", required=True, help="PEM private key file")
+    serve.add_argument("--name", help="name clients connect to (default: random, logged)")
+    serve.add_argument("--password-stdin", action="store_true",
+                       help="read the key's password from standard input")
+    serve.add_argument("--group", help="make the ring/socket 0660 and owned by this group")
+    serve.add_argument("--allow-pkcs1v15-decrypt", action="store_true",
+                       help="allow PKCS#1 v1.5 decryption (a padding-oracle risk)")
+    serve.add_argument("--no-oaep-decrypt", action="store_true", help="refuse OAEP decryption")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd"):
+        serve.add_argument(hidden, type=int, default=-1, help=argparse.SUPPRESS)
+    _add_settings(serve)
+
+    demo = sub.add_parser("demo", help="start an oracle on a throwaway key and use it")
+    demo.add_argument("--requests", type=int, default=2000, help="signatures per transport")
+
+    clean = sub.add_parser("clean", help="remove what a crashed oracle left in /dev/shm")
+    clean.add_argument("name")
+
+    sub.add_parser("settings", help="list the SHMKEY_* environment variables")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import Policy, ServeOptions, serve
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="shmkey[%(process)d] %(levelname)s %(message)s")
+    overrides = {s.field: getattr(args, s.field) for s in config.SETTINGS}
+    cfg = config.Config.load(**overrides)
+    password = sys.stdin.buffer.read().rstrip(b"\r\n") if args.password_stdin else None
+    opts = ServeOptions(
+        key_path=args.key, name=args.name and ring.check_name(args.name), config=cfg,
+        policy=Policy(allow_oaep_decrypt=not args.no_oaep_decrypt,
+                      allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
+        password=password, group=args.group, socket_fd=args.socket_fd,
+        status_fd=args.status_fd, lifeline_fd=args.lifeline_fd)
+    return serve(opts)
+
+
+def _clean(name: str) -> int:
+    from .client import connect
+
+    try:
+        connect(name, transport="shm").close()
+    except ShmkeyError:
+        ring.unlink(name)
+        print(f"removed what was left of oracle {name!r}")
+        return 0
+    print(f"oracle {name!r} is running; stop it instead", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``shmkey`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            from .demo import run
+
+            return run(args.requests)
+        if args.command == "clean":
+            return _clean(args.name)
+        if args.command == "settings":
+            print(config.markdown_table())
+            return 0
+    except ShmkeyError as exc:
+        print(f"shmkey: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

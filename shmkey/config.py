@@ -1,0 +1,143 @@
+"""Every tunable setting of shmkey: its environment variable, default, valid
+range and error message, listed once. Constructor arguments override the
+environment; README's table is rendered from :data:`SETTINGS`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional, Union
+
+from .errors import ConfigError
+
+TRANSPORTS = ("shm", "socketpair")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it comes from and what it accepts."""
+
+    field: str
+    env: str
+    default: Union[int, str]
+    help: str
+    low: int = 0
+    high: int = 0
+    choices: tuple[str, ...] = ()
+
+    def valid(self) -> str:
+        """Describe the valid values, for errors and README."""
+        if self.choices:
+            return " or ".join(self.choices)
+        return f"{self.low} to {self.high}"
+
+    def parse(self, raw: object, origin: str) -> Union[int, str]:
+        """Check one value; ``origin`` names where it came from in the error."""
+        if self.choices:
+            value = str(raw).strip().lower()
+            if value not in self.choices:
+                raise ConfigError(f"{origin}={raw!r} is not valid; use {self.valid()}")
+            return value
+        try:
+            number = int(str(raw).strip(), 10) if isinstance(raw, str) else int(raw)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{origin}={raw!r} is not a whole number; valid range {self.valid()}"
+            ) from None
+        if isinstance(raw, bool) or not self.low <= number <= self.high:
+            raise ConfigError(f"{origin}={raw!r} is out of range; valid range {self.valid()}")
+        return number
+
+
+def _default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("transport", "SHMKEY_TRANSPORT", "shm",
+            "How clients reach the oracle: the shared-memory ring or a socket.",
+            choices=TRANSPORTS),
+    Setting("slots", "SHMKEY_SLOTS", 16,
+            "Ring slots: requests in flight at once; more wait (backpressure).",
+            low=1, high=1024),
+    Setting("slot_size", "SHMKEY_SLOT_SIZE", 2048,
+            "Payload bytes per slot (and per socket message); must hold the "
+            "key's modulus and its public key.", low=256, high=65536),
+    Setting("workers", "SHMKEY_WORKERS", _default_workers(),
+            "Oracle worker threads serving requests (default: CPU count, at most 16).",
+            low=1, high=64),
+    Setting("timeout_ms", "SHMKEY_TIMEOUT_MS", 5000,
+            "How long a client waits for a slot and a reply before giving up.",
+            low=1, high=600000),
+    Setting("spin_us", "SHMKEY_SPIN_US", 500,
+            "Microseconds either side of the ring spins before sleeping, when a "
+            "core is free (0: always sleep on the semaphore).", low=0, high=100000),
+    Setting("start_timeout_ms", "SHMKEY_START_TIMEOUT_MS", 15000,
+            "How long starting an oracle may take before it is an error.",
+            low=100, high=600000),
+)
+
+_BY_FIELD = {s.field: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings for one oracle or client."""
+
+    transport: str
+    slots: int
+    slot_size: int
+    workers: int
+    timeout_ms: int
+    spin_us: int
+    start_timeout_ms: int
+
+    @classmethod
+    def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: object) -> "Config":
+        """Resolve settings: an override (not None) wins over the environment,
+        which wins over the default.
+
+        Args:
+            env: the environment to read; ``os.environ`` by default.
+            overrides: field name to value, e.g. ``slots=4``.
+
+        Raises:
+            ConfigError: a value is malformed or out of range; the message
+                names the variable (or argument) and the valid range.
+        """
+        env = os.environ if env is None else env
+        unknown = set(overrides) - set(_BY_FIELD)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values: dict[str, object] = {}
+        for setting in SETTINGS:
+            given = overrides.get(setting.field)
+            if given is not None:
+                values[setting.field] = setting.parse(
+                    given, f"{setting.field} (overrides {setting.env})")
+            elif env.get(setting.env, "").strip():
+                values[setting.field] = setting.parse(env[setting.env], setting.env)
+            else:
+                values[setting.field] = setting.default
+        return cls(**values)  # type: ignore[arg-type]
+
+    def as_args(self) -> list[str]:
+        """The settings as ``shmkey serve`` options, to hand to a child oracle."""
+        out: list[str] = []
+        for f in fields(self):
+            out += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+        return out
+
+
+def env_name(field: str) -> str:
+    """The environment variable behind a setting, for error messages."""
+    return _BY_FIELD[field].env
+
+
+def markdown_table() -> str:
+    """README's table of settings, rendered from :data:`SETTINGS`."""
+    rows = ["| variable | default | valid | what it does |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "CPU count (max 16)" if s.field == "workers" else s.default
+        rows.append(f"| `{s.env}` | `{default}` | {s.valid()} | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,111 @@
+"""Exceptions raised by shmkey, and the one place C statuses become them.
+
+Every exception derives from :class:`ShmkeyError`; the ones that mean what a
+builtin means also derive from it (``TimeoutError``, ``ValueError``,
+``PermissionError``), so callers may catch either.
+"""
+from __future__ import annotations
+
+import builtins
+import os
+from typing import NoReturn
+
+
+class ShmkeyError(Exception):
+    """Base class of every shmkey error."""
+
+
+class ConfigError(ShmkeyError, builtins.ValueError):
+    """A setting (environment variable or argument) is invalid."""
+
+
+class InvalidArgumentError(ShmkeyError, builtins.ValueError):
+    """An argument is malformed: wrong length, oversized, unknown option."""
+
+
+class UnsupportedOperationError(InvalidArgumentError):
+    """The oracle does not implement this operation, padding or hash."""
+
+
+class DecryptionError(ShmkeyError, builtins.ValueError):
+    """Decryption failed. One error for every cause, by design."""
+
+
+class OracleTimeoutError(ShmkeyError, builtins.TimeoutError):
+    """The oracle did not answer before the deadline; the request was withdrawn."""
+
+
+class OracleUnavailableError(ShmkeyError):
+    """The oracle is not running, stopped, or died."""
+
+
+class PolicyError(ShmkeyError, builtins.PermissionError):
+    """The oracle's policy refuses this operation."""
+
+
+class OracleAccessError(ShmkeyError, builtins.PermissionError):
+    """Permission denied on the oracle's ring or socket."""
+
+
+class ProtocolError(ShmkeyError):
+    """A malformed request or reply crossed the transport."""
+
+
+class KeyLoadError(ShmkeyError):
+    """The oracle could not load its key (missing file, wrong password, bad key)."""
+
+
+class KeyIsolatedError(ShmkeyError, builtins.TypeError):
+    """The private key lives in the oracle; it cannot be exported from here."""
+
+
+class OracleInternalError(ShmkeyError):
+    """The oracle's crypto library failed on a request that looked valid."""
+
+
+class SystemCallError(ShmkeyError, builtins.OSError):
+    """An operating-system call failed inside shmkey's C layer."""
+
+
+def raise_for_status(status: int, detail: str = "") -> NoReturn:
+    """Raise the exception for a negative C status.
+
+    Args:
+        status: a ``SHMKEY_E*`` code from ``shmkey.h``.
+        detail: the oracle's reason, if it sent one.
+
+    Raises:
+        ShmkeyError: always, as the subclass that ``status`` maps to.
+    """
+    from ._binding import ffi, lib  # the native module loads lazily
+
+    message = ffi.string(lib.shmkey_strerror(status)).decode()
+    if detail:
+        message = f"{message}: {detail}"
+    cls = _STATUS_ERRORS.get(status, ShmkeyError)
+    if cls is SystemCallError:
+        err = ffi.errno
+        raise SystemCallError(err, f"{message}: {os.strerror(err)}")
+    raise cls(message)
+
+
+def _status_map() -> dict[int, type[ShmkeyError]]:
+    from ._binding import lib
+
+    return {
+        lib.SHMKEY_EINVAL: InvalidArgumentError,
+        lib.SHMKEY_ETOOBIG: InvalidArgumentError,
+        lib.SHMKEY_ETIMEDOUT: OracleTimeoutError,
+        lib.SHMKEY_EUNAVAIL: OracleUnavailableError,
+        lib.SHMKEY_EPOLICY: PolicyError,
+        lib.SHMKEY_EPROTO: ProtocolError,
+        lib.SHMKEY_EDECRYPT: DecryptionError,
+        lib.SHMKEY_EUNSUPPORTED: UnsupportedOperationError,
+        lib.SHMKEY_ESYSTEM: SystemCallError,
+        lib.SHMKEY_ENOKEY: InvalidArgumentError,
+        lib.SHMKEY_EINTERNAL: OracleInternalError,
+        lib.SHMKEY_EACCESS: OracleAccessError,
+    }
+
+
+_STATUS_ERRORS = _status_map()

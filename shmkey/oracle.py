@@ -1,0 +1,192 @@
+"""Starting and stopping an owned key oracle from the calling process.
+
+:class:`KeyOracle` fork+execs ``python -m shmkey serve`` (a clean process
+image: nothing of the caller's memory is inherited), which opens the key
+file itself. The caller never reads the key; it gets a client and an
+:class:`~shmkey.client.OracleKey`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional, Union
+
+from . import ring
+from .client import OracleClient, OracleKey
+from .config import Config
+from .errors import (ConfigError, KeyLoadError, OracleUnavailableError, ShmkeyError)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_START_ERRORS = {"ConfigError": ConfigError, "KeyLoadError": KeyLoadError}
+
+
+class KeyOracle:
+    """A key process owned by this one; a context manager.
+
+    Args:
+        key_path: PEM private key; opened only by the oracle process.
+        transport: ``"shm"`` (default) or ``"socketpair"``; overrides
+            ``SHMKEY_TRANSPORT``. Likewise ``slots``, ``slot_size``,
+            ``workers``, ``timeout_ms``, ``spin_us``.
+        password: for an encrypted key; handed over a pipe, never argv or env.
+        name: an oracle name others may ``connect()`` to; random by default.
+        allow_pkcs1v15_decrypt: allow PKCS#1 v1.5 decryption (off by default).
+        allow_oaep_decrypt: allow OAEP decryption (on by default).
+        group: make the ring or socket 0660 and owned by this group.
+
+    Raises:
+        ConfigError: a setting is invalid (before anything starts).
+    """
+
+    def __init__(self, key_path: PathLike, *, transport: Optional[str] = None,
+                 password: Optional[bytes] = None, name: Optional[str] = None,
+                 slots: Optional[int] = None, slot_size: Optional[int] = None,
+                 workers: Optional[int] = None, timeout_ms: Optional[int] = None,
+                 spin_us: Optional[int] = None, allow_pkcs1v15_decrypt: bool = False,
+                 allow_oaep_decrypt: bool = True, group: Optional[str] = None) -> None:
+        self.config = Config.load(transport=transport, slots=slots, slot_size=slot_size,
+                                  workers=workers, timeout_ms=timeout_ms, spin_us=spin_us)
+        self.name = ring.check_name(name) if name else ring.random_name()
+        self._key_path = os.fspath(key_path)
+        self._password = password
+        self._policy_args = (["--allow-pkcs1v15-decrypt"] if allow_pkcs1v15_decrypt else []) + \
+                            ([] if allow_oaep_decrypt else ["--no-oaep-decrypt"])
+        self._group = group
+        self._proc: Optional[subprocess.Popen] = None
+        self._client: Optional[OracleClient] = None
+        self._lifeline: Optional[int] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The key process's pid, while it runs."""
+        return self._proc.pid if self._proc else None
+
+    @property
+    def client(self) -> OracleClient:
+        """This process's connection to the oracle."""
+        if self._client is None:
+            raise OracleUnavailableError("the oracle is not started")
+        return self._client
+
+    def start(self) -> "KeyOracle":
+        """Start the key process and wait until it serves.
+
+        Raises:
+            KeyLoadError: the oracle could not load the key.
+            ConfigError: a setting does not fit the key (e.g. slot size).
+            OracleUnavailableError: it died or did not start in time.
+        """
+        if self._proc is not None:
+            return self
+        cfg = self.config
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        life_r, life_w = os.pipe2(os.O_CLOEXEC)
+        ctl_parent = ctl_child = None
+        args = [sys.executable, "-m", "shmkey", "serve", "--log-level", "warning", "--key", self._key_path,
+                "--name", self.name, "--status-fd", str(status_w), "--lifeline-fd", str(life_r),
+                *cfg.as_args(), *self._policy_args]
+        if self._group is not None:
+            args += ["--group", str(self._group)]
+        pass_fds = [status_w, life_r]
+        if cfg.transport == "socketpair":
+            ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            args += ["--socket-fd", str(ctl_child.fileno())]
+            pass_fds.append(ctl_child.fileno())
+        if self._password is not None:
+            args.append("--password-stdin")
+        try:
+            # A session of its own: a terminal's Ctrl-C goes to us, and we stop it.
+            self._proc = subprocess.Popen(args, pass_fds=pass_fds, start_new_session=True,
+                                          stdin=subprocess.PIPE if self._password else None)
+        finally:
+            os.close(status_w)
+            os.close(life_r)
+            if ctl_child is not None:
+                ctl_child.close()
+        self._lifeline = life_w
+        try:
+            if self._password is not None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.write(self._password)
+                self._proc.stdin.close()
+            info = self._await_ready(status_r, cfg.start_timeout_ms / 1000)
+            if cfg.transport == "shm":
+                self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
+            else:
+                assert ctl_parent is not None
+                self._client = OracleClient.open_socket(
+                    ctl_fd=ctl_parent.fileno(), max_payload=cfg.slot_size,
+                    timeout_ms=cfg.timeout_ms, name=self.name)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            os.close(status_r)
+            if ctl_parent is not None:
+                ctl_parent.close()
+        return self
+
+    def _await_ready(self, fd: int, timeout: float) -> dict:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OracleUnavailableError(f"the key oracle did not start within {timeout:g} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    code = self._proc.wait(timeout=5)
+                    raise OracleUnavailableError(f"the key oracle exited during start (status {code})")
+                buf += chunk
+        info = json.loads(buf.split(b"\n", 1)[0])
+        if not info.get("ok"):
+            cls = _START_ERRORS.get(info.get("kind", ""), ShmkeyError)
+            raise cls(info.get("error", "the key oracle failed to start"))
+        return info
+
+    def private_key(self, index: int = 0) -> OracleKey:
+        """The oracle's key as a ``cryptography``-compatible RSA private key."""
+        return self.client.private_key(index)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the key process (SIGTERM, then SIGKILL) and remove its names."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            # An oracle killed hard cannot clean up after itself.
+            ring.unlink(self.name)
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+
+    def __enter__(self) -> "KeyOracle":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None:
+            try:
+                self.stop(timeout=1.0)
+            except Exception:
+                pass

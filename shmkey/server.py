@@ -1,0 +1,326 @@
+"""The key process: loads the private key, then serves sign and decrypt
+requests from its ring or socket with worker threads until told to stop.
+
+It runs as ``shmkey serve`` (foreground, or forked+exec'd by
+:class:`shmkey.KeyOracle`). Requests are copied out of shared memory by the C
+worker loop; only the private copy reaches this module, which checks it
+against the policy and does the math with ``cryptography``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import _wire, ring
+from ._binding import ffi, lib
+from .config import Config, env_name
+from .errors import ConfigError, KeyLoadError, ShmkeyError
+
+log = logging.getLogger("shmkey.oracle")
+
+_WAIT_MS = 200          # workers look at the stop flag this often
+_REAP_INTERVAL = 0.25   # seconds between scans for slots of dead clients
+_MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the oracle agrees to do. Signing is always allowed.
+
+    PKCS#1 v1.5 decryption is off by default: a server that answers it is a
+    Bleichenbacher/Marvin padding oracle unless every caller is trusted.
+    """
+
+    allow_oaep_decrypt: bool = True
+    allow_pkcs1v15_decrypt: bool = False
+
+
+def load_key(path: str, password: Optional[bytes]) -> rsa.RSAPrivateKey:
+    """Read and parse the PEM key; the raw bytes are wiped after parsing.
+
+    Raises:
+        KeyLoadError: unreadable file, wrong password, not RSA, too small.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+    except OSError as exc:
+        raise KeyLoadError(f"cannot read key file {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(bytes(raw), password=password)
+    except (ValueError, TypeError) as exc:
+        raise KeyLoadError(f"cannot load key from {path}: {exc}") from None
+    finally:
+        raw[:] = bytes(len(raw))
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise KeyLoadError(f"{path} holds a {type(key).__name__}; only RSA keys are supported")
+    if key.key_size < _MIN_RSA_BITS:
+        raise KeyLoadError(f"{path} is RSA-{key.key_size}; at least {_MIN_RSA_BITS} bits needed")
+    return key
+
+
+class Handler:
+    """Turns one copied request into (status, reply bytes)."""
+
+    def __init__(self, keys: list[rsa.RSAPrivateKey], policy: Policy) -> None:
+        self._keys = keys
+        self._policy = policy
+        self._pub = [k.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+                     for k in keys]
+        self._sign_cache: dict[tuple[int, ...], Optional[_wire.SignSpec]] = {}
+
+    def public_der(self, index: int = 0) -> bytes:
+        """SubjectPublicKeyInfo of key ``index``."""
+        return self._pub[index]
+
+    def handle(self, op: int, index: int, p: _wire.Params, payload: bytes) -> tuple[int, bytes]:
+        """Serve one request; never raises."""
+        if not 0 <= index < len(self._keys):
+            return lib.SHMKEY_ENOKEY, b"no key with that index"
+        key = self._keys[index]
+        try:
+            if op == lib.SHMKEY_OP_SIGN:
+                return self._sign(key, p, payload)
+            if op == lib.SHMKEY_OP_DECRYPT:
+                return self._decrypt(key, p, payload)
+            if op == lib.SHMKEY_OP_PUBKEY:
+                return lib.SHMKEY_OK, self._pub[index]
+            return lib.SHMKEY_EUNSUPPORTED, f"unknown operation {op}".encode()
+        except Exception as exc:  # the oracle must outlive any single request
+            log.warning("request op=%d failed: %s", op, type(exc).__name__)
+            return lib.SHMKEY_EINTERNAL, type(exc).__name__.encode()
+
+    def _sign(self, key: rsa.RSAPrivateKey, p: _wire.Params, digest: bytes) -> tuple[int, bytes]:
+        cache_key = (key.key_size, *p)
+        spec = self._sign_cache.get(cache_key)
+        if spec is None and cache_key not in self._sign_cache:
+            spec = self._sign_cache.setdefault(cache_key, _wire.decode_sign(p, key.key_size))
+        if spec is None:
+            return lib.SHMKEY_EUNSUPPORTED, b"bad padding, hash or salt length for signing"
+        if len(digest) != spec.digest_size:
+            return lib.SHMKEY_EINVAL, (f"digest is {len(digest)} bytes; "
+                                       f"expected {spec.digest_size}").encode()
+        return lib.SHMKEY_OK, key.sign(digest, spec.padding, spec.algorithm)
+
+    def _decrypt(self, key: rsa.RSAPrivateKey, p: _wire.Params, payload: bytes) -> tuple[int, bytes]:
+        decoded = _wire.decode_decrypt(p)
+        if decoded is None:
+            return lib.SHMKEY_EUNSUPPORTED, b"bad padding or hash for decryption"
+        pad_code, padding, label_len = decoded
+        nbytes = (key.key_size + 7) // 8
+        if len(payload) != nbytes + label_len:
+            return lib.SHMKEY_EINVAL, b"ciphertext length does not match the key"
+        if pad_code == lib.SHMKEY_PAD_OAEP and not self._policy.allow_oaep_decrypt:
+            return lib.SHMKEY_EPOLICY, b"OAEP decryption is disabled"
+        if pad_code == lib.SHMKEY_PAD_PKCS1V15 and not self._policy.allow_pkcs1v15_decrypt:
+            return lib.SHMKEY_EPOLICY, (b"PKCS#1 v1.5 decryption is disabled "
+                                        b"(enable with allow_pkcs1v15_decrypt)")
+        if padding is None:
+            padding = _wire.oaep(p, payload[nbytes:])
+        try:
+            return lib.SHMKEY_OK, key.decrypt(payload[:nbytes], padding)
+        except ValueError:
+            # Same status, same (empty) reason for every failure: no padding oracle.
+            return lib.SHMKEY_EDECRYPT, b""
+
+
+def _serve_worker(srv: Any, handler: Handler, cap: int, stopping: threading.Event) -> None:
+    work = ffi.gc(lib.shmkey_work_new(cap), lib.shmkey_work_free)
+    if work == ffi.NULL:
+        raise MemoryError("shmkey_work_new")
+    next_request, reply, buffer = lib.shmkey_server_next, lib.shmkey_server_reply, ffi.buffer
+    ok, timed_out = lib.SHMKEY_OK, lib.SHMKEY_ETIMEDOUT
+    req = work.req
+    while True:
+        rc = next_request(srv, work, _WAIT_MS)        # GIL released while waiting
+        if rc == ok:
+            status, out = handler.handle(req.op, req.key, tuple(req.p),
+                                         buffer(work.payload, req.in_len)[:])
+            reply(srv, work, status, out, len(out))
+        elif rc == timed_out:
+            if stopping.is_set():
+                return
+        elif stopping.is_set() or rc == lib.SHMKEY_EUNAVAIL:
+            return
+        else:
+            log.error("worker wait failed: status %d", rc)
+            stopping.wait(0.05)
+
+
+@dataclass
+class ServeOptions:
+    """Everything ``shmkey serve`` needs, resolved."""
+
+    key_path: str
+    name: Optional[str]
+    config: Config
+    policy: Policy
+    password: Optional[bytes] = None
+    group: Optional[str] = None
+    socket_fd: int = -1          # control socket of a forked socketpair oracle
+    status_fd: int = -1          # where to report readiness (owned oracles)
+    lifeline_fd: int = -1        # EOF here means the owner is gone
+
+
+class Oracle:
+    """A running key process: transport, workers and the main loop."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.name = opts.name or ring.random_name()
+        self._stopping = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._srv: Any = None
+        self._ring: Optional[ring.RingObjects] = None
+        self._listener: Optional[socket.socket] = None
+        self._sock_path: Optional[str] = None
+
+    def start(self) -> None:
+        """Load the key, open the transport and start the workers."""
+        opts, cfg = self.opts, self.opts.config
+        key = load_key(opts.key_path, opts.password)
+        handler = Handler([key], opts.policy)
+        need = max((key.key_size + 7) // 8 + 64, len(handler.public_der()))
+        if cfg.slot_size < need:
+            raise ConfigError(
+                f"{env_name('slot_size')}={cfg.slot_size} is too small for an RSA-{key.key_size} "
+                f"key: it needs at least {need} bytes (valid range 256 to 65536)")
+        out = ffi.new("struct shmkey_server **")
+        if cfg.transport == "shm":
+            self._ring = ring.create(self.name, cfg.slots, cfg.slot_size,
+                                     ring.group_id(opts.group))
+            rc = lib.shmkey_server_open_shm(self._ring.fd, cfg.slots, cfg.slot_size, cfg.spin_us,
+                                            self._ring.req_sem.encode(),
+                                            self._ring.free_sem.encode(), out)
+            os.close(self._ring.fd)
+        elif opts.socket_fd >= 0:
+            rc = lib.shmkey_server_open_socket(opts.socket_fd, 0, cfg.slot_size, out)
+            os.close(opts.socket_fd)
+        else:
+            self._listen()
+            assert self._listener is not None
+            rc = lib.shmkey_server_open_socket(self._listener.fileno(), 1, cfg.slot_size, out)
+        if rc != lib.SHMKEY_OK:
+            self._cleanup()
+            from .errors import raise_for_status
+            raise_for_status(rc, "opening the oracle's transport")
+        self._srv = out[0]
+        for i in range(cfg.workers):
+            t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
+                                 args=(self._srv, handler, cfg.slot_size, self._stopping))
+            t.start()
+            self._workers.append(t)
+
+    def _listen(self) -> None:
+        path = ring.socket_path(self.name)
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                raise ShmkeyError(f"an oracle named {self.name!r} is already listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                path.unlink()           # left by an oracle that died
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        gid = ring.group_id(self.opts.group)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, 0o660 if gid is not None else 0o600)
+        sock.listen(128)
+        self._listener, self._sock_path = sock, str(path)
+
+    def run(self, ready: Callable[[], None]) -> None:
+        """Serve until SIGTERM/SIGINT or the owner's lifeline closes."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = signal.set_wakeup_fd(wake_w)
+        stop = lambda *_: self._stopping.set()  # noqa: E731
+        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            ready()
+            watch = [wake_r] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
+            while not self._stopping.is_set():
+                readable, _, _ = select.select(watch, [], [], _REAP_INTERVAL)
+                if self.opts.lifeline_fd in readable:
+                    if not os.read(self.opts.lifeline_fd, 64):
+                        log.info("owner process is gone; stopping")
+                        break
+                if wake_r in readable:
+                    os.read(wake_r, 64)
+                reaped = lib.shmkey_server_reap(self._srv)
+                if reaped:
+                    log.info("reclaimed %d slot(s) of dead clients", reaped)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            signal.set_wakeup_fd(previous)
+            os.close(wake_r)
+            os.close(wake_w)
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop workers, then unlink every name this oracle created."""
+        self._stopping.set()
+        if self._srv is not None:
+            lib.shmkey_server_stop(self._srv)
+            for t in self._workers:
+                t.join(timeout=5)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._ring is not None:
+            ring.unlink(self.name)
+        if self._listener is not None:
+            self._listener.close()
+            if self._sock_path:
+                try:
+                    os.unlink(self._sock_path)
+                except FileNotFoundError:
+                    pass
+        if self._srv is not None and not any(t.is_alive() for t in self._workers):
+            lib.shmkey_server_close(self._srv)
+            self._srv = None
+
+
+def _report(fd: int, message: dict) -> None:
+    if fd >= 0:
+        os.write(fd, (json.dumps(message) + "\n").encode())
+        os.close(fd)
+
+
+def serve(opts: ServeOptions) -> int:
+    """Run an oracle until it is stopped; the exit status for ``shmkey serve``."""
+    if lib.shmkey_harden_process() != lib.SHMKEY_OK:
+        log.warning("could not fully harden the key process (core dumps / ptrace)")
+    os.umask(0o077)
+    oracle = Oracle(opts)
+    try:
+        oracle.start()
+    except ShmkeyError as exc:
+        _report(opts.status_fd, {"ok": False, "error": str(exc), "kind": type(exc).__name__})
+        log.error("%s", exc)
+        return 2
+    opts.password = None
+
+    def ready() -> None:
+        info = {"ok": True, "name": oracle.name, "pid": os.getpid(),
+                "transport": opts.config.transport, "workers": opts.config.workers}
+        _report(opts.status_fd, info)
+        log.info("oracle %s serving (pid %d, %s, %d workers)", oracle.name, os.getpid(),
+                 opts.config.transport, opts.config.workers)
+
+    oracle.run(ready)
+    log.info("oracle %s stopped", oracle.name)
+    return 0
