@@ -1,6 +1,7 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
 work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
-the environment variables.
+the environment variables, ``bench`` compares it with a socket and an
+in-process key.
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("name")
 
     sub.add_parser("settings", help="list the SHMKEY_* environment variables")
+
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(sub.add_parser(
+        "bench", help="compare in-process, socketpair and shm latency and throughput"))
     return parser
 
 
@@ -92,6 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run(args.requests)
         if args.command == "clean":
             return _clean(args.name)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(args)
         if args.command == "settings":
             print(config.markdown_table())
             return 0
