@@ -183,6 +183,7 @@ class Lab:
         self._keys: dict[int, Path] = {}
         self._given = Path(key_path) if key_path else None
         self._targets: dict[tuple, Target] = {}
+        self._names: list[str] = []
 
     def key_path(self, bits: int) -> Path:
         """A PEM key of ``bits`` (the given key, if one was given and fits)."""
@@ -193,13 +194,24 @@ class Lab:
                 self._keys[bits] = write_key(Path(self._dir.name) / f"rsa{bits}.pem", bits)
         return self._keys[bits]
 
+    @staticmethod
+    def _ident(mode: str, bits: int, settings: dict) -> tuple:
+        given = {k: v for k, v in settings.items() if v is not None}
+        return (mode, bits) + (tuple(sorted(given.items())) if mode != "in-process" else ())
+
     def target(self, mode: str, bits: int = 2048, **settings: Optional[int]) -> Target:
         """The target for ``mode`` with these oracle settings (ignored in-process)."""
-        settings = {k: v for k, v in settings.items() if v is not None}
-        ident = (mode, bits) + (tuple(sorted(settings.items())) if mode != "in-process" else ())
+        ident = self._ident(mode, bits, settings)
         if ident not in self._targets:
-            self._targets[ident] = open_target(mode, self.key_path(bits), **settings)
+            target = open_target(mode, self.key_path(bits), **dict(ident[2:]))
+            if target.oracle is not None:
+                self._names.append(target.oracle.name)
+            self._targets[ident] = target
         return self._targets[ident]
+
+    def oracle_names(self) -> list[str]:
+        """Names of every oracle this lab started, stopped or not."""
+        return list(self._names)
 
     def workload(self, mode: str, op: str, bits: int = 2048,
                  **settings: Optional[int]) -> Workload:
@@ -208,20 +220,25 @@ class Lab:
 
     def release(self, mode: str, bits: int = 2048, **settings: Optional[int]) -> None:
         """Stop one target's oracle now (frees its processes for the next test)."""
-        settings = {k: v for k, v in settings.items() if v is not None}
-        ident = (mode, bits) + (tuple(sorted(settings.items())) if mode != "in-process" else ())
-        target = self._targets.pop(ident, None)
+        target = self._targets.pop(self._ident(mode, bits, settings), None)
         if target is not None:
             target.close()
 
     def close(self) -> None:
         """Stop every oracle and delete the keys."""
-        errors = []
-        for target in self._targets.values():
+        errors: list[BaseException] = []
+
+        def stop(target: Target) -> None:
             try:
                 target.close()
             except ShmkeyError as exc:   # keep stopping the others
                 errors.append(exc)
+        # In parallel: a socket oracle takes a few hundred ms to wind down.
+        stoppers = [threading.Thread(target=stop, args=(t,)) for t in self._targets.values()]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
         self._targets.clear()
         self._dir.cleanup()
         if errors:
@@ -606,7 +623,7 @@ class Report:
                 "targets": [asdict(c) for c in self.checks()]}
 
 
-def run(opts: Options, progress: ProgressFn = _quiet) -> Report:
+def run(opts: Options, progress: ProgressFn = _quiet, command: str = "") -> Report:
     """Measure latency per operation (interleaved across modes), then
     throughput per client count and kind (modes interleaved in rounds).
 
@@ -620,7 +637,7 @@ def run(opts: Options, progress: ProgressFn = _quiet) -> Report:
     meta = machine()
     meta.update(bits=opts.bits, seconds=opts.seconds, rounds=opts.rounds,
                 workers=Config.load(**settings).workers, settings=settings,
-                command="shmkey " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                command=command)
     lat: list[Latency] = []
     tput: list[Throughput] = []
     steps = len(opts.ops) + len(opts.kinds) * len(opts.clients)
@@ -771,9 +788,15 @@ def _parse_list(text: str, conv: Callable[[str], Any], allowed: Optional[Iterabl
     return items
 
 
-def add_arguments(p: Any) -> None:
-    """The options of ``shmkey bench`` (on an argparse parser)."""
+def _parser() -> Any:
     import argparse
+
+    p = argparse.ArgumentParser(
+        prog="shmkey bench",
+        description="What does key isolation cost, and what does the shared-memory ring "
+                    "save over a socket? Latency of each operation with one client "
+                    "(in-process, socketpair and shm interleaved), then throughput with "
+                    "concurrent clients; a table with p50, p99, ops/s and ratios.")
 
     def listed(conv: Callable[[str], Any], allowed: Optional[Iterable] = None) -> Callable[[str], tuple]:
         def parse(text: str) -> tuple:
@@ -809,10 +832,14 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png",
                    help="also draw latency CDFs and throughput (needs matplotlib: shmkey[plot])")
+    return p
 
 
-def main(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run ``shmkey bench`` with parsed arguments; the exit status."""
+def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
+         err: TextIO = sys.stderr) -> int:
+    """``shmkey bench [options]``: run, print the table; the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (fail before a long run, not after)
@@ -833,9 +860,17 @@ def main(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
             err.write(msg + "\n")
         err.flush()
 
-    report = run(opts, progress)
-    if tty:
-        err.write("\r\033[K")
+    try:
+        report = run(opts, progress, command="shmkey bench " + " ".join(
+            shlex.quote(a) for a in argv))
+    except KeyboardInterrupt:
+        return 130
+    except ShmkeyError as exc:
+        print(f"shmkey bench: {exc}", file=err)
+        return 2
+    finally:
+        if tty:
+            err.write("\r\033[K")
     print(format_report(report), file=out)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,13 +1,12 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
 work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
-the environment variables, ``bench`` compares it with a socket and an
-in-process key.
+the environment variables, ``bench`` compares the oracle's transports with
+an in-process key.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -48,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("name")
 
     sub.add_parser("settings", help="list the SHMKEY_* environment variables")
-
-    from .bench import add_arguments as add_bench_arguments
-    add_bench_arguments(sub.add_parser(
-        "bench", help="compare in-process, socketpair and shm latency and throughput"))
+    # Listed here for --help; shmkey.bench parses its own options, so that
+    # `serve` never imports the benchmark code.
+    sub.add_parser("bench", add_help=False,
+                   help="compare in-process, socketpair and shm (shmkey bench --help)")
     return parser
 
 
@@ -87,6 +86,11 @@ def _clean(name: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``shmkey`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -97,10 +101,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run(args.requests)
         if args.command == "clean":
             return _clean(args.name)
-        if args.command == "bench":
-            from .bench import main as bench_main
-
-            return bench_main(args)
         if args.command == "settings":
             print(config.markdown_table())
             return 0
