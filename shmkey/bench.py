@@ -209,6 +209,11 @@ class Lab:
             self._targets[ident] = target
         return self._targets[ident]
 
+    def oracle_pids(self) -> list[int]:
+        """Process ids of the oracles running now."""
+        return [t.oracle.pid for t in self._targets.values()
+                if t.oracle is not None and t.oracle.pid is not None]
+
     def oracle_names(self) -> list[str]:
         """Names of every oracle this lab started, stopped or not."""
         return list(self._names)
@@ -642,6 +647,7 @@ def run(opts: Options, progress: ProgressFn = _quiet, command: str = "") -> Repo
     tput: list[Throughput] = []
     steps = len(opts.ops) + len(opts.kinds) * len(opts.clients)
     step = 0
+    load = _LoadMeter()
     with Lab(Path(opts.key_path) if opts.key_path else None) as lab:
         for op in opts.ops:
             step += 1
@@ -655,7 +661,54 @@ def run(opts: Options, progress: ProgressFn = _quiet, command: str = "") -> Repo
                 step += 1
                 tput += _throughput_round_robin(lab, opts, modes, kind, clients, settings,
                                                 lambda msg, s=step: progress(f"[{s}/{steps}] {msg}"))
+        meta.update(load.stop(lab.oracle_pids()))
     return Report(meta, lat, tput)
+
+
+class _LoadMeter:
+    """How busy the machine was with work that is not this run's, and how
+    much CPU the hypervisor stole: on a shared machine, the context that a
+    table of timings needs.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0, self._steal0 = self._system()
+        self._own0 = self._own([])
+
+    @staticmethod
+    def _system() -> tuple[int, int]:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return 0, 0
+        steal = v[7] if len(v) > 7 else 0
+        return sum(v[:8]) - v[3] - v[4] - steal, steal   # all but idle, iowait, steal
+
+    @staticmethod
+    def _own(pids: Sequence[int]) -> int:
+        tck = os.sysconf("SC_CLK_TCK")
+        t = os.times()      # this process and its reaped children (forked clients)
+        ticks = int((t.user + t.system + t.children_user + t.children_system) * tck)
+        for pid in pids:    # the oracles, still running
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+            except (OSError, ValueError, IndexError):
+                pass
+        return ticks
+
+    def stop(self, oracle_pids: Sequence[int]) -> dict:
+        """Average cores used by other processes, and stolen, since start."""
+        elapsed = max(1e-9, time.monotonic() - self._t0)
+        tck = os.sysconf("SC_CLK_TCK")
+        busy, steal = self._system()
+        other = (busy - self._busy0) - (self._own(oracle_pids) - self._own0)
+        return {"elapsed_s": round(elapsed, 1),
+                "other_load_cores": round(max(0.0, other / tck / elapsed), 2),
+                "steal_cores": round((steal - self._steal0) / tck / elapsed, 2)}
 
 
 def _throughput_round_robin(lab: Lab, opts: Options, modes: Sequence[str], kind: str,
@@ -696,6 +749,9 @@ def format_report(report: Report) -> str:
              + (f", {m['settings']}" if m.get("settings") else ""),
              f"machine: {m['cores']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
              f"OpenSSL: system {m['openssl_system']}; cryptography {m['cryptography']}",
+             f"run: {m.get('elapsed_s', '?')} s; other processes used {m.get('other_load_cores', '?')} "
+             f"cores on average, the hypervisor stole {m.get('steal_cores', '?')}"
+             + (" (a busy machine: expect noise)" if (m.get("other_load_cores") or 0) > 0.1 else ""),
              "", "Latency, 1 client, one call at a time (us; modes interleaved)",
              f"{'operation':<13} {'mode':<11} {'p50':>9} {'p99':>9} {'ops/s':>9} "
              f"{'p50 +us':>9} {'x in-proc':>9} {'shm/sock':>9}"]
