@@ -21,3 +21,16 @@ def test_throughput(benchmark, lab: bench.Lab, measure_throughput, kind: str,  #
     settings = {} if mode == "in-process" else {"workers": workers}
     t = measure_throughput(lab.workload(mode, "sign-pss", **settings), clients, kind, settings)
     assert len(t.per_client_ops) == clients and min(t.per_client_ops) > 0
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_beside_a_busy_process(benchmark, lab: bench.Lab, measure_throughput,  # type: ignore[no-untyped-def]
+                               mode: str) -> None:
+    """One client thread while a CPU-bound process competes for the cores,
+    as the rest of a busy server does: waiting by spinning must not take a
+    core the oracle's worker needs ("no collapse").
+    """
+    benchmark.group = "throughput sign-pss: 1 client thread beside 1 CPU-bound process"
+    with bench.Busy(1):
+        t = measure_throughput(lab.workload(mode, "sign-pss"), 1, "threads", {})
+    assert t.per_client_ops[0] > 0

@@ -256,6 +256,28 @@ class Lab:
         self.close()
 
 
+class Busy:
+    """``n`` CPU-bound processes (Python busy loops) running beside the
+    benchmark, standing in for the rest of a busy server; a context manager.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Busy":
+        for _ in range(self.n):
+            self._procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._procs:
+            p.kill()
+        for p in self._procs:
+            p.wait()
+        self._procs.clear()
+
+
 # ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
@@ -540,6 +562,7 @@ class Options:
     slots: Optional[int] = None
     spin_us: Optional[int] = None
     key_path: Optional[str] = None
+    busy: int = 0
 
     def settings(self) -> dict:
         """Oracle settings given on the command line (None: the default)."""
@@ -647,8 +670,9 @@ def run(opts: Options, progress: ProgressFn = _quiet, command: str = "") -> Repo
     tput: list[Throughput] = []
     steps = len(opts.ops) + len(opts.kinds) * len(opts.clients)
     step = 0
+    meta["busy_processes"] = opts.busy
     load = _LoadMeter()
-    with Lab(Path(opts.key_path) if opts.key_path else None) as lab:
+    with Lab(Path(opts.key_path) if opts.key_path else None) as lab, Busy(opts.busy):
         for op in opts.ops:
             step += 1
             op_modes = [m for m in modes if not (op == "ping-c" and m == "in-process")]
@@ -751,7 +775,9 @@ def format_report(report: Report) -> str:
              f"OpenSSL: system {m['openssl_system']}; cryptography {m['cryptography']}",
              f"run: {m.get('elapsed_s', '?')} s; other processes used {m.get('other_load_cores', '?')} "
              f"cores on average, the hypervisor stole {m.get('steal_cores', '?')}"
-             + (" (a busy machine: expect noise)" if (m.get("other_load_cores") or 0) > 0.1 else ""),
+             + (f" ({m['busy_processes']} of them the CPU-bound processes of --busy)"
+                if m.get("busy_processes") else
+                " (a busy machine: expect noise)" if (m.get("other_load_cores") or 0) > 0.1 else ""),
              "", "Latency, 1 client, one call at a time (us; modes interleaved)",
              f"{'operation':<13} {'mode':<11} {'p50':>9} {'p99':>9} {'ops/s':>9} "
              f"{'p50 +us':>9} {'x in-proc':>9} {'shm/sock':>9}"]
@@ -884,6 +910,9 @@ def _parser() -> Any:
     p.add_argument("--workers", type=int, help="SHMKEY_WORKERS for the oracles")
     p.add_argument("--slots", type=int, help="SHMKEY_SLOTS for the oracles")
     p.add_argument("--spin-us", type=int, help="SHMKEY_SPIN_US for the oracles")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run N CPU-bound processes beside the benchmark, as the rest of a "
+                        "busy server would (default 0)")
     p.add_argument("--no-throughput", action="store_true", help="latency only")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png",
@@ -906,7 +935,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
                    throughput_op=args.throughput_op,
                    clients=() if args.no_throughput else args.clients, kinds=args.kinds,
                    transports=args.transports, rounds=max(1, args.rounds), workers=args.workers,
-                   slots=args.slots, spin_us=args.spin_us, key_path=args.key)
+                   slots=args.slots, spin_us=args.spin_us, key_path=args.key,
+                   busy=max(0, args.busy))
     tty = err.isatty()
 
     def progress(msg: str) -> None:
