@@ -821,23 +821,32 @@ def plot(report: Report, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ops = list(dict.fromkeys(r.op for r in report.latency))
-    panels = len(ops) + (1 if report.throughput else 0)
-    fig, axes = plt.subplots(1, max(1, panels), figsize=(4.2 * max(1, panels), 3.8),
-                             squeeze=False)
+    panels = max(1, len(ops) + (1 if report.throughput else 0))
+    cols = min(3, panels)
+    rows = (panels + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
     colors = {"in-process": "tab:green", "socketpair": "tab:orange", "shm": "tab:blue"}
-    for ax, op in zip(axes[0], ops):
+    for ax, op in zip(axes, ops):
         for r in (x for x in report.latency if x.op == op):
             xs = r.samples_us
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
             ax.plot(xs, ys, label=f"{r.mode} (p50 {_num(r.p50_us)})", color=colors.get(r.mode))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{op}, 1 client")
         ax.set_xlabel("latency (us, log)")
         ax.set_ylabel("fraction of calls")
         ax.legend(fontsize="small")
     if report.throughput:
-        ax = axes[0][-1]
+        ax = axes[panels - 1]
         for kind in dict.fromkeys(t.kind for t in report.throughput):
             for mode in dict.fromkeys(t.mode for t in report.throughput):
                 rows = sorted((t for t in report.throughput if t.kind == kind and t.mode == mode),
