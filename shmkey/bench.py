@@ -375,8 +375,11 @@ class Throughput:
 
     @property
     def ops_per_s(self) -> float:
-        """All clients together."""
-        return sum(self.rates)
+        """All clients together: every operation over the longest client's time
+        (summing per-client rates would overstate it when some finish early).
+        """
+        longest = max(self.per_client_s, default=0.0)
+        return sum(self.per_client_ops) / longest if longest > 0 else 0.0
 
     @property
     def fairness(self) -> float:
