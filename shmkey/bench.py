@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -450,17 +451,21 @@ def _processes(w: Workload, clients: int, count: Optional[int],
         for _ in range(clients):
             r, wfd = os.pipe()
             pid = os.fork()
-            if pid == 0:                 # child: never returns into the caller
-                code = 0
+            if pid == 0:
+                # The child must never return into the caller's frames: they
+                # would stop the oracles (Lab.__exit__) a second time.
+                code = 1
                 try:
                     os.close(r)
                     os.read(go_r, 1)
-                    n, s = _client_loop(w, count, seconds)
-                    msg = json.dumps({"n": n, "s": s})
-                except BaseException as exc:
-                    msg, code = json.dumps({"error": f"{type(exc).__name__}: {exc}"}), 1
-                os.write(wfd, msg.encode())
-                os._exit(code)
+                    try:
+                        n, s = _client_loop(w, count, seconds)
+                        msg, code = json.dumps({"n": n, "s": s}), 0
+                    except BaseException as exc:
+                        msg = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+                    os.write(wfd, msg.encode())
+                finally:
+                    os._exit(code)
             os.close(wfd)
             kids.append((pid, r))
         os.write(go_w, b"g" * clients)
@@ -479,8 +484,9 @@ def _processes(w: Workload, clients: int, count: Optional[int],
     finally:
         os.close(go_r)
         os.close(go_w)
-        for pid, r in kids:       # only after an error in the parent
+        for pid, r in kids:       # only after an error (or Ctrl-C) in the parent
             os.close(r)
+            os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
     errors = [r["error"] for r in results if "error" in r]
     if errors:
