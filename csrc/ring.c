@@ -71,9 +71,9 @@ static inline uint32_t *ctl_futex(struct shmkey_slot *s)
     return (uint32_t *)&s->ctl;
 }
 
-static void futex_wait_ms(uint32_t *addr, uint32_t val, uint32_t ms)
+static void futex_wait_ns(uint32_t *addr, uint32_t val, uint64_t ns)
 {
-    struct timespec ts = {ms / 1000u, (long)(ms % 1000u) * 1000000L};
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
     (void)syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
 }
 
@@ -321,6 +321,23 @@ static void withdraw(struct shmkey_client *c, struct shmkey_slot *s, uint32_t ge
     }
 }
 
+/*
+ * A gap this long between two looks at the clock while spinning means we
+ * were preempted: something outside the ring wants this core, so spinning
+ * now only delays whoever must produce what we wait for. 64 pause
+ * instructions take a few microseconds.
+ */
+#define SPIN_PREEMPTED_NS 30000u
+
+/* Stop spinning at end, when the ring wants more cores than exist, or when preempted. */
+static int spin_should_stop(uint64_t *last, uint64_t end, uint32_t active, uint32_t ncpu)
+{
+    uint64_t now = shmkey_now_ns();
+    int stop = now >= end || now - *last > SPIN_PREEMPTED_NS || active > ncpu;
+    *last = now;
+    return stop;
+}
+
 /* Spin while it pays: a free core for us, and the reply not yet there. */
 static uint64_t spin_for_reply(struct shmkey_client *c, struct shmkey_slot *s)
 {
@@ -331,15 +348,15 @@ static uint64_t spin_for_reply(struct shmkey_client *c, struct shmkey_slot *s)
     if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) >= c->ncpu)
         return ctl;
     __atomic_add_fetch(&h->active, 1, __ATOMIC_RELAXED);
-    uint64_t end = shmkey_now_ns() + (uint64_t)c->spin_us * 1000u;
+    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)c->spin_us * 1000u;
     for (unsigned i = 1;; i++) {
         ctl = ctl_load(s);
         if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
             break;
         shmkey_cpu_relax();
         if ((i & 63) == 0 &&
-            (shmkey_now_ns() >= end ||
-             __atomic_load_n(&h->active, __ATOMIC_RELAXED) > c->ncpu))
+            spin_should_stop(&last, end, __atomic_load_n(&h->active, __ATOMIC_RELAXED),
+                             c->ncpu))
             break;
     }
     __atomic_sub_fetch(&h->active, 1, __ATOMIC_RELAXED);
@@ -361,16 +378,16 @@ static int wait_reply(struct shmkey_client *c, struct shmkey_slot *s, uint32_t g
         uint64_t now = shmkey_now_ns();
         if (now >= deadline_ns)
             return SHMKEY_ETIMEDOUT;
-        uint64_t left_ms = (deadline_ns - now + 999999u) / 1000000u;
-        uint32_t ms = left_ms < SHMKEY_LIVENESS_SLICE_MS ? (uint32_t)left_ms
-                                                          : SHMKEY_LIVENESS_SLICE_MS;
+        uint64_t slice = SHMKEY_LIVENESS_SLICE_MS * 1000000ull;
+        if (deadline_ns - now < slice)
+            slice = deadline_ns - now;
         /* Dekker with the worker: it stores DONE then reads waiters. */
         __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
         uint64_t again = __atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST);
         if (again == ctl)
-            futex_wait_ms(ctl_futex(s), CTL_STATE(ctl), ms);
+            futex_wait_ns(ctl_futex(s), CTL_STATE(ctl), slice);
         ctl = ctl_load(s);
-        if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE && shmkey_now_ns() >= now + ms * 1000000ull &&
+        if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE && shmkey_now_ns() >= now + slice &&
             !shmkey_pid_alive(c->oracle_pid))
             return SHMKEY_EUNAVAIL;
     }
@@ -517,14 +534,15 @@ static int spin_for_token(struct shmkey_server *s, struct shmkey_work *w)
     if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) > s->ncpu - (w->active ? 0 : 1))
         return 0;
     enter_active(s, w);
-    uint64_t end = shmkey_now_ns() + (uint64_t)s->spin_us * 1000u;
+    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)s->spin_us * 1000u;
     for (unsigned i = 1;; i++) {
         if (sem_trywait(s->req_sem) == 0)
             return 1;
         shmkey_cpu_relax();
         if ((i & 63) == 0 &&
-            (s->stopping || shmkey_now_ns() >= end ||
-             __atomic_load_n(&h->active, __ATOMIC_RELAXED) > s->ncpu))
+            (s->stopping ||
+             spin_should_stop(&last, end, __atomic_load_n(&h->active, __ATOMIC_RELAXED),
+                              s->ncpu)))
             return 0;
     }
 }

@@ -10,13 +10,13 @@ from typing import Any, Optional, Union
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 
 from . import _wire, ring
 from ._binding import ensure, ffi, lib
 from .config import Config
 from .errors import (InvalidArgumentError, KeyIsolatedError, OracleUnavailableError,
-                     ProtocolError, raise_for_status)
+                     ProtocolError, UnsupportedOperationError, raise_for_status)
 
 _NO_PARAMS = (0, 0, 0, 0)
 
@@ -187,13 +187,15 @@ class OracleKey(rsa.RSAPrivateKey):
         return self._public
 
     def sign(self, data: bytes, padding: apad.AsymmetricPadding,
-             algorithm: Union[hashes.HashAlgorithm, Prehashed]) -> bytes:
+             algorithm: Union[hashes.HashAlgorithm, Prehashed, NoDigestInfo]) -> bytes:
         """Sign ``data`` (hashed here; or a digest with ``Prehashed``) in the oracle.
 
         Raises:
             InvalidArgumentError, UnsupportedOperationError: bad arguments, caught
                 before anything is sent.
         """
+        if isinstance(algorithm, NoDigestInfo):
+            raise UnsupportedOperationError("raw PKCS#1 v1.5 without DigestInfo is not offered")
         params, digest = _wire.encode_sign(padding, algorithm, data, self._bits)
         return self._client.call(lib.SHMKEY_OP_SIGN, params, digest, key=self._index)
 
