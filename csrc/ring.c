@@ -150,6 +150,11 @@ int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
         c->base = NULL;
         goto fail;
     }
+    /* The oracle publishes magic last: zero means it is still setting up. */
+    if (__atomic_load_n(&hdr_of(c->base)->magic, __ATOMIC_ACQUIRE) == 0) {
+        rc = SHMKEY_EUNAVAIL;
+        goto fail;
+    }
     memcpy(&h, c->base, sizeof(h));
     COMPILER_BARRIER();
     if (h.magic != SHMKEY_MAGIC || h.version != SHMKEY_VERSION ||
