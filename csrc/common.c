@@ -10,6 +10,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -106,5 +107,27 @@ int shmkey_harden_process(void)
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         return SHMKEY_ESYSTEM;
     (void)prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0);
+    return SHMKEY_OK;
+}
+
+/*
+ * Keep the key's pages out of swap. Best effort: an unprivileged process
+ * usually has too small an RLIMIT_MEMLOCK; the caller logs the refusal.
+ */
+int shmkey_lock_memory(void)
+{
+    return mlockall(MCL_CURRENT | MCL_FUTURE) == 0 ? SHMKEY_OK : SHMKEY_ESYSTEM;
+}
+
+/*
+ * Get sig when the parent dies. Closes the race of a parent that died
+ * before the prctl: then getppid() is no longer expected_parent.
+ */
+int shmkey_die_with_parent(int sig, int expected_parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0)
+        return SHMKEY_ESYSTEM;
+    if (getppid() != (pid_t)expected_parent)
+        raise(sig);
     return SHMKEY_OK;
 }

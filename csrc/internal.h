@@ -67,6 +67,8 @@ struct shmkey_server {
     int epfd;
     int ctl_fd;
     int listening;
+    uid_t peer_uid;             /* peers allowed: this uid, root, and members of peer_gid */
+    int64_t peer_gid;           /* -1: no group */
 };
 
 /* common.c */

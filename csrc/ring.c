@@ -613,7 +613,7 @@ int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
         memcpy(w->payload, payload_of(slot), n);
         COMPILER_BARRIER();
         if (w->req.op == SHMKEY_OP_PING) {
-            reply_inline(s, w, n == 0 ? SHMKEY_OK : SHMKEY_EPROTO);
+            shmkey_shm_server_reply(s, w, SHMKEY_OK, w->payload, n);
             w->served++;
             continue;
         }

@@ -107,6 +107,10 @@ class OracleClient:
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         self._result(rc, resp, out)
 
+    def echo(self, data: bytes, timeout_ms: Optional[int] = None) -> bytes:
+        """A ping that carries ``data`` and gets it back: a checkable round trip."""
+        return self.call(lib.SHMKEY_OP_PING, payload=data, timeout_ms=timeout_ms)
+
     def ping_loop(self, n: int) -> list[int]:
         """Time ``n`` pings one by one in C; nanoseconds each."""
         ns = ffi.new("uint64_t[]", n)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional, Union
 
@@ -94,6 +95,12 @@ class KeyOracle:
                 *cfg.as_args(), *self._policy_args]
         if self._group is not None:
             args += ["--group", str(self._group)]
+        if os.geteuid() == 0:
+            args.append("--allow-root")     # we are root already: isolation is by process
+        if threading.current_thread() is threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits, so only the
+            # main thread may ask for it; the lifeline pipe covers every case.
+            args += ["--parent-pid", str(os.getpid())]
         pass_fds = [status_w, life_r]
         if cfg.transport == "socketpair":
             ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -68,7 +68,8 @@ print(json.dumps(main(key, {threads}, {n}, "child")))
 def test_two_processes_on_a_named_socket_oracle(rsa2048: Path, tmp_path: Path) -> None:
     name = f"conc-sock-{tmp_path.name}"
     serve = subprocess.Popen([sys.executable, "-m", "shmkey", "serve", "--key", str(rsa2048),
-                              "--name", name, "--transport", "socketpair", "--workers", "2"],
+                              "--name", name, "--transport", "socketpair", "--workers", "2",
+                              "--allow-root"],
                              stderr=subprocess.PIPE, text=True)
     try:
         from .test_serve import wait_for_oracle

@@ -2,6 +2,7 @@
 clean up, refuse a name in use, and `shmkey clean` for what a crash left."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def wait_for_oracle(name: str, transport: str, timeout: float = 15.0) -> shmkey.
 
 def start_serve(key: Path, name: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "shmkey", "serve", "--key", str(key),
-                             "--name", name, "--workers", "1", *extra],
+                             "--name", name, "--workers", "1", "--allow-root", *extra],
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -104,8 +105,16 @@ def test_connect_to_nothing() -> None:
         shmkey.connect("../etc/passwd")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_serve_refuses_to_stay_root(rsa2048: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "shmkey", "serve", "--key", str(rsa2048)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "refusing to run the key oracle as root: pass --user USER" in proc.stderr
+
+
 def test_serve_reports_bad_key_and_exits(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "shmkey", "serve", "--key",
+    proc = subprocess.run([sys.executable, "-m", "shmkey", "serve", "--allow-root", "--key",
                            str(tmp_path / "nope.pem")], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "cannot read key file" in proc.stderr
