@@ -63,6 +63,7 @@ struct shmkey_server {
     sem_t *req_sem;
     sem_t *free_sem;
     uint64_t *reap_seen;        /* ctl seen by the previous reap, per slot */
+    uint64_t *held;             /* generation + 1 a worker holds, per slot; private */
     /* socket */
     int epfd;
     int ctl_fd;

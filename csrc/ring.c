@@ -479,8 +479,9 @@ int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
     s->ncpu = shmkey_ncpu();
     s->map_len = size;
     s->reap_seen = calloc(nslots, sizeof(uint64_t) * 2);
+    s->held = calloc(nslots, sizeof(uint64_t));
     s->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, shm_fd, 0);
-    if (s->base == MAP_FAILED || !s->reap_seen) {
+    if (s->base == MAP_FAILED || !s->reap_seen || !s->held) {
         if (s->base == MAP_FAILED)
             s->base = NULL;
         shmkey_shm_server_close(s);
@@ -601,6 +602,7 @@ int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
         w->cursor = idx + 1;
         w->slot = idx;
         w->gen = CTL_GEN(ctl);
+        __atomic_store_n(&s->held[idx], w->gen + 1, __ATOMIC_RELEASE);
 
         /* Copy once; from here on only the private copy is read. */
         memcpy(&w->req, &slot->req, sizeof(w->req));
@@ -642,6 +644,7 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
         if (ctl == CTL(gen, SHMKEY_SLOT_ABANDONED) &&
             ctl_cas(slot, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE)))
             sem_post(s->free_sem);
+        __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
         return SHMKEY_OK;
     }
     if (out_len)
@@ -649,6 +652,7 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
     slot->resp.status = status;
     slot->resp.out_len = out_len;
     __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
     if (__atomic_load_n(&slot->waiters, __ATOMIC_SEQ_CST)) {
         futex_wake_all(ctl_futex(slot));
         w->woke = 1;
@@ -657,12 +661,15 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
 }
 
 /*
- * Reclaim slots whose client died: CLAIMED or DONE with a dead client pid,
- * and CLAIMED slots that have not moved for REAP_STALE_ROUNDS calls (the pid
- * was not written yet when the client died). A SUBMITTED slot that has not
- * moved since the last call gets its request token re-posted, in case the
- * client died between the two. Called every few hundred ms by the oracle.
- * Returns the number of slots reclaimed.
+ * Reclaim slots nobody will free: CLAIMED or DONE with a dead client pid;
+ * CLAIMED slots that have not moved for REAP_STALE_ROUNDS calls (the client
+ * died before writing its pid); BUSY, WRITING or ABANDONED slots that no
+ * worker holds (a client wrote them, which only a misbehaving one does); and
+ * states that do not exist. Only slots unchanged since the previous call are
+ * touched, and "held" is the oracle's private record, which no client can
+ * forge. A SUBMITTED slot that has not moved gets its request token
+ * re-posted, in case its client died between the two. Called every few
+ * hundred ms by the oracle. Returns the number of slots reclaimed.
  */
 int shmkey_server_reap(struct shmkey_server *s)
 {
@@ -680,8 +687,11 @@ int shmkey_server_reap(struct shmkey_server *s)
         uint32_t state = CTL_STATE(ctl);
         pid_t pid = (pid_t)__atomic_load_n(&slot->client_pid, __ATOMIC_RELAXED);
         int dead = !shmkey_pid_alive(pid);
+        int unheld = __atomic_load_n(&s->held[i], __ATOMIC_ACQUIRE) != (uint64_t)CTL_GEN(ctl) + 1;
         if ((state == SHMKEY_SLOT_DONE && dead) ||
             (state == SHMKEY_SLOT_CLAIMED && (dead || *rounds >= REAP_STALE_ROUNDS)) ||
+            ((state == SHMKEY_SLOT_BUSY || state == SHMKEY_SLOT_WRITING ||
+              state == SHMKEY_SLOT_ABANDONED) && unheld) ||
             (state > SHMKEY_SLOT_ABANDONED)) {
             if (ctl_cas(slot, ctl, CTL(CTL_GEN(ctl) + 1, SHMKEY_SLOT_FREE))) {
                 sem_post(s->free_sem);
@@ -715,5 +725,6 @@ void shmkey_shm_server_close(struct shmkey_server *s)
     if (s->free_sem != SEM_FAILED && s->free_sem)
         sem_close(s->free_sem);
     free(s->reap_seen);
+    free(s->held);
     free(s);
 }

@@ -299,12 +299,15 @@ class Oracle:
                 if reaped:
                     log.info("reclaimed %d slot(s) of dead clients", reaped)
         finally:
+            # Stop while our handlers are still in place: a second SIGTERM
+            # (the owner's death signal after its lifeline closed) must not
+            # kill us before the ring is unlinked.
+            self.stop()
             for s, h in old.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(previous)
             os.close(wake_r)
             os.close(wake_w)
-            self.stop()
 
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""
