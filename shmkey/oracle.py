@@ -63,6 +63,7 @@ class KeyOracle:
         self._proc: Optional[subprocess.Popen] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
+        self._created = False       # the oracle made its ring: ours to unlink if it dies
 
     @property
     def pid(self) -> Optional[int]:
@@ -124,6 +125,7 @@ class KeyOracle:
                 self._proc.stdin.write(self._password)
                 self._proc.stdin.close()
             info = self._await_ready(status_r, cfg.start_timeout_ms / 1000)
+            self._created = True
             if cfg.transport == "shm":
                 self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
             else:
@@ -179,8 +181,11 @@ class KeyOracle:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            # An oracle killed hard cannot clean up after itself.
-            ring.unlink(self.name)
+            # An oracle killed hard cannot clean up after itself. One that never
+            # started created nothing: what exists under its name is someone else's.
+            if self._created:
+                ring.unlink(self.name)
+            self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None

@@ -1,7 +1,7 @@
 /*
  * attach_probe.c - attach to an oracle from C, as any process of another
  * uid would, and echo one request. Prints the status and exits 0 if the
- * echo came back intact. Usage: attach_probe RING_ID
+ * echo came back intact. Usage: attach_probe RING_ID | /SOCKET/PATH
  */
 #include "internal.h"
 
@@ -13,7 +13,8 @@ int main(int argc, char **argv)
     struct shmkey_client *c;
     if (argc != 2)
         return 2;
-    int rc = shmkey_client_open_shm(argv[1], &c);
+    int rc = argv[1][0] == '/' ? shmkey_client_open_socket(argv[1], -1, 2048, &c)
+                               : shmkey_client_open_shm(argv[1], &c);
     if (rc != SHMKEY_OK) {
         printf("open: %s\n", shmkey_strerror(rc));
         return 1;
