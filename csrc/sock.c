@@ -414,15 +414,18 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
     for (;;) {
         if (s->stopping)
             return SHMKEY_EUNAVAIL;
+        /* A zero timeout still looks once: it means "poll", not "give up". */
         uint64_t now = shmkey_now_ns();
-        if (now >= deadline)
-            return SHMKEY_ETIMEDOUT;
+        int ms = now >= deadline ? 0 : (int)((deadline - now + 999999u) / 1000000u);
         struct epoll_event ev;
-        int n = epoll_wait(s->epfd, &ev, 1, (int)((deadline - now + 999999u) / 1000000u));
+        int n = epoll_wait(s->epfd, &ev, 1, ms);
         if (n < 0 && errno != EINTR)
             return SHMKEY_ESYSTEM;
-        if (n <= 0)
+        if (n <= 0) {
+            if (shmkey_now_ns() >= deadline)
+                return SHMKEY_ETIMEDOUT;
             continue;
+        }
         int fd = ev.data.fd;
         if (fd == s->ctl_fd) {
             int cfd = take_conn(s);

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers.
-APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux)
+APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux binutils clang libclang-rt-14-dev)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
