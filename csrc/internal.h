@@ -109,5 +109,6 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
 int shmkey_sock_server_reply(struct shmkey_server *s, struct shmkey_work *w,
                              int32_t status, const uint8_t *out, uint32_t out_len);
 void shmkey_sock_server_close(struct shmkey_server *s);
+int shmkey_send_fd(int ctl_fd, int fd);
 
 #endif

@@ -100,6 +100,30 @@ static int recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
 /* client                                                                */
 /* ===================================================================== */
 
+/* Hand fd to the oracle over a control socket: one atomic SEQPACKET message. */
+int shmkey_send_fd(int ctl_fd, int fd)
+{
+    char byte = 'c';
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } u;
+    memset(&u, 0, sizeof(u));
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
+                        .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    ssize_t n;
+    do {
+        n = sendmsg(ctl_fd, &mh, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n == 1 ? SHMKEY_OK : io_status(errno);
+}
+
 static int new_conn(struct shmkey_client *c, int *fd_out)
 {
     if (c->path[0]) {
@@ -119,29 +143,11 @@ static int new_conn(struct shmkey_client *c, int *fd_out)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
         return SHMKEY_ESYSTEM;
-    char byte = 'c';
-    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } u;
-    memset(&u, 0, sizeof(u));
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
-                        .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &sv[1], sizeof(int));
-    ssize_t n;
-    do {
-        n = sendmsg(c->ctl_fd, &mh, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
-    int err = errno;
+    int rc = shmkey_send_fd(c->ctl_fd, sv[1]);
     close(sv[1]);
-    if (n != 1) {
+    if (rc != SHMKEY_OK) {
         close(sv[0]);
-        return io_status(err);
+        return rc;
     }
     *fd_out = sv[0];
     return SHMKEY_OK;

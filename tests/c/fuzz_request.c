@@ -18,7 +18,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #define NSLOTS 4
@@ -118,22 +117,8 @@ static void fuzz_socket(const uint8_t *data, size_t len)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
         die("socketpair");
-    char byte = 'c';
-    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } u;
-    memset(&u, 0, sizeof(u));
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-                        .msg_controllen = sizeof(u.buf)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &sv[1], sizeof(int));
-    if (sendmsg(ctl_client, &mh, 0) != 1)
-        die("sendmsg");
+    if (shmkey_send_fd(ctl_client, sv[1]) != SHMKEY_OK)
+        die("send_fd");
     close(sv[1]);
     if (len && write(sv[0], data, len) < 0)
         die("write");
