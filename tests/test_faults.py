@@ -69,30 +69,49 @@ def _kill_oracle_mid_load(oracle: shmkey.KeyOracle) -> None:
         key.ping()
 
 
-def test_kill_clients_mid_request_slots_come_back(rsa4096: Path, tmp_path: Path) -> None:
-    """Clients killed at random points; the ring ends with every slot free."""
-    slots = 4
-    with shmkey.KeyOracle(rsa4096, name=f"killc-{tmp_path.name[-6:]}", slots=slots,
-                          workers=2) as oracle:
-        code = f"""
-import os, shmkey
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
-key = shmkey.connect({oracle.name!r}).private_key()
-print("ready", flush=True)
-while True:
-    key.sign(os.urandom(8), padding.PKCS1v15(), hashes.SHA256())
+# Imports once, then forks a child per "go": each child hammers the ring with
+# echoes, so a SIGKILL at a random moment lands in every slot state.
+ZYGOTE = r"""
+import os, signal, sys
+import shmkey
+client = shmkey.connect(sys.argv[1])
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)      # children reap themselves
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        payload = os.urandom(256)
+        while True:
+            assert client.echo(payload) == payload
+    print(pid, flush=True)
 """
+
+
+def test_kill_clients_mid_request_slots_come_back(rsa2048: Path, tmp_path: Path) -> None:
+    """100 clients SIGKILLed at random points; every slot returns, service goes on."""
+    slots = 4
+    with shmkey.KeyOracle(rsa2048, name=f"killc-{tmp_path.name[-6:]}", slots=slots,
+                          workers=2) as oracle:
+        zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, oracle.name], text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert zygote.stdin is not None and zygote.stdout is not None
         rng = random.Random(1234)
-        for _ in range(20):
-            child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-            assert child.stdout is not None and child.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0.0, 0.03))
-            child.kill()
-            child.wait()
-        assert wait_until(lambda: oracle.client.free_slots() == slots), \
-            f"free slots stuck at {oracle.client.free_slots()} of {slots}"
         key = oracle.private_key()
+        try:
+            for i in range(100):
+                zygote.stdin.write("go\n")
+                zygote.stdin.flush()
+                pid = int(zygote.stdout.readline())
+                time.sleep(rng.uniform(0.0005, 0.01))
+                os.kill(pid, signal.SIGKILL)
+                if i % 10 == 0:       # others carry on meanwhile
+                    msg = os.urandom(8)
+                    key.public_key().verify(key.sign(msg, PKCS1, hashes.SHA256()), msg, PKCS1,
+                                            hashes.SHA256())
+        finally:
+            zygote.stdin.close()
+            zygote.wait(timeout=10)
+        assert wait_until(lambda: oracle.client.free_slots() == slots, timeout=15), \
+            f"free slots stuck at {oracle.client.free_slots()} of {slots}"
         for _ in range(slots * 3):
             msg = os.urandom(8)
             key.public_key().verify(key.sign(msg, PKCS1, hashes.SHA256()), msg, PKCS1,
