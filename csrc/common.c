@@ -35,6 +35,34 @@ const char *shmkey_strerror(int status)
     }
 }
 
+/*
+ * getpid() is a real syscall (glibc stopped caching it); the request path
+ * must not pay one per request. A forked child resets the cache.
+ */
+static pid_t cached_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void forget_pid(void)
+{
+    __atomic_store_n(&cached_pid, 0, __ATOMIC_RELAXED);
+}
+
+static void watch_forks(void)
+{
+    pthread_atfork(NULL, NULL, forget_pid);
+}
+
+pid_t shmkey_self_pid(void)
+{
+    pid_t pid = __atomic_load_n(&cached_pid, __ATOMIC_RELAXED);
+    if (pid == 0) {
+        pthread_once(&pid_once, watch_forks);
+        pid = getpid();
+        __atomic_store_n(&cached_pid, pid, __ATOMIC_RELAXED);
+    }
+    return pid;
+}
+
 uint64_t shmkey_now_ns(void)
 {
     struct timespec ts;

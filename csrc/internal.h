@@ -63,7 +63,8 @@ struct shmkey_server {
     sem_t *req_sem;
     sem_t *free_sem;
     uint64_t *reap_seen;        /* ctl seen by the previous reap, per slot */
-    uint64_t *held;             /* generation + 1 a worker holds, per slot; private */
+    uint64_t *held;             /* per slot: worker pid << 32 | generation + 1; shared
+                                   by the oracle's worker processes, never by clients */
     /* socket */
     int epfd;
     int ctl_fd;
@@ -74,6 +75,7 @@ struct shmkey_server {
 
 /* common.c */
 uint64_t shmkey_now_ns(void);
+pid_t shmkey_self_pid(void);
 void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns);
 int shmkey_pid_alive(pid_t pid);
 uint32_t shmkey_ncpu(void);

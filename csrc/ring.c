@@ -255,7 +255,7 @@ static uint32_t scan_start(uint32_t nslots)
 {
     static __thread uint32_t seed;
     if (!seed)
-        seed = (uint32_t)(uintptr_t)&seed ^ (uint32_t)getpid() * 2654435761u;
+        seed = (uint32_t)(uintptr_t)&seed ^ (uint32_t)shmkey_self_pid() * 2654435761u;
     seed = seed * 1103515245u + 12345u;
     return (seed >> 8) % nslots;
 }
@@ -415,7 +415,7 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
         sem_post(c->free_sem);
         return oracle_up(c) ? SHMKEY_ETIMEDOUT : SHMKEY_EUNAVAIL;
     }
-    s->client_pid = (uint32_t)getpid();
+    s->client_pid = (uint32_t)shmkey_self_pid();
     s->waiters = 0;
     memcpy(&s->req, req, sizeof(*req));
     if (req->in_len)
@@ -479,11 +479,15 @@ int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
     s->ncpu = shmkey_ncpu();
     s->map_len = size;
     s->reap_seen = calloc(nslots, sizeof(uint64_t) * 2);
-    s->held = calloc(nslots, sizeof(uint64_t));
+    /* Anonymous and shared: inherited by forked workers, invisible to clients. */
+    s->held = mmap(NULL, nslots * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     s->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, shm_fd, 0);
-    if (s->base == MAP_FAILED || !s->reap_seen || !s->held) {
+    if (s->base == MAP_FAILED || !s->reap_seen || s->held == MAP_FAILED) {
         if (s->base == MAP_FAILED)
             s->base = NULL;
+        if (s->held == MAP_FAILED)
+            s->held = NULL;
         shmkey_shm_server_close(s);
         return SHMKEY_ESYSTEM;
     }
@@ -510,6 +514,19 @@ int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
     __atomic_store_n(&h->magic, SHMKEY_MAGIC, __ATOMIC_RELEASE);
     *out = s;
     return SHMKEY_OK;
+}
+
+/* What a worker records while it holds a slot: its pid and the generation. */
+static uint64_t held_mark(uint64_t gen)
+{
+    return ((uint64_t)(uint32_t)shmkey_self_pid() << 32) | (uint32_t)(gen + 1);
+}
+
+/* Does a live worker hold this slot at this generation? */
+static int held_by_live_worker(struct shmkey_server *s, uint32_t i, uint32_t gen)
+{
+    uint64_t mark = __atomic_load_n(&s->held[i], __ATOMIC_ACQUIRE);
+    return (uint32_t)mark == gen + 1u && shmkey_pid_alive((pid_t)(mark >> 32));
 }
 
 static void leave_active(struct shmkey_server *s, struct shmkey_work *w)
@@ -602,7 +619,7 @@ int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
         w->cursor = idx + 1;
         w->slot = idx;
         w->gen = CTL_GEN(ctl);
-        __atomic_store_n(&s->held[idx], w->gen + 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&s->held[idx], held_mark(w->gen), __ATOMIC_RELEASE);
 
         /* Copy once; from here on only the private copy is read. */
         memcpy(&w->req, &slot->req, sizeof(w->req));
@@ -661,15 +678,37 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
 }
 
 /*
+ * A request whose worker died (or that a client marked BUSY itself) will
+ * never be answered: answer it with an error, so its client learns what
+ * happened instead of waiting out its timeout. 1 if answered.
+ */
+static int answer_orphan(struct shmkey_server *s, struct shmkey_slot *slot, uint64_t ctl)
+{
+    static const char why[] = "the oracle worker serving this request died";
+    uint32_t gen = CTL_GEN(ctl);
+    if (!ctl_cas(slot, ctl, CTL(gen, SHMKEY_SLOT_WRITING)))
+        return 0;
+    memcpy(payload_of(slot), why, sizeof(why) - 1);
+    slot->resp.status = SHMKEY_EINTERNAL;
+    slot->resp.out_len = sizeof(why) - 1;
+    __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
+    futex_wake_all(ctl_futex(slot));
+    return 1;
+}
+
+/*
  * Reclaim slots nobody will free: CLAIMED or DONE with a dead client pid;
  * CLAIMED slots that have not moved for REAP_STALE_ROUNDS calls (the client
  * died before writing its pid); BUSY, WRITING or ABANDONED slots that no
  * worker holds (a client wrote them, which only a misbehaving one does); and
  * states that do not exist. Only slots unchanged since the previous call are
- * touched, and "held" is the oracle's private record, which no client can
- * forge. A SUBMITTED slot that has not moved gets its request token
+ * touched, and "held" is the oracle's own record (shared by its worker
+ * processes, mapped by no client), which no client can forge; a slot held by
+ * a worker process that died counts as unheld. A SUBMITTED slot that has not moved gets its request token
  * re-posted, in case its client died between the two. Called every few
- * hundred ms by the oracle. Returns the number of slots reclaimed.
+ * hundred ms by the oracle. BUSY or WRITING slots that no live worker holds
+ * are answered with an error rather than freed (see answer_orphan). Returns
+ * the number of slots reclaimed or answered.
  */
 int shmkey_server_reap(struct shmkey_server *s)
 {
@@ -687,11 +726,15 @@ int shmkey_server_reap(struct shmkey_server *s)
         uint32_t state = CTL_STATE(ctl);
         pid_t pid = (pid_t)__atomic_load_n(&slot->client_pid, __ATOMIC_RELAXED);
         int dead = !shmkey_pid_alive(pid);
-        int unheld = __atomic_load_n(&s->held[i], __ATOMIC_ACQUIRE) != (uint64_t)CTL_GEN(ctl) + 1;
+        int unheld = !held_by_live_worker(s, i, CTL_GEN(ctl));
+        if ((state == SHMKEY_SLOT_BUSY || state == SHMKEY_SLOT_WRITING) && unheld) {
+            if (answer_orphan(s, slot, ctl))
+                n++;
+            continue;
+        }
         if ((state == SHMKEY_SLOT_DONE && dead) ||
             (state == SHMKEY_SLOT_CLAIMED && (dead || *rounds >= REAP_STALE_ROUNDS)) ||
-            ((state == SHMKEY_SLOT_BUSY || state == SHMKEY_SLOT_WRITING ||
-              state == SHMKEY_SLOT_ABANDONED) && unheld) ||
+            (state == SHMKEY_SLOT_ABANDONED && unheld) ||
             (state > SHMKEY_SLOT_ABANDONED)) {
             if (ctl_cas(slot, ctl, CTL(CTL_GEN(ctl) + 1, SHMKEY_SLOT_FREE))) {
                 sem_post(s->free_sem);
@@ -725,6 +768,7 @@ void shmkey_shm_server_close(struct shmkey_server *s)
     if (s->free_sem != SEM_FAILED && s->free_sem)
         sem_close(s->free_sem);
     free(s->reap_seen);
-    free(s->held);
+    if (s->held)
+        munmap(s->held, s->nslots * sizeof(uint64_t));
     free(s);
 }

@@ -156,7 +156,7 @@ static int new_conn(struct shmkey_client *c, int *fd_out)
 /* A forked child must not share its parent's connections: replies would cross. */
 static void forget_if_forked(struct shmkey_client *c)
 {
-    pid_t me = getpid();
+    pid_t me = shmkey_self_pid();
     if (me == c->owner_pid)
         return;
     for (int i = 0; i < c->nidle; i++)
@@ -200,11 +200,11 @@ static int checkout(struct shmkey_client *c, uint64_t deadline_ns, int *fd)
 static void checkin(struct shmkey_client *c, int fd, int reusable)
 {
     pthread_mutex_lock(&c->lock);
-    if (reusable && getpid() == c->owner_pid && c->nidle < SHMKEY_MAX_SOCKET_CONNS) {
+    if (reusable && shmkey_self_pid() == c->owner_pid && c->nidle < SHMKEY_MAX_SOCKET_CONNS) {
         c->idle[c->nidle++] = fd;
     } else {
         close(fd);
-        if (getpid() == c->owner_pid && c->nopen > 0)
+        if (shmkey_self_pid() == c->owner_pid && c->nopen > 0)
             c->nopen--;
     }
     pthread_cond_signal(&c->cond);
@@ -337,6 +337,23 @@ int shmkey_server_open_socket(int ctl_fd, int listening, uint32_t max_payload,
     return SHMKEY_OK;
 }
 
+/*
+ * In a forked worker process: a connection received or accepted here exists
+ * only in this process's descriptor table, so this process needs an epoll
+ * set of its own. The control socket is shared; whoever takes a connection
+ * off it serves that connection.
+ */
+int shmkey_server_after_fork(struct shmkey_server *s)
+{
+    if (s->transport != SHMKEY_TRANSPORT_SOCKET)
+        return SHMKEY_OK;
+    close(s->epfd);
+    s->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (s->epfd < 0 || arm(s, s->ctl_fd, EPOLL_CTL_ADD) != 0)
+        return SHMKEY_ESYSTEM;
+    return SHMKEY_OK;
+}
+
 static int take_conn(struct shmkey_server *s)
 {
     if (s->listening)
@@ -434,7 +451,7 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
         }
         int fd = ev.data.fd;
         if (fd == s->ctl_fd) {
-            int cfd = take_conn(s);
+            int cfd = take_conn(s);     /* -1 with EAGAIN: another process took it */
             if (cfd >= 0)
                 add_conn(s, cfd);
             if (cfd != -2)

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a key oracle in the foreground")
-    serve.add_argument("--key", required=True, help="PEM private key file")
+    serve.add_argument("--key", required=True, action="append",
+                       help="PEM private key file (RSA, EC P-256/P-384, Ed25519); repeat for several")
     serve.add_argument("--name", help="name clients connect to (default: random, logged)")
     serve.add_argument("--password-stdin", action="store_true",
                        help="read the key's password from standard input")
@@ -61,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = config.Config.load(**overrides)
     password = sys.stdin.buffer.read().rstrip(b"\r\n") if args.password_stdin else None
     opts = ServeOptions(
-        key_path=args.key, name=args.name and ring.check_name(args.name), config=cfg,
+        key_paths=args.key, name=args.name and ring.check_name(args.name), config=cfg,
         policy=Policy(allow_oaep_decrypt=not args.no_oaep_decrypt,
                       allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
         password=password, group=args.group, socket_fd=args.socket_fd,

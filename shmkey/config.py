@@ -74,6 +74,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "SHMKEY_WORKERS", _default_workers(),
             "Oracle worker threads serving requests (default: CPU count, at most 16).",
             low=1, high=64),
+    Setting("worker_kind", "SHMKEY_WORKER_KIND", "auto",
+            "Workers as threads (cryptography releases the GIL for RSA and ECDSA) or "
+            "processes (needed for Ed25519, which holds it); auto picks processes "
+            "when an Ed25519 key is loaded.", choices=("auto", "thread", "process")),
     Setting("timeout_ms", "SHMKEY_TIMEOUT_MS", 5000,
             "How long a client waits for a slot and a reply before giving up.",
             low=1, high=600000),
@@ -100,6 +104,7 @@ class Config:
     slots: int
     slot_size: int
     workers: int
+    worker_kind: str
     timeout_ms: int
     spin_us: int
     start_timeout_ms: int

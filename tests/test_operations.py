@@ -178,9 +178,9 @@ def test_malformed_requests_get_typed_errors(oracle: shmkey.KeyOracle) -> None:
                                     lib.SHMKEY_HASH_SHA256, 1000), bytes(32))
     with pytest.raises(shmkey.InvalidArgumentError, match="digest is 20 bytes"):
         c.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_PAD_PKCS1V15, lib.SHMKEY_HASH_SHA256, 0, 0), bytes(20))
-    with pytest.raises(shmkey.InvalidArgumentError, match="no key"):
+    with pytest.raises(shmkey.InvalidArgumentError, match="no key with that id"):
         c.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_PAD_PKCS1V15, lib.SHMKEY_HASH_SHA256, 0, 0),
-               bytes(32), key=5)
+               bytes(32), key_id=b"\x05" * 32)
     with pytest.raises(shmkey.InvalidArgumentError):       # label length beyond the payload
         c.call(lib.SHMKEY_OP_DECRYPT, (lib.SHMKEY_PAD_OAEP, lib.SHMKEY_HASH_SHA256,
                                        lib.SHMKEY_HASH_SHA256, 4000), bytes(256))
@@ -214,8 +214,13 @@ def test_key_load_errors(tmp_path: Path) -> None:
                     "-out", str(small)], check=True, capture_output=True)
     with pytest.raises(shmkey.KeyLoadError, match="at least 2048"):
         shmkey.KeyOracle(small).start()
-    ec = tmp_path / "ec.pem"
-    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-out", str(ec)], check=True, capture_output=True)
-    with pytest.raises(shmkey.KeyLoadError, match="only RSA"):
-        shmkey.KeyOracle(ec).start()
+    p521 = tmp_path / "p521.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521",
+                    "-out", str(p521)], check=True, capture_output=True)
+    with pytest.raises(shmkey.KeyLoadError, match="P-256 and P-384 are supported"):
+        shmkey.KeyOracle(p521).start()
+    ed448 = tmp_path / "ed448.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ED448", "-out", str(ed448)], check=True,
+                   capture_output=True)
+    with pytest.raises(shmkey.KeyLoadError, match="RSA, EC .* and Ed25519 keys are supported"):
+        shmkey.KeyOracle(ed448).start()
