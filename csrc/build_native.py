@@ -2,13 +2,25 @@
 
 The header is handed to cffi verbatim, so the ring layout that Python sees
 is the one the C compiler laid out (cffi checks the struct sizes at build).
+The same C, with provider_module.c added, is also built as the OpenSSL
+loadable module (see ``provider_module``, used by setup.py).
 """
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["common.c", "ring.c", "sock.c", "api.c"]
+SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c"]
+# Both builds use the same flags, so an object file one of them leaves in
+# build/temp is right for the other too.
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+          "-fvisibility=hidden"]
+# The system libcrypto: the one Python's ssl module links, which the provider
+# registers into (shmkey.openssl checks that at run time).
+LIBRARIES = ["pthread", "crypto"]
+
+# Where the loadable module goes: "-provider-path <dir> -provider shmkey" finds it.
+MODULE_NAME = "shmkey.ossl-modules.shmkey"
 
 ffi = FFI()
 ffi.cdef((HERE / "shmkey.h").read_text())
@@ -18,10 +30,20 @@ ffi.set_source(
     # setuptools wants paths relative to setup.py, which is where it runs.
     sources=[f"csrc/{name}" for name in SOURCES],
     include_dirs=["csrc"],
-    libraries=["pthread"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-fvisibility=hidden"],
+    libraries=LIBRARIES,
+    extra_compile_args=CFLAGS,
 )
+
+
+def provider_module():
+    """The OpenSSL provider as a plain shared library exporting OSSL_provider_init."""
+    from setuptools import Extension
+
+    return Extension(MODULE_NAME,
+                     sources=[f"csrc/{name}" for name in SOURCES + ["provider_module.c"]],
+                     include_dirs=["csrc"], libraries=LIBRARIES, extra_compile_args=CFLAGS,
+                     extra_link_args=["-Wl,--no-undefined"])
+
 
 if __name__ == "__main__":
     ffi.compile(verbose=True)
