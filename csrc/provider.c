@@ -166,8 +166,8 @@ struct sk_key {
     struct sk_oracle *oracle;   /* NULL: a public key only, e.g. a cert's */
 };
 
-/* Why the last oracle operation of this thread failed, for Python callers:
- * Python's ssl reports only the last OpenSSL error, which is libssl's. */
+/* Why this thread's last oracle operation failed ("" if it did not), for
+ * Python: its ssl module reports only the last OpenSSL error, libssl's own. */
 static __thread char sk_last_error[256];
 
 static OSSL_ITEM sk_reasons[32];
@@ -201,19 +201,13 @@ static const char *sk_reason_text(int reason)
 }
 
 /*
- * Queue an OpenSSL error from this provider (its reason strings name the
- * cause; fmt adds which oracle and why) and remember it for this thread.
+ * Queue an OpenSSL error from this provider: its reason strings name the
+ * cause, fmt adds which oracle and why.
  */
 static void sk_raise_at(struct sk_provctx *pc, const char *file, int line,
                         const char *func, int reason, const char *fmt, ...)
 {
     va_list ap;
-    char detail[192];
-    va_start(ap, fmt);
-    vsnprintf(detail, sizeof(detail), fmt, ap);
-    va_end(ap);
-    snprintf(sk_last_error, sizeof(sk_last_error), "%s%s%s", sk_reason_text(reason),
-             detail[0] ? ": " : "", detail);
     if (pc && pc->new_error && pc->set_error_debug && pc->vset_error) {
         pc->new_error(pc->handle);
         pc->set_error_debug(pc->handle, file, line, func);
@@ -489,6 +483,7 @@ static int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[
         SK_RAISE(pc, SK_R_PUBLIC_ONLY, "");
         return 0;
     }
+    sk_last_error[0] = '\0';
     req.key = o->index;
     memcpy(req.p, p, sizeof(req.p));
     for (int attempt = 0;; attempt++) {
@@ -511,6 +506,8 @@ static int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[
         int reason = (rc <= SHMKEY_EINVAL && rc >= SHMKEY_EACCESS) ? -rc
                      : rc == -SK_R_KEY_MISMATCH ? SK_R_KEY_MISMATCH : -SHMKEY_EPROTO;
         SK_RAISE(pc, reason, "oracle '%s'%s%s", o->name, why[0] ? ": " : "", why);
+        snprintf(sk_last_error, sizeof(sk_last_error), "%s: oracle '%s'%s%s",
+                 sk_reason_text(reason), o->name, why[0] ? ": " : "", why);
         return 0;
     }
     *out_len = resp.out_len;
@@ -1920,13 +1917,14 @@ int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_
     void *theirs = dlsym(handle, "OSSL_PROVIDER_add_builtin");
     int rc = SHMKEY_OK;
     if (!theirs) {
-        snprintf(detail, cap, "Python's ssl module (%s) does not link a shared OpenSSL 3 "
-                 "libcrypto; shmkey's provider is built for %s",
-                 module_path ? module_path : "built in", ours_file);
+        snprintf(detail, cap, "%s does not use a shared OpenSSL 3 libcrypto (linked "
+                 "statically, or OpenSSL < 3); shmkey's provider is built for %s",
+                 module_path ? module_path : "the program", ours_file);
         rc = SHMKEY_EUNSUPPORTED;
     } else if (theirs != ours) {
-        snprintf(detail, cap, "Python's ssl module uses %s but shmkey was built against %s; "
+        snprintf(detail, cap, "%s uses %s but shmkey's provider is built for %s; "
                  "rebuild shmkey against the libcrypto that Python's ssl uses",
+                 module_path ? module_path : "the program",
                  dladdr(theirs, &theirs_info) && theirs_info.dli_fname
                  ? theirs_info.dli_fname : "another libcrypto", ours_file);
         rc = SHMKEY_EUNSUPPORTED;
@@ -1966,7 +1964,7 @@ done:
     return rc;
 }
 
-/* Why this thread's last oracle operation failed; "" if none did. */
+/* Why this thread's last oracle operation failed; "" if it succeeded. */
 int shmkey_openssl_last_error(char *buf, uint32_t cap)
 {
     if (cap == 0)

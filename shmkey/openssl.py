@@ -36,29 +36,43 @@ def enable() -> None:
         OracleInternalError: OpenSSL refused to load the provider.
     """
     global _enabled
-    import _ssl  # the extension whose libcrypto matters
-
     with _lock:
         if _enabled:
             return
+        check_libcrypto()
         detail = ffi.new("char[]", _DETAIL)
-        path = getattr(_ssl, "__file__", None)
-        rc = lib.shmkey_openssl_same_libcrypto(os.fsencode(path) if path else ffi.NULL,
-                                               detail, _DETAIL)
-        if rc != lib.SHMKEY_OK:
-            raise LibcryptoMismatchError(ffi.string(detail).decode("utf-8", "replace"))
         rc = lib.shmkey_openssl_enable(detail, _DETAIL)
         ensure(rc, ffi.string(detail).decode("utf-8", "replace"))
         _enabled = True
 
 
+def check_libcrypto(module_file: Optional[str] = None) -> None:
+    """Check that a loaded extension uses the libcrypto shmkey's provider is built for.
+
+    Args:
+        module_file: path of a loaded shared object; Python's ``_ssl`` by default.
+
+    Raises:
+        LibcryptoMismatchError: it resolves OpenSSL 3's libcrypto elsewhere, or not at all.
+    """
+    if module_file is None:
+        import _ssl  # the extension whose libcrypto matters
+
+        module_file = getattr(_ssl, "__file__", None)
+    detail = ffi.new("char[]", _DETAIL)
+    rc = lib.shmkey_openssl_same_libcrypto(
+        os.fsencode(module_file) if module_file else ffi.NULL, detail, _DETAIL)
+    if rc != lib.SHMKEY_OK:
+        raise LibcryptoMismatchError(ffi.string(detail).decode("utf-8", "replace"))
+
+
 def last_error() -> Optional[str]:
-    """Why the provider's last oracle operation in this thread failed, or None.
+    """Why the provider's last oracle operation in this thread failed; None if it succeeded.
 
     Python's ``ssl`` reports only OpenSSL's last error, which after a failed
     signature is libssl's generic one; this names the cause (e.g. "the key
     oracle is not running: oracle 'web'"). Call it in the thread that saw
-    the ``SSLError``.
+    the ``SSLError``, before that thread's next handshake.
     """
     buf = ffi.new("char[]", 256)
     ensure(lib.shmkey_openssl_last_error(buf, 256))
