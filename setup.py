@@ -21,11 +21,11 @@ class BuildExt(build_ext):
         return super().get_ext_filename(fullname)
 
     def run(self) -> None:
-        # Its directory is no package, so nothing else creates it.
-        package, _, _ = MODULE_NAME.rpartition(".")
-        for base in (self.build_lib, "." if self.inplace else None):
-            if base:
-                self.mkpath(str(Path(base, *package.split("."))))
+        # Its directory is no Python package, so nothing else creates it.
+        package = MODULE_NAME.rpartition(".")[0]
+        self.mkpath(str(Path(self.build_lib, *package.split("."))))
+        if self.inplace:
+            self.mkpath(self.get_finalized_command("build_py").get_package_dir(package))
         super().run()
 
 

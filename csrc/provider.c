@@ -220,6 +220,16 @@ static void sk_raise_at(struct sk_provctx *pc, const char *file, int line,
 #define SK_RAISE(pc, reason, ...) \
     sk_raise_at((pc), OPENSSL_FILE, OPENSSL_LINE, OPENSSL_FUNC, (reason), __VA_ARGS__)
 
+/* Raise, and keep the words for shmkey_openssl_last_error() as well. */
+#define SK_FAIL(pc, reason, ...)                                                  \
+    do {                                                                          \
+        char sk_detail_[200];                                                     \
+        snprintf(sk_detail_, sizeof(sk_detail_), __VA_ARGS__);                    \
+        SK_RAISE((pc), (reason), "%s", sk_detail_);                               \
+        snprintf(sk_last_error, sizeof(sk_last_error), "%s%s%s",                  \
+                 sk_reason_text(reason), sk_detail_[0] ? ": " : "", sk_detail_);  \
+    } while (0)
+
 /* ===================================================================== */
 /* oracles and connections                                               */
 /* ===================================================================== */
@@ -505,9 +515,7 @@ static int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[
     if (rc != SHMKEY_OK) {
         int reason = (rc <= SHMKEY_EINVAL && rc >= SHMKEY_EACCESS) ? -rc
                      : rc == -SK_R_KEY_MISMATCH ? SK_R_KEY_MISMATCH : -SHMKEY_EPROTO;
-        SK_RAISE(pc, reason, "oracle '%s'%s%s", o->name, why[0] ? ": " : "", why);
-        snprintf(sk_last_error, sizeof(sk_last_error), "%s: oracle '%s'%s%s",
-                 sk_reason_text(reason), o->name, why[0] ? ": " : "", why);
+        SK_FAIL(pc, reason, "oracle '%s'%s%s", o->name, why[0] ? ": " : "", why);
         return 0;
     }
     *out_len = resp.out_len;
@@ -612,32 +620,32 @@ static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
     struct sk_key *k;
 
     if (version != SHMKEY_KEYREF_VERSION) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "version %ld; this shmkey reads version %d",
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "version %ld; this shmkey reads version %d",
                  version, SHMKEY_KEYREF_VERSION);
         return NULL;
     }
     int len = ASN1_STRING_length(ref->oracle);
     if (len <= 0 || len > SK_NAME_MAX) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "bad oracle name");
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad oracle name");
         return NULL;
     }
     memcpy(name, ASN1_STRING_get0_data(ref->oracle), (size_t)len);
     name[len] = '\0';
     if (strlen(name) != (size_t)len || !sk_valid_name(name)) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "bad oracle name");
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad oracle name");
         return NULL;
     }
     if (transport != SHMKEY_TRANSPORT_ANY && transport != SHMKEY_TRANSPORT_SHM &&
         transport != SHMKEY_TRANSPORT_SOCKET) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "unknown transport %ld", transport);
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "unknown transport %ld", transport);
         return NULL;
     }
     if (index < 0 || index > 0xffff) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "bad key index");
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad key index");
         return NULL;
     }
     if (!sk_rsa_from_spki(ref->spki, &n, &e)) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "the public key is not an RSA key");
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "the public key is not an RSA key");
         return NULL;
     }
     if ((k = sk_key_new(pc)) == NULL) {
@@ -646,7 +654,7 @@ static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
         return NULL;
     }
     if (!sk_key_set_public(k, n, e)) {
-        SK_RAISE(pc, SK_R_BAD_REFERENCE, "implausible RSA public key");
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "implausible RSA public key");
         sk_key_free(k);
         return NULL;
     }
@@ -1606,6 +1614,21 @@ static unsigned char *sk_read_all(struct sk_provctx *pc, OSSL_CORE_BIO *cin, siz
     return NULL;
 }
 
+/* DER -> SK_REF if it is exactly one key reference, else NULL (no error left). */
+static SK_REF *sk_ref_parse(const unsigned char *der, size_t len)
+{
+    const unsigned char *p = der;
+    SK_REF *ref;
+    ERR_set_mark();
+    ref = (SK_REF *)ASN1_item_d2i(NULL, &p, (long)len, ASN1_ITEM_rptr(SK_REF));
+    ERR_pop_to_mark();
+    if (ref && p != der + len) {
+        ASN1_item_free((ASN1_VALUE *)ref, ASN1_ITEM_rptr(SK_REF));
+        ref = NULL;
+    }
+    return ref;
+}
+
 static void *dec_newctx(void *provctx)
 {
     return provctx;     /* stateless: the provider context is all it needs */
@@ -1639,13 +1662,16 @@ static int pem_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBA
         return 1;
     start = memmem(buf, len, SK_PEM_BEGIN, sizeof(SK_PEM_BEGIN) - 1);
     if (start) {
+        sk_last_error[0] = '\0';
         BIO *mem = BIO_new_mem_buf(start, (int)(len - (size_t)(start - buf)));
         ERR_set_mark();
         int read = mem && PEM_read_bio(mem, &name, &header, &der, &der_len) > 0;
         ERR_pop_to_mark();
         BIO_free(mem);
-        if (!read || strcmp(name, SK_PEM_LABEL) != 0) {
-            SK_RAISE(pc, SK_R_BAD_REFERENCE, "unreadable PEM block");
+        SK_REF *ref = read ? sk_ref_parse(der, (size_t)der_len) : NULL;
+        if (!read || strcmp(name, SK_PEM_LABEL) != 0 || !ref) {
+            SK_FAIL(pc, SK_R_BAD_REFERENCE, !read ? "unreadable PEM block"
+                    : "its DER is not a ShmkeyKeyReference");
             ok = 0;
         } else {
             int objtype = OSSL_OBJECT_PKEY;
@@ -1656,6 +1682,7 @@ static int pem_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBA
             params[2] = OSSL_PARAM_construct_end();
             ok = data_cb(params, data_cbarg);
         }
+        ASN1_item_free((ASN1_VALUE *)ref, ASN1_ITEM_rptr(SK_REF));
     }
     OPENSSL_free(name);
     OPENSSL_free(header);
@@ -1680,16 +1707,12 @@ static int ref_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBA
     struct sk_provctx *pc = vctx;
     size_t len = 0;
     unsigned char *buf = sk_read_all(pc, cin, SK_DER_READ_MAX, &len);
-    const unsigned char *p = buf;
     SK_REF *ref = NULL;
     struct sk_key *k = NULL;
     int ok = 1;
     if (!buf)
         return 1;
-    ERR_set_mark();
-    ref = (SK_REF *)ASN1_item_d2i(NULL, &p, (long)len, ASN1_ITEM_rptr(SK_REF));
-    ERR_pop_to_mark();
-    if (ref && p == buf + len) {
+    if ((ref = sk_ref_parse(buf, len)) != NULL) {
         if ((k = sk_key_from_ref(pc, ref)) == NULL) {
             ok = 0;
         } else {

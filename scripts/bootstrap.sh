@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers.
-APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux)
+# Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
+# (nginx: the OpenSSL provider test serves TLS from it).
+APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux nginx)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

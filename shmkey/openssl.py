@@ -67,12 +67,13 @@ def check_libcrypto(module_file: Optional[str] = None) -> None:
 
 
 def last_error() -> Optional[str]:
-    """Why the provider's last oracle operation in this thread failed; None if it succeeded.
+    """Why the provider's last operation in this thread failed; None if it succeeded.
 
-    Python's ``ssl`` reports only OpenSSL's last error, which after a failed
-    signature is libssl's generic one; this names the cause (e.g. "the key
-    oracle is not running: oracle 'web'"). Call it in the thread that saw
-    the ``SSLError``, before that thread's next handshake.
+    The operations are: loading a key reference, and each sign or decrypt in
+    the oracle. Python's ``ssl`` reports only OpenSSL's last error, libssl's
+    generic one ("PEM lib", "EVP lib"); this names the cause, e.g. "the key
+    oracle is not running: oracle 'web'". Call it in the thread that saw the
+    ``SSLError``, before that thread's next handshake.
     """
     buf = ffi.new("char[]", 256)
     ensure(lib.shmkey_openssl_last_error(buf, 256))

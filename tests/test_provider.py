@@ -5,6 +5,7 @@ ssl (builtin provider) and from openssl s_server and nginx (loadable module).
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import os
 import subprocess
@@ -180,6 +181,19 @@ def test_mismatched_certificate_is_openssls_key_mismatch(oracles, material):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH"):
         ctx.load_cert_chain(str(material.other_cert), str(oracles["shm"].keyref))
+
+
+def test_malformed_reference_is_named(oracles, material):
+    der = keyref.load(oracles["shm"].keyref).to_der()
+    future = der[:4] + b"\x02\x01\x02" + der[7:]          # version 2
+    bad = material.dir / "future.ref.pem"
+    bad.write_bytes(b"-----BEGIN SHMKEY KEY REFERENCE-----\n" + base64.encodebytes(future) +
+                    b"-----END SHMKEY KEY REFERENCE-----\n")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(ssl.SSLError):
+        ctx.load_cert_chain(str(material.cert), str(bad))
+    assert shmkey.openssl.last_error() == \
+        "malformed shmkey key reference: version 2; this shmkey reads version 1"
 
 
 def test_oracle_holding_another_key_is_named(oracles, material):
