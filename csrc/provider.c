@@ -168,7 +168,7 @@ struct sk_key {
 
 /* Why this thread's last oracle operation failed ("" if it did not), for
  * Python: its ssl module reports only the last OpenSSL error, libssl's own. */
-static __thread char sk_last_error[256];
+static __thread char sk_last_error[384];
 
 static OSSL_ITEM sk_reasons[32];
 static pthread_once_t sk_reasons_once = PTHREAD_ONCE_INIT;
@@ -223,7 +223,7 @@ static void sk_raise_at(struct sk_provctx *pc, const char *file, int line,
 /* Raise, and keep the words for shmkey_openssl_last_error() as well. */
 #define SK_FAIL(pc, reason, ...)                                                  \
     do {                                                                          \
-        char sk_detail_[200];                                                     \
+        char sk_detail_[256];                                                     \
         snprintf(sk_detail_, sizeof(sk_detail_), __VA_ARGS__);                    \
         SK_RAISE((pc), (reason), "%s", sk_detail_);                               \
         snprintf(sk_last_error, sizeof(sk_last_error), "%s%s%s",                  \
