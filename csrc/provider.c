@@ -166,9 +166,10 @@ struct sk_key {
     struct sk_oracle *oracle;   /* NULL: a public key only, e.g. a cert's */
 };
 
-/* Why this thread's last oracle operation failed ("" if it did not), for
- * Python: its ssl module reports only the last OpenSSL error, libssl's own. */
-static __thread char sk_last_error[384];
+/* Why this thread's last provider operation (loading a key reference, or a
+ * call to the oracle) failed, "" if it did not. For Python, whose ssl module
+ * reports only the last OpenSSL error: libssl's own, not ours. */
+static __thread char sk_last_error[448];
 
 static OSSL_ITEM sk_reasons[32];
 static pthread_once_t sk_reasons_once = PTHREAD_ONCE_INIT;
@@ -223,7 +224,7 @@ static void sk_raise_at(struct sk_provctx *pc, const char *file, int line,
 /* Raise, and keep the words for shmkey_openssl_last_error() as well. */
 #define SK_FAIL(pc, reason, ...)                                                  \
     do {                                                                          \
-        char sk_detail_[256];                                                     \
+        char sk_detail_[352];                                                     \
         snprintf(sk_detail_, sizeof(sk_detail_), __VA_ARGS__);                    \
         SK_RAISE((pc), (reason), "%s", sk_detail_);                               \
         snprintf(sk_last_error, sizeof(sk_last_error), "%s%s%s",                  \
@@ -350,6 +351,10 @@ static int sk_open_client(struct sk_oracle *o, struct shmkey_client **out,
     snprintf(id, sizeof(id), "shmkey-%s", o->name);
     if (o->transport != SHMKEY_TRANSPORT_SOCKET) {
         rc = shmkey_client_open_shm(id, out);
+        if (rc == SHMKEY_EACCESS)
+            snprintf(why, whylen, "uid %u gid %u may not open /dev/shm/%s; start the "
+                     "oracle with --group naming a group of this process",
+                     (unsigned)getuid(), (unsigned)getgid(), id);
         /* "any" falls back to the socket only when there is no ring at all. */
         if (rc != SHMKEY_EUNAVAIL || o->transport == SHMKEY_TRANSPORT_SHM)
             return rc;
@@ -486,7 +491,7 @@ static int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[
     struct sk_oracle *o = k->oracle;
     struct shmkey_req req = {.op = op, .key = 0, .in_len = in_len};
     struct shmkey_resp resp = {0, 0};
-    char why[160] = "";
+    char why[256] = "";
     int rc;
 
     if (!o) {
