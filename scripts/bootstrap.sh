@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
-# (nginx: the OpenSSL provider test serves TLS from it).
-APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux nginx)
+# (nginx, haproxy: the OpenSSL provider tests serve TLS from them).
+APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux nginx haproxy)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

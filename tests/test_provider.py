@@ -1,6 +1,7 @@
 """The OpenSSL 3 provider: real TLS handshakes whose RSA private-key operations
 run in a ``shmkey serve`` oracle, over the ring and the socket, from Python's
-ssl (builtin provider) and from openssl s_server and nginx (loadable module).
+ssl (builtin provider) and from openssl s_server, nginx and haproxy (loadable
+module).
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import base64
 import math
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -24,8 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import padding
 import shmkey.openssl
 from shmkey import keyref
 from shmkey.errors import LibcryptoMismatchError
-
-import ssl  # noqa: E402  (after shmkey, as an application would)
 
 TRANSPORTS = ("shm", "socketpair")
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
@@ -372,3 +372,40 @@ def test_nginx(oracles, material, openssl_cnf, tmp_path):
         proc.wait(10)
     log = (tmp_path / "error.log").read_text()
     assert "[emerg]" not in log and "[crit]" not in log, log
+
+
+HAPROXY_CFG = """\
+global
+    log stderr format raw local0 info
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+frontend tls
+    bind 127.0.0.1:{port} ssl crt {combined}
+    http-request return status 200 content-type text/plain string "hello from haproxy"
+"""
+
+
+def test_haproxy(oracles, material, openssl_cnf, tmp_path):
+    # haproxy wants certificate and key in one file: the reference goes after the cert.
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(material.cert.read_bytes() + oracles["shm"].keyref.read_bytes())
+    port = free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(port=port, combined=combined))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
+                            env=dict(os.environ, OPENSSL_CONF=str(openssl_cnf)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        for args in ((), ("--tlsv1.2", "--tls-max", "1.2")):
+            result = curl(port, material.cert, *args)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == b"hello from haproxy"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert b"unable to load" not in err.lower(), err
