@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import os
 import ssl
@@ -297,26 +298,37 @@ def test_openssl_commands_use_the_reference(oracles, material, openssl_cnf):
     assert secret == b"a session key"
 
 
-def test_openssl_s_server(oracle, material, openssl_cnf):
-    port = free_port()
-    proc = subprocess.Popen(
-        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(material.cert),
-         "-key", str(oracle.keyref), "-www"],
-        env=dict(os.environ, OPENSSL_CONF=str(openssl_cnf)), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+@contextlib.contextmanager
+def _running(args: list, cnf: Path, port: int):
+    """A server program with the module loaded from cnf, until the block ends."""
+    proc = subprocess.Popen(args, env=dict(os.environ, OPENSSL_CONF=str(cnf)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
         wait_for_port(port, proc)
-        out = s_client(port, material.cert, "-tls1_3")
-        assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA-PSS" in out
-        out = s_client(port, material.cert, "-tls1_2", "-sigalgs", "RSA+SHA256")
-        assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA\n" in out
-        result = curl(port, material.cert)
-        assert result.returncode == 0, result.stderr
-        assert b"s_server" in result.stdout
+        yield proc
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert b"unable to load" not in err.lower(), err
+
+
+def _curl_tls13_and_tls12(port: int, cafile: Path, expected: bytes) -> None:
+    for args in ((), ("--tlsv1.2", "--tls-max", "1.2")):
+        result = curl(port, cafile, *args)
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stdout
+
+
+def test_openssl_s_server(oracle, material, openssl_cnf):
+    port = free_port()
+    with _running(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
+                   str(material.cert), "-key", str(oracle.keyref), "-www"], openssl_cnf, port):
+        out = s_client(port, material.cert, "-tls1_3")
+        assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA-PSS" in out
+        out = s_client(port, material.cert, "-tls1_2", "-sigalgs", "RSA+SHA256")
+        assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA\n" in out
+        _curl_tls13_and_tls12(port, material.cert, b"s_server")
 
 
 NGINX_CONF = """\
@@ -355,21 +367,11 @@ def test_nginx(oracles, material, openssl_cnf, tmp_path):
     conf.write_text(NGINX_CONF.format(
         user="user nobody nogroup;" if RUN_AS_ROOT else "", dir=tmp_path, port=port,
         cert=material.cert, keyref=ref))
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(tmp_path / "error.log")],
-                            env=dict(os.environ, OPENSSL_CONF=str(openssl_cnf)),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc)
-        for args in ((), ("--tlsv1.2", "--tls-max", "1.2")):
-            result = curl(port, material.cert, *args)
-            assert result.returncode == 0, result.stderr
-            assert result.stdout == b"hello from nginx\n"
+    with _running(["nginx", "-c", str(conf), "-e", str(tmp_path / "error.log")], openssl_cnf,
+                  port):
+        _curl_tls13_and_tls12(port, material.cert, b"hello from nginx\n")
         out = s_client(port, material.cert, "-tls1_3")
         assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA-PSS" in out
-    finally:
-        proc.terminate()
-        proc.wait(10)
     log = (tmp_path / "error.log").read_text()
     assert "[emerg]" not in log and "[crit]" not in log, log
 
@@ -395,17 +397,5 @@ def test_haproxy(oracles, material, openssl_cnf, tmp_path):
     port = free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(port=port, combined=combined))
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
-                            env=dict(os.environ, OPENSSL_CONF=str(openssl_cnf)),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, proc)
-        for args in ((), ("--tlsv1.2", "--tls-max", "1.2")):
-            result = curl(port, material.cert, *args)
-            assert result.returncode == 0, result.stderr
-            assert result.stdout == b"hello from haproxy"
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-    assert b"unable to load" not in err.lower(), err
+    with _running(["haproxy", "-db", "-f", str(cfg)], openssl_cnf, port):
+        _curl_tls13_and_tls12(port, material.cert, b"hello from haproxy")
