@@ -1,10 +1,12 @@
 """Full TLS handshakes per second through shmkey's OpenSSL provider, side by side
 with the key loaded in-process: ``openssl s_server`` (the loadable module) and
 Python's ssl (the builtin provider), the oracle on its ring and on its socket.
+Then RSA-PSS signatures per second through EVP in C (provider_sign.c), 1 and 2
+threads: the oracle round trip without TLS around it.
 
-The client is ``openssl s_time -new`` (one handshake at a time, no resumption),
-so the numbers are per-connection latency as much as throughput. Modes are
-interleaved round by round; the median is reported.
+The handshake client is ``openssl s_time -new`` (one handshake at a time, no
+resumption), so those numbers are per-connection latency as much as
+throughput. Modes are interleaved round by round; the median is reported.
 
     PYTHONPATH=. python3 bench/provider_handshakes.py --seconds 3 --rounds 3
 """
@@ -91,10 +93,18 @@ def measure_python(cert: Path, key: Path, seconds: int, tls: str) -> float:
         server.close()
 
 
+def measure_signs(binary: Path, key: Path, cnf: Path, threads: int, signs: int) -> float:
+    out = subprocess.run([str(binary), str(key), str(signs), str(threads)], check=True,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OPENSSL_CONF=str(cnf))).stdout
+    return float(out.split()[0])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--signs", type=int, default=1000, help="per thread and round")
     args = parser.parse_args()
     shmkey.openssl.enable()
     with tempfile.TemporaryDirectory(prefix="shmkey-bench-provider-") as tmp:
@@ -108,8 +118,16 @@ def main() -> int:
             for t, serve in oracles.items():
                 keys[f"oracle {t}"] = d / f"{t}.ref.pem"
                 keyref.write(serve.name, keys[f"oracle {t}"], cert=cert, transport=t)
+            binary = d / "provider_sign"
+            subprocess.run(["cc", "-O2", str(Path(__file__).with_name("provider_sign.c")),
+                            "-o", str(binary), "-lcrypto", "-lpthread"], check=True)
             results: dict[tuple[str, str, str], list[float]] = {}
+            signs: dict[tuple[int, str], list[float]] = {}
             for _ in range(args.rounds):
+                for threads in (1, 2):
+                    for mode, k in keys.items():
+                        signs.setdefault((threads, mode), []).append(
+                            measure_signs(binary, k, cnf, threads, args.signs))
                 for tls in ("-tls1_3", "-tls1_2"):
                     for mode, k in keys.items():
                         for server in ("s_server", "python ssl"):
@@ -120,6 +138,15 @@ def main() -> int:
         finally:
             for serve in oracles.values():
                 serve.stop()
+    print(f"| EVP_DigestSign RSA-2048 PSS | key | signs/s (median of {args.rounds}) "
+          "| vs in-process |")
+    print("|---|---|---|---|")
+    for (threads, mode), rates in signs.items():
+        base = statistics.median(signs[(threads, "in-process")])
+        med = statistics.median(rates)
+        print(f"| {threads} thread{'s' if threads > 1 else ''} | {mode} | {med:.0f} "
+              f"| {med / base:.2f}x |")
+    print()
     print(f"| server | TLS | key | handshakes/s (median of {args.rounds}) | vs in-process |")
     print("|---|---|---|---|---|")
     for (server, tls, mode), rates in results.items():
