@@ -456,16 +456,15 @@ static int sk_conn_get(struct sk_provctx *pc, struct sk_oracle *o, struct sk_con
 /* Return a connection; a dead one is also unhooked, so the next call reopens. */
 static void sk_conn_put(struct sk_provctx *pc, struct sk_oracle *o, struct sk_conn *c, int dead)
 {
-    struct sk_conn *close_a = NULL, *close_b = NULL;
+    struct sk_conn *last;
     pthread_mutex_lock(&pc->lock);
     if (dead && o->conn == c) {
         o->conn = NULL;
-        close_a = sk_conn_unref_locked(c);
+        c->refs--;              /* the entry's; ours keeps it above zero */
     }
-    if (!close_a)
-        close_b = sk_conn_unref_locked(c);
+    last = sk_conn_unref_locked(c);
     pthread_mutex_unlock(&pc->lock);
-    sk_conn_close(close_a ? close_a : close_b);
+    sk_conn_close(last);
 }
 
 /* Keep an oracle's reason printable: it ends up in logs. */
