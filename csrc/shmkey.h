@@ -27,7 +27,7 @@
 #define SHMKEY_EACCESS -12      /* permission denied on a ring object or socket */
 
 /* ---- operations and their parameters ---------------------------------- */
-#define SHMKEY_OP_PING 1        /* no-op, answered by the C worker loop */
+#define SHMKEY_OP_PING 1        /* echo the payload; answered by the C worker loop */
 #define SHMKEY_OP_PUBKEY 2      /* reply: SubjectPublicKeyInfo DER of key */
 #define SHMKEY_OP_SIGN 3        /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=salt len; in = digest */
 #define SHMKEY_OP_DECRYPT 4     /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=label len; in = ct || label */
@@ -157,6 +157,7 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w,
 int shmkey_server_reply(struct shmkey_server *s, struct shmkey_work *w,
                         int32_t status, const uint8_t *out, uint32_t out_len);
 int shmkey_server_reap(struct shmkey_server *s);
+int shmkey_server_allow_peers(struct shmkey_server *s, uint32_t uid, int64_t gid);
 void shmkey_server_stop(struct shmkey_server *s);
 void shmkey_server_close(struct shmkey_server *s);
 struct shmkey_work *shmkey_work_new(uint32_t cap);
@@ -166,6 +167,8 @@ void shmkey_work_free(struct shmkey_work *w);
 const char *shmkey_strerror(int status);
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
 int shmkey_harden_process(void);
+int shmkey_lock_memory(void);
+int shmkey_die_with_parent(int sig, int expected_parent);
 
 /* ---- OpenSSL 3 provider (provider.c), for shmkey.openssl ---------------- */
 #define SHMKEY_KEYREF_VERSION 1         /* version field of a key reference's DER */

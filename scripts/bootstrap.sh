@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
 # (nginx, haproxy: the OpenSSL provider tests serve TLS from them).
-APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux nginx haproxy)
+APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux binutils clang libclang-rt-14-dev
+              nginx haproxy)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -31,12 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--password-stdin", action="store_true",
                        help="read the key's password from standard input")
     serve.add_argument("--group", help="make the ring/socket 0660 and owned by this group")
+    serve.add_argument("--user", help="when started as root: run as this user once the key is read")
+    serve.add_argument("--allow-root", action="store_true",
+                       help="keep running as root (not recommended; use --user)")
     serve.add_argument("--allow-pkcs1v15-decrypt", action="store_true",
                        help="allow PKCS#1 v1.5 decryption (a padding-oracle risk)")
     serve.add_argument("--no-oaep-decrypt", action="store_true", help="refuse OAEP decryption")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
-    for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd"):
+    for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd", "--parent-pid"):
         serve.add_argument(hidden, type=int, default=-1, help=argparse.SUPPRESS)
     _add_settings(serve)
 
@@ -73,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
         policy=Policy(allow_oaep_decrypt=not args.no_oaep_decrypt,
                       allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
         password=password, group=args.group, socket_fd=args.socket_fd,
-        status_fd=args.status_fd, lifeline_fd=args.lifeline_fd)
+        status_fd=args.status_fd, lifeline_fd=args.lifeline_fd, user=args.user,
+        allow_root=args.allow_root, parent_pid=args.parent_pid)
     return serve(opts)
 
 

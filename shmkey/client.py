@@ -10,13 +10,13 @@ from typing import Any, Optional, Union
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 
 from . import _wire, ring
 from ._binding import ensure, ffi, lib
 from .config import Config
 from .errors import (InvalidArgumentError, KeyIsolatedError, OracleUnavailableError,
-                     ProtocolError, raise_for_status)
+                     ProtocolError, UnsupportedOperationError, raise_for_status)
 
 _NO_PARAMS = (0, 0, 0, 0)
 
@@ -107,6 +107,10 @@ class OracleClient:
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         self._result(rc, resp, out)
 
+    def echo(self, data: bytes, timeout_ms: Optional[int] = None) -> bytes:
+        """A ping that carries ``data`` and gets it back: a checkable round trip."""
+        return self.call(lib.SHMKEY_OP_PING, payload=data, timeout_ms=timeout_ms)
+
     def ping_loop(self, n: int) -> list[int]:
         """Time ``n`` pings one by one in C; nanoseconds each."""
         ns = ffi.new("uint64_t[]", n)
@@ -187,13 +191,15 @@ class OracleKey(rsa.RSAPrivateKey):
         return self._public
 
     def sign(self, data: bytes, padding: apad.AsymmetricPadding,
-             algorithm: Union[hashes.HashAlgorithm, Prehashed]) -> bytes:
+             algorithm: Union[hashes.HashAlgorithm, Prehashed, NoDigestInfo]) -> bytes:
         """Sign ``data`` (hashed here; or a digest with ``Prehashed``) in the oracle.
 
         Raises:
             InvalidArgumentError, UnsupportedOperationError: bad arguments, caught
                 before anything is sent.
         """
+        if isinstance(algorithm, NoDigestInfo):
+            raise UnsupportedOperationError("raw PKCS#1 v1.5 without DigestInfo is not offered")
         params, digest = _wire.encode_sign(padding, algorithm, data, self._bits)
         return self._client.call(lib.SHMKEY_OP_SIGN, params, digest, key=self._index)
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional, Union
 
@@ -62,6 +63,7 @@ class KeyOracle:
         self._proc: Optional[subprocess.Popen] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
+        self._created = False       # the oracle made its ring: ours to unlink if it dies
 
     @property
     def pid(self) -> Optional[int]:
@@ -94,6 +96,12 @@ class KeyOracle:
                 *cfg.as_args(), *self._policy_args]
         if self._group is not None:
             args += ["--group", str(self._group)]
+        if os.geteuid() == 0:
+            args.append("--allow-root")     # we are root already: isolation is by process
+        if threading.current_thread() is threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits, so only the
+            # main thread may ask for it; the lifeline pipe covers every case.
+            args += ["--parent-pid", str(os.getpid())]
         pass_fds = [status_w, life_r]
         if cfg.transport == "socketpair":
             ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -117,6 +125,7 @@ class KeyOracle:
                 self._proc.stdin.write(self._password)
                 self._proc.stdin.close()
             info = self._await_ready(status_r, cfg.start_timeout_ms / 1000)
+            self._created = True
             if cfg.transport == "shm":
                 self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
             else:
@@ -172,8 +181,11 @@ class KeyOracle:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            # An oracle killed hard cannot clean up after itself.
-            ring.unlink(self.name)
+            # An oracle killed hard cannot clean up after itself. One that never
+            # started created nothing: what exists under its name is someone else's.
+            if self._created:
+                ring.unlink(self.name)
+            self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None

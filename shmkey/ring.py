@@ -154,6 +154,12 @@ def unlink(name: str, only: Optional[list[str]] = None) -> None:
                 pass
 
 
+def shm_path(name: str, part: str) -> str:
+    """File of a ring object in /dev/shm: ``part`` is "shm", "req" or "free"."""
+    base = ring_id(name)
+    return str(_SHM_DIR / (base if part == "shm" else f"sem.{base}-{part}"))
+
+
 def exists(name: str) -> bool:
     """Whether a ring segment named for oracle ``name`` exists."""
     return (_SHM_DIR / ring_id(name)).exists()

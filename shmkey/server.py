@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import select
 import signal
 import socket
@@ -171,6 +172,14 @@ class ServeOptions:
     socket_fd: int = -1          # control socket of a forked socketpair oracle
     status_fd: int = -1          # where to report readiness (owned oracles)
     lifeline_fd: int = -1        # EOF here means the owner is gone
+    user: Optional[str] = None   # drop to this user after reading the key
+    allow_root: bool = False     # keep running as root (owned oracles of a root caller)
+    parent_pid: int = -1         # die with this parent (PR_SET_PDEATHSIG)
+
+    def keep_fds(self) -> set[int]:
+        """Inherited descriptors the oracle was told about; all others are closed."""
+        return {0, 1, 2} | {fd for fd in (self.socket_fd, self.status_fd, self.lifeline_fd)
+                            if fd >= 0}
 
 
 class Oracle:
@@ -216,11 +225,38 @@ class Oracle:
             from .errors import raise_for_status
             raise_for_status(rc, "opening the oracle's transport")
         self._srv = out[0]
+        gid = ring.group_id(opts.group)
+        if opts.user:
+            self._drop_privileges(opts.user, gid)
+        lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
         for i in range(cfg.workers):
             t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
                                  args=(self._srv, handler, cfg.slot_size, self._stopping))
             t.start()
             self._workers.append(t)
+
+    def _drop_privileges(self, user: str, gid: Optional[int]) -> None:
+        """Become ``user`` once the key is read and the transport is open.
+
+        The ring and socket are handed to that user first, so the oracle can
+        still unlink them (/dev/shm is sticky) and its clients can attach.
+        """
+        try:
+            pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise ConfigError(f"user {user!r} does not exist") from None
+        owned = [ring.shm_path(self.name, part) for part in ("shm", "req", "free")] \
+            if self._ring else []
+        if self._sock_path:
+            owned.append(self._sock_path)
+        for path in owned:
+            os.chown(path, pw.pw_uid, -1 if gid is None else gid)
+        os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        if os.geteuid() == 0 or os.getuid() == 0:
+            raise ShmkeyError("failed to drop root privileges")
+        log.info("dropped privileges to %s (uid %d)", pw.pw_name, pw.pw_uid)
 
     def _listen(self) -> None:
         path = ring.socket_path(self.name)
@@ -263,12 +299,15 @@ class Oracle:
                 if reaped:
                     log.info("reclaimed %d slot(s) of dead clients", reaped)
         finally:
+            # Stop while our handlers are still in place: a second SIGTERM
+            # (the owner's death signal after its lifeline closed) must not
+            # kill us before the ring is unlinked.
+            self.stop()
             for s, h in old.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(previous)
             os.close(wake_r)
             os.close(wake_w)
-            self.stop()
 
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""
@@ -294,6 +333,17 @@ class Oracle:
             self._srv = None
 
 
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Close every descriptor an operator's shell or supervisor leaked to us."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass    # the listing's own descriptor, already closed
+
+
 def _report(fd: int, message: dict) -> None:
     if fd >= 0:
         os.write(fd, (json.dumps(message) + "\n").encode())
@@ -302,11 +352,20 @@ def _report(fd: int, message: dict) -> None:
 
 def serve(opts: ServeOptions) -> int:
     """Run an oracle until it is stopped; the exit status for ``shmkey serve``."""
+    _close_inherited_fds(opts.keep_fds())
+    if opts.parent_pid > 0:
+        lib.shmkey_die_with_parent(signal.SIGTERM, opts.parent_pid)
     if lib.shmkey_harden_process() != lib.SHMKEY_OK:
         log.warning("could not fully harden the key process (core dumps / ptrace)")
     os.umask(0o077)
     oracle = Oracle(opts)
     try:
+        if os.geteuid() == 0 and not opts.user and not opts.allow_root:
+            raise ConfigError("refusing to run the key oracle as root: pass --user USER to drop "
+                              "privileges after the key is read, or --allow-root")
+        if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
+            log.info("could not lock the oracle's memory (mlockall: %s); key pages may be "
+                     "swapped", os.strerror(ffi.errno))
         oracle.start()
     except ShmkeyError as exc:
         _report(opts.status_fd, {"ok": False, "error": str(exc), "kind": type(exc).__name__})

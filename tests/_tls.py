@@ -66,8 +66,9 @@ class Serve:
         args = [sys.executable, "-m", "shmkey", "serve", "--key", str(self.key),
                 "--name", self.name, "--transport", self.transport, "--workers", "2",
                 "--status-fd", str(w), "--log-level", "warning", *self.extra]
-        if WORKER_GROUP:
-            args += ["--group", WORKER_GROUP]
+        if RUN_AS_ROOT:
+            # The ring open to the group nginx's workers run in.
+            args += ["--allow-root", "--group", WORKER_GROUP]
         try:
             self.proc = subprocess.Popen(args, pass_fds=[w])
         finally:

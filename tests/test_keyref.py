@@ -8,7 +8,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from _tls import Serve, write_key_and_cert
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
@@ -17,6 +16,8 @@ from hypothesis import strategies as st
 from shmkey import keyref
 from shmkey.errors import (ConfigError, KeyMismatchError, KeyReferenceError,
                            OracleUnavailableError)
+
+from ._tls import Serve, write_key_and_cert
 
 # A fixed public key, so that the encoding can be checked byte for byte.
 N = (1 << 2047) + 0x1F3

@@ -19,8 +19,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from _tls import (HOST, RUN_AS_ROOT, Serve, TLSServer, client_context, curl, free_port,
-                  handshake, s_client, server_context, wait_for_port, write_key_and_cert)
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -28,7 +26,9 @@ import shmkey.openssl
 from shmkey import keyref
 from shmkey.errors import LibcryptoMismatchError
 
-TRANSPORTS = ("shm", "socketpair")
+from ._tls import (HOST, RUN_AS_ROOT, Serve, TLSServer, client_context, curl, free_port,
+                   handshake, s_client, server_context, wait_for_port, write_key_and_cert)
+from .conftest import TRANSPORTS
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 
 
