@@ -111,12 +111,14 @@ int shmkey_harden_process(void)
 }
 
 /*
- * Keep the key's pages out of swap. Best effort: an unprivileged process
- * usually has too small an RLIMIT_MEMLOCK; the caller logs the refusal.
+ * Keep the key's pages out of swap: call once the key is loaded. Current
+ * pages only: MCL_FUTURE would make every later thread stack count against
+ * RLIMIT_MEMLOCK, which after dropping privileges is too small to start a
+ * worker. Best effort; the caller logs a refusal.
  */
 int shmkey_lock_memory(void)
 {
-    return mlockall(MCL_CURRENT | MCL_FUTURE) == 0 ? SHMKEY_OK : SHMKEY_ESYSTEM;
+    return mlockall(MCL_CURRENT) == 0 ? SHMKEY_OK : SHMKEY_ESYSTEM;
 }
 
 /*

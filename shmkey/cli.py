@@ -15,7 +15,7 @@ from .errors import ShmkeyError
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
     for s in config.SETTINGS:
-        kind = str if s.choices else int
+        kind = str if s.choices or s.path else int
         p.add_argument(f"--{s.field.replace('_', '-')}", type=kind, default=None,
                        metavar=s.env, help=f"{s.help} (default: ${s.env} or {s.default})")
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import _wire, ring
 from ._binding import ffi, lib
 from .config import Config, env_name
-from .errors import ConfigError, KeyLoadError, ShmkeyError
+from .errors import ConfigError, KeyLoadError, ShmkeyError, raise_for_status
 
 log = logging.getLogger("shmkey.oracle")
 
@@ -197,8 +197,19 @@ class Oracle:
 
     def start(self) -> None:
         """Load the key, open the transport and start the workers."""
-        opts, cfg = self.opts, self.opts.config
+        opts = self.opts
         key = load_key(opts.key_path, opts.password)
+        if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
+            log.info("could not lock the key in memory (mlockall: %s); it may be swapped",
+                     os.strerror(ffi.errno))
+        try:
+            self._open(key)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _open(self, key: rsa.RSAPrivateKey) -> None:
+        opts, cfg = self.opts, self.opts.config
         handler = Handler([key], opts.policy)
         need = max((key.key_size + 7) // 8 + 64, len(handler.public_der()))
         if cfg.slot_size < need:
@@ -221,8 +232,6 @@ class Oracle:
             assert self._listener is not None
             rc = lib.shmkey_server_open_socket(self._listener.fileno(), 1, cfg.slot_size, out)
         if rc != lib.SHMKEY_OK:
-            self._cleanup()
-            from .errors import raise_for_status
             raise_for_status(rc, "opening the oracle's transport")
         self._srv = out[0]
         gid = ring.group_id(opts.group)
@@ -278,36 +287,31 @@ class Oracle:
         sock.listen(128)
         self._listener, self._sock_path = sock, str(path)
 
-    def run(self, ready: Callable[[], None]) -> None:
-        """Serve until SIGTERM/SIGINT or the owner's lifeline closes."""
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = signal.set_wakeup_fd(wake_w)
-        stop = lambda *_: self._stopping.set()  # noqa: E731
-        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    def run(self, ready: Callable[[], None], wake_fd: int) -> None:
+        """Serve until stopped (see :meth:`request_stop`) or the owner's lifeline closes.
+
+        ``wake_fd`` becomes readable when a signal arrives.
+        """
         try:
             ready()
-            watch = [wake_r] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
+            watch = [wake_fd] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
             while not self._stopping.is_set():
                 readable, _, _ = select.select(watch, [], [], _REAP_INTERVAL)
                 if self.opts.lifeline_fd in readable:
                     if not os.read(self.opts.lifeline_fd, 64):
                         log.info("owner process is gone; stopping")
                         break
-                if wake_r in readable:
-                    os.read(wake_r, 64)
+                if wake_fd in readable:
+                    os.read(wake_fd, 64)
                 reaped = lib.shmkey_server_reap(self._srv)
                 if reaped:
                     log.info("reclaimed %d slot(s) of dead clients", reaped)
         finally:
-            # Stop while our handlers are still in place: a second SIGTERM
-            # (the owner's death signal after its lifeline closed) must not
-            # kill us before the ring is unlinked.
             self.stop()
-            for s, h in old.items():
-                signal.signal(s, h)
-            signal.set_wakeup_fd(previous)
-            os.close(wake_r)
-            os.close(wake_w)
+
+    def request_stop(self, *_: object) -> None:
+        """Ask the oracle to stop (a signal handler)."""
+        self._stopping.set()
 
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""
@@ -328,6 +332,9 @@ class Oracle:
                     os.unlink(self._sock_path)
                 except FileNotFoundError:
                     pass
+                except PermissionError:
+                    log.warning("cannot remove %s after dropping privileges: give the user "
+                                "a SHMKEY_RUNTIME_DIR of its own", self._sock_path)
         if self._srv is not None and not any(t.is_alive() for t in self._workers):
             lib.shmkey_server_close(self._srv)
             self._srv = None
@@ -353,22 +360,25 @@ def _report(fd: int, message: dict) -> None:
 def serve(opts: ServeOptions) -> int:
     """Run an oracle until it is stopped; the exit status for ``shmkey serve``."""
     _close_inherited_fds(opts.keep_fds())
+    oracle = Oracle(opts)
+    # Signals are ours before anything exists that a signal could orphan.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, oracle.request_stop)
     if opts.parent_pid > 0:
         lib.shmkey_die_with_parent(signal.SIGTERM, opts.parent_pid)
     if lib.shmkey_harden_process() != lib.SHMKEY_OK:
         log.warning("could not fully harden the key process (core dumps / ptrace)")
     os.umask(0o077)
-    oracle = Oracle(opts)
     try:
         if os.geteuid() == 0 and not opts.user and not opts.allow_root:
             raise ConfigError("refusing to run the key oracle as root: pass --user USER to drop "
                               "privileges after the key is read, or --allow-root")
-        if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
-            log.info("could not lock the oracle's memory (mlockall: %s); key pages may be "
-                     "swapped", os.strerror(ffi.errno))
         oracle.start()
-    except ShmkeyError as exc:
-        _report(opts.status_fd, {"ok": False, "error": str(exc), "kind": type(exc).__name__})
+    except Exception as exc:
+        kind = type(exc).__name__ if isinstance(exc, ShmkeyError) else "ShmkeyError"
+        _report(opts.status_fd, {"ok": False, "error": str(exc), "kind": kind})
         log.error("%s", exc)
         return 2
     opts.password = None
@@ -380,6 +390,6 @@ def serve(opts: ServeOptions) -> int:
         log.info("oracle %s serving (pid %d, %s, %d workers)", oracle.name, os.getpid(),
                  opts.config.transport, opts.config.workers)
 
-    oracle.run(ready)
+    oracle.run(ready, wake_r)
     log.info("oracle %s stopped", oracle.name)
     return 0

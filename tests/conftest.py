@@ -5,6 +5,7 @@ suite leaves nothing of ours in /dev/shm.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,11 @@ def no_ipc_leaks() -> Iterator[None]:
     yield
     left = leaked(before)
     assert not left, f"the test run left these in /dev/shm: {left}"
+
+
+def unique(prefix: str) -> str:
+    """An oracle name no other test run on this machine will pick."""
+    return f"{prefix}-{secrets.token_hex(4)}"
 
 
 def make_key(directory: Path, bits: int, password: str | None = None) -> Path:

@@ -12,7 +12,7 @@ import pytest
 
 import shmkey
 
-from .conftest import TRANSPORTS
+from .conftest import TRANSPORTS, unique
 
 # Each thread decrypts secrets only it knows and signs messages only it signs:
 # a reply delivered to the wrong caller fails the comparison or the verify.
@@ -55,7 +55,7 @@ def run_workload(key: shmkey.OracleKey, threads: int, n: int, tag: str) -> list:
 
 def test_threads_in_two_processes_on_the_ring(rsa2048: Path, tmp_path: Path) -> None:
     threads, n = 8, 60
-    with shmkey.KeyOracle(rsa2048, name=f"conc-{tmp_path.name}", workers=2, slots=16) as oracle:
+    with shmkey.KeyOracle(rsa2048, name=unique("conc"), workers=2, slots=16) as oracle:
         other = subprocess.Popen([sys.executable, "-c", WORKLOAD + f"""
 key = shmkey.connect({oracle.name!r}).private_key()
 print(json.dumps(main(key, {threads}, {n}, "child")))
@@ -66,7 +66,7 @@ print(json.dumps(main(key, {threads}, {n}, "child")))
 
 
 def test_two_processes_on_a_named_socket_oracle(rsa2048: Path, tmp_path: Path) -> None:
-    name = f"conc-sock-{tmp_path.name}"
+    name = unique("conc-sock")
     serve = subprocess.Popen([sys.executable, "-m", "shmkey", "serve", "--key", str(rsa2048),
                               "--name", name, "--transport", "socketpair", "--workers", "2",
                               "--allow-root"],

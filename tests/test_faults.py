@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 import shmkey
 from shmkey import ring
 
-from .conftest import TRANSPORTS
+from .conftest import TRANSPORTS, unique
 
 PKCS1 = padding.PKCS1v15()
 
@@ -89,7 +89,7 @@ for line in sys.stdin:
 def test_kill_clients_mid_request_slots_come_back(rsa2048: Path, tmp_path: Path) -> None:
     """100 clients SIGKILLed at random points; every slot returns, service goes on."""
     slots = 4
-    with shmkey.KeyOracle(rsa2048, name=f"killc-{tmp_path.name[-6:]}", slots=slots,
+    with shmkey.KeyOracle(rsa2048, name=unique("killc"), slots=slots,
                           workers=2) as oracle:
         zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, oracle.name], text=True,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -167,7 +167,7 @@ time.sleep(60)
 
 
 def test_stopped_oracle_is_unavailable_to_attached_clients(rsa2048: Path, tmp_path: Path) -> None:
-    oracle = shmkey.KeyOracle(rsa2048, name=f"stop-{tmp_path.name[-6:]}", workers=1).start()
+    oracle = shmkey.KeyOracle(rsa2048, name=unique("stop"), workers=1).start()
     other = shmkey.connect(oracle.name)
     other.ping()
     oracle.stop()

@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-import shmkey
 from shmkey import ring
 
+from .conftest import unique
 from .ctools import asan_env, build_asan_package, build_tool
 from .test_faults import wait_until
 from .test_serve import wait_for_oracle
@@ -40,7 +40,7 @@ def test_asan_build_is_instrumented(tools: dict[str, Path]) -> None:
 def test_hostile_client_cannot_hurt_oracle_or_honest_clients(tools: dict[str, Path],
                                                              rsa2048: Path, tmp_path: Path,
                                                              seed: int) -> None:
-    name = f"hostile-{seed}-{tmp_path.name[-6:]}"
+    name = unique(f"hostile-{seed}")
     log = tmp_path / "oracle.log"
     with open(log, "w") as err:
         oracle = subprocess.Popen(

@@ -19,6 +19,7 @@ import pytest
 import shmkey
 from shmkey import ring
 
+from .conftest import unique
 from .ctools import build_tool
 from .test_faults import wait_until
 
@@ -71,7 +72,7 @@ def test_socket_peers_are_checked_even_when_the_path_is_open(probe: Path, rsa204
                                                              tmp_path: Path) -> None:
     """File modes are the first gate; SO_PEERCRED is the second, in the oracle."""
     rundir = Path(tempfile.mkdtemp(prefix="shmkey-run-"))
-    name = f"peer-{tmp_path.name[-6:]}"
+    name = unique("peer")
     env = dict(os.environ, XDG_RUNTIME_DIR=str(rundir))
     serve = subprocess.Popen([sys.executable, "-m", "shmkey", "serve", "--key", str(rsa2048), "--name", name,
                               "--transport", "socketpair", "--workers", "1", "--allow-root"],
@@ -97,7 +98,7 @@ def test_socket_peers_are_checked_even_when_the_path_is_open(probe: Path, rsa204
 @pytest.mark.parametrize("planted", ["shm", "req", "free"])
 def test_planted_name_stops_start_up(rsa2048: Path, tmp_path: Path, planted: str) -> None:
     """An object an attacker created first is never used: start-up fails, clearly."""
-    name = f"planted-{planted}-{tmp_path.name[-6:]}"
+    name = unique(f"planted-{planted}")
     base = ring.ring_id(name)
     if planted == "shm":
         obj = posix_ipc.SharedMemory(f"/{base}", posix_ipc.O_CREX, mode=0o666, size=4096)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 import shmkey
 from shmkey import ring
 
-from .conftest import TRANSPORTS, ours_in_shm
+from .conftest import TRANSPORTS, ours_in_shm, unique
 
 
 def wait_for_oracle(name: str, transport: str, timeout: float = 15.0) -> shmkey.OracleClient:
@@ -41,7 +41,7 @@ def start_serve(key: Path, name: str, *extra: str) -> subprocess.Popen:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_serve_attach_sign_and_stop(rsa2048: Path, tmp_path: Path, transport: str,
                                     sig: signal.Signals) -> None:
-    name = f"serve-{transport}-{sig.name}-{tmp_path.name[-6:]}"
+    name = unique(f"serve-{transport}-{sig.name}")
     proc = start_serve(rsa2048, name, "--transport", transport)
     try:
         client = wait_for_oracle(name, transport)
@@ -73,7 +73,7 @@ def test_serve_attach_sign_and_stop(rsa2048: Path, tmp_path: Path, transport: st
 
 def test_name_in_use_is_refused_and_clean_removes_a_crashed_oracle(rsa2048: Path,
                                                                   tmp_path: Path) -> None:
-    name = f"clash-{tmp_path.name[-6:]}"
+    name = unique("clash")
     first = start_serve(rsa2048, name)
     try:
         wait_for_oracle(name, "shm").close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import shmkey
 
-from .conftest import ours_in_shm
+from .conftest import ours_in_shm, unique
 
 TOTAL = int(os.environ.get("SHMKEY_SOAK_REQUESTS", "1000000"))
 PROCS, THREADS = 2, 2
@@ -69,7 +69,7 @@ def shm_usage(name: str) -> dict[str, int]:
 
 def test_million_requests_no_crossed_replies_flat_resources(rsa2048: Path, tmp_path: Path) -> None:
     per_thread = TOTAL // (PROCS * THREADS)
-    with shmkey.KeyOracle(rsa2048, name=f"soak-{tmp_path.name[-6:]}", workers=2, slots=16) as oracle:
+    with shmkey.KeyOracle(rsa2048, name=unique("soak"), workers=2, slots=16) as oracle:
         assert oracle.pid is not None
         procs = [subprocess.Popen([sys.executable, "-c", CLIENT, oracle.name, str(per_thread),
                                    str(THREADS), str(tag)], stdin=subprocess.PIPE,
