@@ -67,8 +67,9 @@ class Serve:
                 "--name", self.name, "--transport", self.transport, "--workers", "2",
                 "--status-fd", str(w), "--log-level", "warning", *self.extra]
         if RUN_AS_ROOT:
-            # The ring open to the group nginx's workers run in.
-            args += ["--allow-root", "--group", WORKER_GROUP]
+            # As deployed: read the key as root, then serve as another user,
+            # with the ring open to the group nginx's workers run in.
+            args += ["--user", "nobody", "--group", WORKER_GROUP]
         try:
             self.proc = subprocess.Popen(args, pass_fds=[w])
         finally:
@@ -94,6 +95,9 @@ class Serve:
                 proc.kill()
                 proc.wait()
         ring.unlink(self.name)
+        if self.transport == "socketpair":
+            # An oracle that dropped root cannot unlink its socket in root's directory.
+            ring.socket_path(self.name).unlink(missing_ok=True)
 
 
 class TLSServer:
