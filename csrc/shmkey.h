@@ -48,6 +48,7 @@
 #define SHMKEY_HASH_SHA512 4
 
 /* ---- transports -------------------------------------------------------- */
+#define SHMKEY_TRANSPORT_ANY 0          /* key references: the ring, else the socket */
 #define SHMKEY_TRANSPORT_SHM 1
 #define SHMKEY_TRANSPORT_SOCKET 2
 
@@ -173,3 +174,9 @@ size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
 int shmkey_harden_process(void);
 int shmkey_lock_memory(void);
 int shmkey_die_with_parent(int sig, int expected_parent);
+
+/* ---- OpenSSL 3 provider (provider.c), for shmkey.openssl ---------------- */
+#define SHMKEY_KEYREF_VERSION 1         /* version field of a key reference's DER */
+int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_t cap);
+int shmkey_openssl_enable(char *detail, uint32_t cap);
+int shmkey_openssl_last_error(char *buf, uint32_t cap);

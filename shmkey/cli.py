@@ -1,6 +1,6 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
 work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
-the environment variables.
+the environment variables, ``keyref`` and ``openssl-conf`` set up OpenSSL.
 """
 from __future__ import annotations
 
@@ -50,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("name")
 
     sub.add_parser("settings", help="list the SHMKEY_* environment variables")
+
+    keyref = sub.add_parser("keyref", help="write a key reference file for OpenSSL (no secret in it)")
+    keyref.add_argument("--oracle", required=True, help="name of a running 'shmkey serve'")
+    keyref.add_argument("--cert", help="PEM certificate that must be for the oracle's key")
+    keyref.add_argument("-o", "--output", required=True, help="file to write, e.g. key.ref.pem")
+    keyref.add_argument("--transport", choices=["shm", "socketpair"],
+                        help="how OpenSSL reaches the oracle (default: the ring, else the socket)")
+
+    conf = sub.add_parser("openssl-conf", help="print an openssl.cnf that loads shmkey's provider")
+    conf.add_argument("--timeout-ms", type=int, help="wait for the oracle this long (default 5000)")
     return parser
 
 
@@ -98,6 +108,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _clean(args.name)
         if args.command == "settings":
             print(config.markdown_table())
+            return 0
+        if args.command == "keyref":
+            from . import keyref
+
+            ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport)
+            print(f"wrote {args.output}: RSA-{ref.public_key.key_size} key of oracle {ref.oracle!r}")
+            return 0
+        if args.command == "openssl-conf":
+            from .openssl import openssl_conf
+
+            print(openssl_conf(args.timeout_ms), end="")
             return 0
     except ShmkeyError as exc:
         print(f"shmkey: {exc}", file=sys.stderr)
