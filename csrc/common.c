@@ -5,8 +5,12 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -31,6 +35,34 @@ const char *shmkey_strerror(int status)
     }
 }
 
+/*
+ * getpid() is a real syscall (glibc stopped caching it); the request path
+ * must not pay one per request. A forked child resets the cache.
+ */
+static pid_t cached_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void forget_pid(void)
+{
+    __atomic_store_n(&cached_pid, 0, __ATOMIC_RELAXED);
+}
+
+static void watch_forks(void)
+{
+    pthread_atfork(NULL, NULL, forget_pid);
+}
+
+pid_t shmkey_self_pid(void)
+{
+    pid_t pid = __atomic_load_n(&cached_pid, __ATOMIC_RELAXED);
+    if (pid == 0) {
+        pthread_once(&pid_once, watch_forks);
+        pid = getpid();
+        __atomic_store_n(&cached_pid, pid, __ATOMIC_RELAXED);
+    }
+    return pid;
+}
+
 uint64_t shmkey_now_ns(void)
 {
     struct timespec ts;
@@ -49,12 +81,29 @@ void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns)
     ts->tv_nsec = (long)(ns % 1000000000u);
 }
 
-/* EPERM means alive under another uid: only ESRCH proves death. */
+/*
+ * EPERM means alive under another uid: only ESRCH proves death. A zombie
+ * also counts as dead: an owned oracle killed hard stays one until its
+ * parent (often our own process) reaps it. Only called on slow paths.
+ */
 int shmkey_pid_alive(pid_t pid)
 {
+    char path[64], buf[256];
     if (pid <= 0)
         return 0;
-    return kill(pid, 0) == 0 || errno != ESRCH;
+    if (kill(pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;                   /* no procfs: trust kill() */
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 1;
+    buf[n] = 0;
+    const char *paren = strrchr(buf, ')');
+    return !(paren && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X'));
 }
 
 uint32_t shmkey_ncpu(void)
@@ -86,5 +135,29 @@ int shmkey_harden_process(void)
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         return SHMKEY_ESYSTEM;
     (void)prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0);
+    return SHMKEY_OK;
+}
+
+/*
+ * Keep the key's pages out of swap: call once the key is loaded. Current
+ * pages only: MCL_FUTURE would make every later thread stack count against
+ * RLIMIT_MEMLOCK, which after dropping privileges is too small to start a
+ * worker. Best effort; the caller logs a refusal.
+ */
+int shmkey_lock_memory(void)
+{
+    return mlockall(MCL_CURRENT) == 0 ? SHMKEY_OK : SHMKEY_ESYSTEM;
+}
+
+/*
+ * Get sig when the parent dies. Closes the race of a parent that died
+ * before the prctl: then getppid() is no longer expected_parent.
+ */
+int shmkey_die_with_parent(int sig, int expected_parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0)
+        return SHMKEY_ESYSTEM;
+    if (getppid() != (pid_t)expected_parent)
+        raise(sig);
     return SHMKEY_OK;
 }

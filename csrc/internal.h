@@ -63,14 +63,19 @@ struct shmkey_server {
     sem_t *req_sem;
     sem_t *free_sem;
     uint64_t *reap_seen;        /* ctl seen by the previous reap, per slot */
+    uint64_t *held;             /* per slot: worker pid << 32 | generation + 1; shared
+                                   by the oracle's worker processes, never by clients */
     /* socket */
     int epfd;
     int ctl_fd;
     int listening;
+    uid_t peer_uid;             /* peers allowed: this uid, root, and members of peer_gid */
+    int64_t peer_gid;           /* -1: no group */
 };
 
 /* common.c */
 uint64_t shmkey_now_ns(void);
+pid_t shmkey_self_pid(void);
 void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns);
 int shmkey_pid_alive(pid_t pid);
 uint32_t shmkey_ncpu(void);
@@ -106,5 +111,6 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
 int shmkey_sock_server_reply(struct shmkey_server *s, struct shmkey_work *w,
                              int32_t status, const uint8_t *out, uint32_t out_len);
 void shmkey_sock_server_close(struct shmkey_server *s);
+int shmkey_send_fd(int ctl_fd, int fd);
 
 #endif

@@ -71,9 +71,9 @@ static inline uint32_t *ctl_futex(struct shmkey_slot *s)
     return (uint32_t *)&s->ctl;
 }
 
-static void futex_wait_ms(uint32_t *addr, uint32_t val, uint32_t ms)
+static void futex_wait_ns(uint32_t *addr, uint32_t val, uint64_t ns)
 {
-    struct timespec ts = {ms / 1000u, (long)(ms % 1000u) * 1000000L};
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
     (void)syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
 }
 
@@ -148,6 +148,11 @@ int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
     close(fd);
     if (c->base == MAP_FAILED) {
         c->base = NULL;
+        goto fail;
+    }
+    /* The oracle publishes magic last: zero means it is still setting up. */
+    if (__atomic_load_n(&hdr_of(c->base)->magic, __ATOMIC_ACQUIRE) == 0) {
+        rc = SHMKEY_EUNAVAIL;
         goto fail;
     }
     memcpy(&h, c->base, sizeof(h));
@@ -250,7 +255,7 @@ static uint32_t scan_start(uint32_t nslots)
 {
     static __thread uint32_t seed;
     if (!seed)
-        seed = (uint32_t)(uintptr_t)&seed ^ (uint32_t)getpid() * 2654435761u;
+        seed = (uint32_t)(uintptr_t)&seed ^ (uint32_t)shmkey_self_pid() * 2654435761u;
     seed = seed * 1103515245u + 12345u;
     return (seed >> 8) % nslots;
 }
@@ -321,6 +326,23 @@ static void withdraw(struct shmkey_client *c, struct shmkey_slot *s, uint32_t ge
     }
 }
 
+/*
+ * A gap this long between two looks at the clock while spinning means we
+ * were preempted: something outside the ring wants this core, so spinning
+ * now only delays whoever must produce what we wait for. 64 pause
+ * instructions take a few microseconds.
+ */
+#define SPIN_PREEMPTED_NS 30000u
+
+/* Stop spinning at end, when the ring wants more cores than exist, or when preempted. */
+static int spin_should_stop(uint64_t *last, uint64_t end, uint32_t active, uint32_t ncpu)
+{
+    uint64_t now = shmkey_now_ns();
+    int stop = now >= end || now - *last > SPIN_PREEMPTED_NS || active > ncpu;
+    *last = now;
+    return stop;
+}
+
 /* Spin while it pays: a free core for us, and the reply not yet there. */
 static uint64_t spin_for_reply(struct shmkey_client *c, struct shmkey_slot *s)
 {
@@ -331,15 +353,15 @@ static uint64_t spin_for_reply(struct shmkey_client *c, struct shmkey_slot *s)
     if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) >= c->ncpu)
         return ctl;
     __atomic_add_fetch(&h->active, 1, __ATOMIC_RELAXED);
-    uint64_t end = shmkey_now_ns() + (uint64_t)c->spin_us * 1000u;
+    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)c->spin_us * 1000u;
     for (unsigned i = 1;; i++) {
         ctl = ctl_load(s);
         if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
             break;
         shmkey_cpu_relax();
         if ((i & 63) == 0 &&
-            (shmkey_now_ns() >= end ||
-             __atomic_load_n(&h->active, __ATOMIC_RELAXED) > c->ncpu))
+            spin_should_stop(&last, end, __atomic_load_n(&h->active, __ATOMIC_RELAXED),
+                             c->ncpu))
             break;
     }
     __atomic_sub_fetch(&h->active, 1, __ATOMIC_RELAXED);
@@ -361,16 +383,16 @@ static int wait_reply(struct shmkey_client *c, struct shmkey_slot *s, uint32_t g
         uint64_t now = shmkey_now_ns();
         if (now >= deadline_ns)
             return SHMKEY_ETIMEDOUT;
-        uint64_t left_ms = (deadline_ns - now + 999999u) / 1000000u;
-        uint32_t ms = left_ms < SHMKEY_LIVENESS_SLICE_MS ? (uint32_t)left_ms
-                                                          : SHMKEY_LIVENESS_SLICE_MS;
+        uint64_t slice = SHMKEY_LIVENESS_SLICE_MS * 1000000ull;
+        if (deadline_ns - now < slice)
+            slice = deadline_ns - now;
         /* Dekker with the worker: it stores DONE then reads waiters. */
         __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
         uint64_t again = __atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST);
         if (again == ctl)
-            futex_wait_ms(ctl_futex(s), CTL_STATE(ctl), ms);
+            futex_wait_ns(ctl_futex(s), CTL_STATE(ctl), slice);
         ctl = ctl_load(s);
-        if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE && shmkey_now_ns() >= now + ms * 1000000ull &&
+        if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE && shmkey_now_ns() >= now + slice &&
             !shmkey_pid_alive(c->oracle_pid))
             return SHMKEY_EUNAVAIL;
     }
@@ -393,7 +415,7 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
         sem_post(c->free_sem);
         return oracle_up(c) ? SHMKEY_ETIMEDOUT : SHMKEY_EUNAVAIL;
     }
-    s->client_pid = (uint32_t)getpid();
+    s->client_pid = (uint32_t)shmkey_self_pid();
     s->waiters = 0;
     memcpy(&s->req, req, sizeof(*req));
     if (req->in_len)
@@ -457,10 +479,15 @@ int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
     s->ncpu = shmkey_ncpu();
     s->map_len = size;
     s->reap_seen = calloc(nslots, sizeof(uint64_t) * 2);
+    /* Anonymous and shared: inherited by forked workers, invisible to clients. */
+    s->held = mmap(NULL, nslots * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     s->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, shm_fd, 0);
-    if (s->base == MAP_FAILED || !s->reap_seen) {
+    if (s->base == MAP_FAILED || !s->reap_seen || s->held == MAP_FAILED) {
         if (s->base == MAP_FAILED)
             s->base = NULL;
+        if (s->held == MAP_FAILED)
+            s->held = NULL;
         shmkey_shm_server_close(s);
         return SHMKEY_ESYSTEM;
     }
@@ -487,6 +514,19 @@ int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
     __atomic_store_n(&h->magic, SHMKEY_MAGIC, __ATOMIC_RELEASE);
     *out = s;
     return SHMKEY_OK;
+}
+
+/* What a worker records while it holds a slot: its pid and the generation. */
+static uint64_t held_mark(uint64_t gen)
+{
+    return ((uint64_t)(uint32_t)shmkey_self_pid() << 32) | (uint32_t)(gen + 1);
+}
+
+/* Does a live worker hold this slot at this generation? */
+static int held_by_live_worker(struct shmkey_server *s, uint32_t i, uint32_t gen)
+{
+    uint64_t mark = __atomic_load_n(&s->held[i], __ATOMIC_ACQUIRE);
+    return (uint32_t)mark == gen + 1u && shmkey_pid_alive((pid_t)(mark >> 32));
 }
 
 static void leave_active(struct shmkey_server *s, struct shmkey_work *w)
@@ -517,14 +557,15 @@ static int spin_for_token(struct shmkey_server *s, struct shmkey_work *w)
     if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) > s->ncpu - (w->active ? 0 : 1))
         return 0;
     enter_active(s, w);
-    uint64_t end = shmkey_now_ns() + (uint64_t)s->spin_us * 1000u;
+    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)s->spin_us * 1000u;
     for (unsigned i = 1;; i++) {
         if (sem_trywait(s->req_sem) == 0)
             return 1;
         shmkey_cpu_relax();
         if ((i & 63) == 0 &&
-            (s->stopping || shmkey_now_ns() >= end ||
-             __atomic_load_n(&h->active, __ATOMIC_RELAXED) > s->ncpu))
+            (s->stopping ||
+             spin_should_stop(&last, end, __atomic_load_n(&h->active, __ATOMIC_RELAXED),
+                              s->ncpu)))
             return 0;
     }
 }
@@ -578,6 +619,7 @@ int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
         w->cursor = idx + 1;
         w->slot = idx;
         w->gen = CTL_GEN(ctl);
+        __atomic_store_n(&s->held[idx], held_mark(w->gen), __ATOMIC_RELEASE);
 
         /* Copy once; from here on only the private copy is read. */
         memcpy(&w->req, &slot->req, sizeof(w->req));
@@ -590,7 +632,7 @@ int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
         memcpy(w->payload, payload_of(slot), n);
         COMPILER_BARRIER();
         if (w->req.op == SHMKEY_OP_PING) {
-            reply_inline(s, w, n == 0 ? SHMKEY_OK : SHMKEY_EPROTO);
+            shmkey_shm_server_reply(s, w, SHMKEY_OK, w->payload, n);
             w->served++;
             continue;
         }
@@ -619,6 +661,7 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
         if (ctl == CTL(gen, SHMKEY_SLOT_ABANDONED) &&
             ctl_cas(slot, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE)))
             sem_post(s->free_sem);
+        __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
         return SHMKEY_OK;
     }
     if (out_len)
@@ -626,6 +669,7 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
     slot->resp.status = status;
     slot->resp.out_len = out_len;
     __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
     if (__atomic_load_n(&slot->waiters, __ATOMIC_SEQ_CST)) {
         futex_wake_all(ctl_futex(slot));
         w->woke = 1;
@@ -634,12 +678,37 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
 }
 
 /*
- * Reclaim slots whose client died: CLAIMED or DONE with a dead client pid,
- * and CLAIMED slots that have not moved for REAP_STALE_ROUNDS calls (the pid
- * was not written yet when the client died). A SUBMITTED slot that has not
- * moved since the last call gets its request token re-posted, in case the
- * client died between the two. Called every few hundred ms by the oracle.
- * Returns the number of slots reclaimed.
+ * A request whose worker died (or that a client marked BUSY itself) will
+ * never be answered: answer it with an error, so its client learns what
+ * happened instead of waiting out its timeout. 1 if answered.
+ */
+static int answer_orphan(struct shmkey_server *s, struct shmkey_slot *slot, uint64_t ctl)
+{
+    static const char why[] = "the oracle worker serving this request died";
+    uint32_t gen = CTL_GEN(ctl);
+    if (!ctl_cas(slot, ctl, CTL(gen, SHMKEY_SLOT_WRITING)))
+        return 0;
+    memcpy(payload_of(slot), why, sizeof(why) - 1);
+    slot->resp.status = SHMKEY_EINTERNAL;
+    slot->resp.out_len = sizeof(why) - 1;
+    __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
+    futex_wake_all(ctl_futex(slot));
+    return 1;
+}
+
+/*
+ * Reclaim slots nobody will free: CLAIMED or DONE with a dead client pid;
+ * CLAIMED slots that have not moved for REAP_STALE_ROUNDS calls (the client
+ * died before writing its pid); BUSY, WRITING or ABANDONED slots that no
+ * worker holds (a client wrote them, which only a misbehaving one does); and
+ * states that do not exist. Only slots unchanged since the previous call are
+ * touched, and "held" is the oracle's own record (shared by its worker
+ * processes, mapped by no client), which no client can forge; a slot held by
+ * a worker process that died counts as unheld. A SUBMITTED slot that has not moved gets its request token
+ * re-posted, in case its client died between the two. Called every few
+ * hundred ms by the oracle. BUSY or WRITING slots that no live worker holds
+ * are answered with an error rather than freed (see answer_orphan). Returns
+ * the number of slots reclaimed or answered.
  */
 int shmkey_server_reap(struct shmkey_server *s)
 {
@@ -657,8 +726,15 @@ int shmkey_server_reap(struct shmkey_server *s)
         uint32_t state = CTL_STATE(ctl);
         pid_t pid = (pid_t)__atomic_load_n(&slot->client_pid, __ATOMIC_RELAXED);
         int dead = !shmkey_pid_alive(pid);
+        int unheld = !held_by_live_worker(s, i, CTL_GEN(ctl));
+        if ((state == SHMKEY_SLOT_BUSY || state == SHMKEY_SLOT_WRITING) && unheld) {
+            if (answer_orphan(s, slot, ctl))
+                n++;
+            continue;
+        }
         if ((state == SHMKEY_SLOT_DONE && dead) ||
             (state == SHMKEY_SLOT_CLAIMED && (dead || *rounds >= REAP_STALE_ROUNDS)) ||
+            (state == SHMKEY_SLOT_ABANDONED && unheld) ||
             (state > SHMKEY_SLOT_ABANDONED)) {
             if (ctl_cas(slot, ctl, CTL(CTL_GEN(ctl) + 1, SHMKEY_SLOT_FREE))) {
                 sem_post(s->free_sem);
@@ -692,5 +768,7 @@ void shmkey_shm_server_close(struct shmkey_server *s)
     if (s->free_sem != SEM_FAILED && s->free_sem)
         sem_close(s->free_sem);
     free(s->reap_seen);
+    if (s->held)
+        munmap(s->held, s->nslots * sizeof(uint64_t));
     free(s);
 }

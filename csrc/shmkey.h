@@ -27,14 +27,19 @@
 #define SHMKEY_EACCESS -12      /* permission denied on a ring object or socket */
 
 /* ---- operations and their parameters ---------------------------------- */
-#define SHMKEY_OP_PING 1        /* no-op, answered by the C worker loop */
-#define SHMKEY_OP_PUBKEY 2      /* reply: SubjectPublicKeyInfo DER of key */
-#define SHMKEY_OP_SIGN 3        /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=salt len; in = digest */
+#define SHMKEY_OP_PING 1        /* echo the payload; answered by the C worker loop */
+#define SHMKEY_OP_PUBKEY 2      /* reply: SubjectPublicKeyInfo DER of key_id */
+#define SHMKEY_OP_SIGN 3        /* p[0]=scheme p[1]=hash p[2]=mgf1 hash p[3]=salt len;
+                                   in = digest (Ed25519: the message itself) */
 #define SHMKEY_OP_DECRYPT 4     /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=label len; in = ct || label */
+#define SHMKEY_OP_KEYS 5        /* reply: the keys, each a u16 little-endian length and an SPKI DER */
 
+/* Signature schemes (p[0] of a sign) and RSA decryption paddings. */
 #define SHMKEY_PAD_PKCS1V15 1
 #define SHMKEY_PAD_PSS 2
 #define SHMKEY_PAD_OAEP 3
+#define SHMKEY_SIG_ECDSA 4      /* DER-encoded ECDSA signature over the digest */
+#define SHMKEY_SIG_ED25519 5    /* pure Ed25519 over the message; p[1..3] zero */
 
 #define SHMKEY_HASH_NONE 0
 #define SHMKEY_HASH_SHA1 1
@@ -43,6 +48,7 @@
 #define SHMKEY_HASH_SHA512 4
 
 /* ---- transports -------------------------------------------------------- */
+#define SHMKEY_TRANSPORT_ANY 0          /* key references: the ring, else the socket */
 #define SHMKEY_TRANSPORT_SHM 1
 #define SHMKEY_TRANSPORT_SOCKET 2
 
@@ -67,10 +73,9 @@
 /* What a client asks: fixed-size, copied out of the ring in one go. */
 struct shmkey_req {
     uint32_t op;
-    uint32_t key;           /* key index in the oracle, 0 for the first */
     uint32_t p[4];          /* operation parameters, see SHMKEY_OP_* */
     uint32_t in_len;        /* bytes of payload that are input */
-    uint32_t reserved;
+    uint8_t key_id[32];     /* SHA-256 of the key's SPKI DER; all zero: the first key */
 };
 
 /* What the oracle answers. On error the payload may hold a short UTF-8 reason. */
@@ -156,6 +161,8 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w,
 int shmkey_server_reply(struct shmkey_server *s, struct shmkey_work *w,
                         int32_t status, const uint8_t *out, uint32_t out_len);
 int shmkey_server_reap(struct shmkey_server *s);
+int shmkey_server_allow_peers(struct shmkey_server *s, uint32_t uid, int64_t gid);
+int shmkey_server_after_fork(struct shmkey_server *s);
 void shmkey_server_stop(struct shmkey_server *s);
 void shmkey_server_close(struct shmkey_server *s);
 struct shmkey_work *shmkey_work_new(uint32_t cap);
@@ -165,3 +172,11 @@ void shmkey_work_free(struct shmkey_work *w);
 const char *shmkey_strerror(int status);
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
 int shmkey_harden_process(void);
+int shmkey_lock_memory(void);
+int shmkey_die_with_parent(int sig, int expected_parent);
+
+/* ---- OpenSSL 3 provider (provider.c), for shmkey.openssl ---------------- */
+#define SHMKEY_KEYREF_VERSION 1         /* version field of a key reference's DER */
+int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_t cap);
+int shmkey_openssl_enable(char *detail, uint32_t cap);
+int shmkey_openssl_last_error(char *buf, uint32_t cap);

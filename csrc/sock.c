@@ -15,6 +15,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +100,30 @@ static int recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
 /* client                                                                */
 /* ===================================================================== */
 
+/* Hand fd to the oracle over a control socket: one atomic SEQPACKET message. */
+int shmkey_send_fd(int ctl_fd, int fd)
+{
+    char byte = 'c';
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } u;
+    memset(&u, 0, sizeof(u));
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
+                        .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    ssize_t n;
+    do {
+        n = sendmsg(ctl_fd, &mh, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n == 1 ? SHMKEY_OK : io_status(errno);
+}
+
 static int new_conn(struct shmkey_client *c, int *fd_out)
 {
     if (c->path[0]) {
@@ -117,29 +143,11 @@ static int new_conn(struct shmkey_client *c, int *fd_out)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
         return SHMKEY_ESYSTEM;
-    char byte = 'c';
-    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } u;
-    memset(&u, 0, sizeof(u));
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
-                        .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &sv[1], sizeof(int));
-    ssize_t n;
-    do {
-        n = sendmsg(c->ctl_fd, &mh, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
-    int err = errno;
+    int rc = shmkey_send_fd(c->ctl_fd, sv[1]);
     close(sv[1]);
-    if (n != 1) {
+    if (rc != SHMKEY_OK) {
         close(sv[0]);
-        return io_status(err);
+        return rc;
     }
     *fd_out = sv[0];
     return SHMKEY_OK;
@@ -148,7 +156,7 @@ static int new_conn(struct shmkey_client *c, int *fd_out)
 /* A forked child must not share its parent's connections: replies would cross. */
 static void forget_if_forked(struct shmkey_client *c)
 {
-    pid_t me = getpid();
+    pid_t me = shmkey_self_pid();
     if (me == c->owner_pid)
         return;
     for (int i = 0; i < c->nidle; i++)
@@ -192,11 +200,11 @@ static int checkout(struct shmkey_client *c, uint64_t deadline_ns, int *fd)
 static void checkin(struct shmkey_client *c, int fd, int reusable)
 {
     pthread_mutex_lock(&c->lock);
-    if (reusable && getpid() == c->owner_pid && c->nidle < SHMKEY_MAX_SOCKET_CONNS) {
+    if (reusable && shmkey_self_pid() == c->owner_pid && c->nidle < SHMKEY_MAX_SOCKET_CONNS) {
         c->idle[c->nidle++] = fd;
     } else {
         close(fd);
-        if (getpid() == c->owner_pid && c->nopen > 0)
+        if (shmkey_self_pid() == c->owner_pid && c->nopen > 0)
             c->nopen--;
     }
     pthread_cond_signal(&c->cond);
@@ -315,6 +323,8 @@ int shmkey_server_open_socket(int ctl_fd, int listening, uint32_t max_payload,
     s->transport = SHMKEY_TRANSPORT_SOCKET;
     s->max_payload = max_payload;
     s->listening = listening;
+    s->peer_uid = geteuid();
+    s->peer_gid = -1;
     s->ctl_fd = fcntl(ctl_fd, F_DUPFD_CLOEXEC, 3);
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (s->ctl_fd < 0 || s->epfd < 0 ||
@@ -324,6 +334,23 @@ int shmkey_server_open_socket(int ctl_fd, int listening, uint32_t max_payload,
         return SHMKEY_ESYSTEM;
     }
     *out = s;
+    return SHMKEY_OK;
+}
+
+/*
+ * In a forked worker process: a connection received or accepted here exists
+ * only in this process's descriptor table, so this process needs an epoll
+ * set of its own. The control socket is shared; whoever takes a connection
+ * off it serves that connection.
+ */
+int shmkey_server_after_fork(struct shmkey_server *s)
+{
+    if (s->transport != SHMKEY_TRANSPORT_SOCKET)
+        return SHMKEY_OK;
+    close(s->epfd);
+    s->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (s->epfd < 0 || arm(s, s->ctl_fd, EPOLL_CTL_ADD) != 0)
+        return SHMKEY_ESYSTEM;
     return SHMKEY_OK;
 }
 
@@ -350,21 +377,57 @@ static int take_conn(struct shmkey_server *s)
     return fd;
 }
 
+/* Is gid among the groups of uid (primary or supplementary, per the user database)? */
+static int uid_in_group(uid_t uid, gid_t primary, gid_t gid)
+{
+    struct passwd pw, *res = NULL;
+    char buf[4096];
+    gid_t groups[256];
+    int n = 256;
+    if (primary == gid)
+        return 1;
+    if (getpwuid_r(uid, &pw, buf, sizeof(buf), &res) != 0 || !res)
+        return 0;
+    if (getgrouplist(pw.pw_name, primary, groups, &n) < 0)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (groups[i] == gid)
+            return 1;
+    return 0;
+}
+
+/* The same rule as the ring's file modes: our uid, root, or the named group. */
+static int peer_allowed(struct shmkey_server *s, int fd)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+        return 0;
+    if (cred.uid == 0 || cred.uid == s->peer_uid)
+        return 1;
+    return s->peer_gid >= 0 && uid_in_group(cred.uid, cred.gid, (gid_t)s->peer_gid);
+}
+
+int shmkey_server_allow_peers(struct shmkey_server *s, uint32_t uid, int64_t gid)
+{
+    if (s->transport != SHMKEY_TRANSPORT_SOCKET)
+        return SHMKEY_OK;       /* the ring's file modes are its access rule */
+    s->peer_uid = (uid_t)uid;
+    s->peer_gid = gid;
+    return SHMKEY_OK;
+}
+
 static void add_conn(struct shmkey_server *s, int fd)
 {
     struct timeval tv = {SOCK_IO_TIMEOUT_MS / 1000, (SOCK_IO_TIMEOUT_MS % 1000) * 1000};
     int type = 0;
     socklen_t tl = sizeof(type);
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) != 0 || type != SOCK_STREAM ||
+        !peer_allowed(s, fd) ||
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0 ||
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0 ||
         arm(s, fd, EPOLL_CTL_ADD) != 0)
         close(fd);
-}
-
-static void reply_inline(struct shmkey_server *s, struct shmkey_work *w, int32_t status)
-{
-    shmkey_sock_server_reply(s, w, status, NULL, 0);
 }
 
 int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
@@ -374,18 +437,21 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
     for (;;) {
         if (s->stopping)
             return SHMKEY_EUNAVAIL;
+        /* A zero timeout still looks once: it means "poll", not "give up". */
         uint64_t now = shmkey_now_ns();
-        if (now >= deadline)
-            return SHMKEY_ETIMEDOUT;
+        int ms = now >= deadline ? 0 : (int)((deadline - now + 999999u) / 1000000u);
         struct epoll_event ev;
-        int n = epoll_wait(s->epfd, &ev, 1, (int)((deadline - now + 999999u) / 1000000u));
+        int n = epoll_wait(s->epfd, &ev, 1, ms);
         if (n < 0 && errno != EINTR)
             return SHMKEY_ESYSTEM;
-        if (n <= 0)
+        if (n <= 0) {
+            if (shmkey_now_ns() >= deadline)
+                return SHMKEY_ETIMEDOUT;
             continue;
+        }
         int fd = ev.data.fd;
         if (fd == s->ctl_fd) {
-            int cfd = take_conn(s);
+            int cfd = take_conn(s);     /* -1 with EAGAIN: another process took it */
             if (cfd >= 0)
                 add_conn(s, cfd);
             if (cfd != -2)
@@ -405,7 +471,7 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
         }
         w->fd = fd;
         if (w->req.op == SHMKEY_OP_PING) {
-            reply_inline(s, w, w->req.in_len == 0 ? SHMKEY_OK : SHMKEY_EPROTO);
+            shmkey_sock_server_reply(s, w, SHMKEY_OK, w->payload, w->req.in_len);
             w->served++;
             continue;
         }

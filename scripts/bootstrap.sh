@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers.
-APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux)
+# Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
+# (nginx, haproxy: the OpenSSL provider tests serve TLS from them).
+APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux binutils clang libclang-rt-14-dev
+              nginx haproxy)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

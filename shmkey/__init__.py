@@ -5,7 +5,9 @@ reached over a shared-memory ring (or a socket, to compare).
         key = oracle.private_key()          # duck-types RSAPrivateKey
         sig = key.sign(data, padding.PSS(...), hashes.SHA256())
 """
-from .client import OracleClient, OracleKey, connect
+from ._wire import key_id
+from .client import OracleClient, connect
+from .keys import OracleECKey, OracleEd25519Key, OracleKey
 from .config import Config
 from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsolatedError,
                      KeyLoadError, OracleAccessError, OracleInternalError, OracleTimeoutError,
@@ -16,7 +18,7 @@ from .oracle import KeyOracle
 __all__ = [
     "Config", "ConfigError", "DecryptionError", "InvalidArgumentError", "KeyIsolatedError",
     "KeyLoadError", "KeyOracle", "OracleAccessError", "OracleClient", "OracleInternalError",
-    "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError",
-    "ProtocolError", "ShmkeyError", "SystemCallError", "UnsupportedOperationError", "connect",
+    "OracleECKey", "OracleEd25519Key", "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError",
+    "ProtocolError", "ShmkeyError", "SystemCallError", "UnsupportedOperationError", "connect", "key_id",
 ]
 __version__ = "0.1.0"

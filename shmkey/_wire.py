@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
@@ -26,6 +27,31 @@ _HASH_CODES = {cls.name: code for code, cls in HASHES.items()}
 SIGN_HASHES = frozenset({lib.SHMKEY_HASH_SHA256, lib.SHMKEY_HASH_SHA384, lib.SHMKEY_HASH_SHA512})
 
 Params = tuple[int, int, int, int]
+DEFAULT_KEY = bytes(32)     # "the oracle's first key"
+
+
+def key_id(public_key: object) -> bytes:
+    """SHA-256 of a public key's SubjectPublicKeyInfo DER: how requests name keys."""
+    der = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    h = hashes.Hash(hashes.SHA256())
+    h.update(der)
+    return h.finalize()
+
+
+def _digest(algorithm: Union[hashes.HashAlgorithm, Prehashed], data: bytes) -> tuple[hashes.HashAlgorithm, bytes]:
+    """(hash, digest): hash the data here, or check a prehashed digest's length."""
+    if isinstance(algorithm, Prehashed):
+        hash_alg = algorithm._algorithm
+        digest = bytes(data)
+        if len(digest) != hash_alg.digest_size:
+            raise InvalidArgumentError(
+                f"prehashed digest is {len(digest)} bytes; {hash_alg.name} needs "
+                f"{hash_alg.digest_size}")
+        return hash_alg, digest
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return algorithm, h.finalize()
 
 
 def hash_code(algorithm: hashes.HashAlgorithm, what: str) -> int:
@@ -55,18 +81,7 @@ def encode_sign(padding: apad.AsymmetricPadding,
         InvalidArgumentError: wrong digest length, impossible salt length.
         UnsupportedOperationError: padding or hash the oracle does not offer.
     """
-    if isinstance(algorithm, Prehashed):
-        hash_alg = algorithm._algorithm
-        digest = bytes(data)
-        if len(digest) != hash_alg.digest_size:
-            raise InvalidArgumentError(
-                f"prehashed digest is {len(digest)} bytes; {hash_alg.name} needs "
-                f"{hash_alg.digest_size}")
-    else:
-        hash_alg = algorithm
-        h = hashes.Hash(hash_alg)
-        h.update(data)
-        digest = h.finalize()
+    hash_alg, digest = _digest(algorithm, data)
     code = hash_code(hash_alg, "signature")
     if code not in SIGN_HASHES:
         raise UnsupportedOperationError(f"signing with {hash_alg.name} is not supported")
@@ -92,6 +107,20 @@ def encode_sign(padding: apad.AsymmetricPadding,
         return (lib.SHMKEY_PAD_PSS, code, mgf_code, salt), digest
     raise UnsupportedOperationError(
         f"padding {getattr(padding, 'name', padding)!r} is not supported for signing")
+
+
+def encode_ecdsa(signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
+                 data: bytes) -> tuple[Params, bytes]:
+    """Parameters and digest for an ECDSA sign request (hashed here)."""
+    if not isinstance(signature_algorithm, ec.ECDSA):
+        raise UnsupportedOperationError("only ECDSA signatures are offered for EC keys")
+    if getattr(signature_algorithm, "deterministic_signing", False):
+        raise UnsupportedOperationError("deterministic ECDSA (RFC 6979) is not offered")
+    hash_alg, digest = _digest(signature_algorithm.algorithm, data)
+    code = hash_code(hash_alg, "signature")
+    if code not in SIGN_HASHES:
+        raise UnsupportedOperationError(f"signing with {hash_alg.name} is not supported")
+    return (lib.SHMKEY_SIG_ECDSA, code, 0, 0), digest
 
 
 def encode_decrypt(padding: apad.AsymmetricPadding, ciphertext: bytes,
@@ -140,6 +169,15 @@ def decode_sign(p: Params, key_bits: int) -> Optional[SignSpec]:
         return SignSpec(apad.PSS(mgf=apad.MGF1(HASHES[mgf]()), salt_length=salt),
                         Prehashed(alg), alg.digest_size)
     return None
+
+
+def decode_ecdsa(p: Params, digest: bytes) -> Optional[ec.ECDSA]:
+    """The ECDSA algorithm of a decoded sign request; None if invalid."""
+    scheme, h, mgf, extra = p
+    if scheme != lib.SHMKEY_SIG_ECDSA or h not in SIGN_HASHES or mgf or extra:
+        return None
+    alg = HASHES[h]()
+    return ec.ECDSA(Prehashed(alg)) if len(digest) == alg.digest_size else None
 
 
 def decode_decrypt(p: Params) -> Optional[tuple[int, Optional[apad.AsymmetricPadding], int]]:

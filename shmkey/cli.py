@@ -1,7 +1,7 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
 work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
-the environment variables, ``bench`` compares the oracle's transports with
-an in-process key.
+the environment variables, ``keyref`` and ``openssl-conf`` set up OpenSSL,
+``bench`` compares the oracle's transports with an in-process key.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .errors import ShmkeyError
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
     for s in config.SETTINGS:
-        kind = str if s.choices else int
+        kind = str if s.choices or s.path else int
         p.add_argument(f"--{s.field.replace('_', '-')}", type=kind, default=None,
                        metavar=s.env, help=f"{s.help} (default: ${s.env} or {s.default})")
 
@@ -26,17 +26,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a key oracle in the foreground")
-    serve.add_argument("--key", required=True, help="PEM private key file")
+    serve.add_argument("--key", required=True, action="append",
+                       help="PEM private key file (RSA, EC P-256/P-384, Ed25519); repeat for several")
     serve.add_argument("--name", help="name clients connect to (default: random, logged)")
     serve.add_argument("--password-stdin", action="store_true",
                        help="read the key's password from standard input")
     serve.add_argument("--group", help="make the ring/socket 0660 and owned by this group")
+    serve.add_argument("--user", help="when started as root: run as this user once the key is read")
+    serve.add_argument("--allow-root", action="store_true",
+                       help="keep running as root (not recommended; use --user)")
     serve.add_argument("--allow-pkcs1v15-decrypt", action="store_true",
                        help="allow PKCS#1 v1.5 decryption (a padding-oracle risk)")
     serve.add_argument("--no-oaep-decrypt", action="store_true", help="refuse OAEP decryption")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
-    for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd"):
+    for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd", "--parent-pid"):
         serve.add_argument(hidden, type=int, default=-1, help=argparse.SUPPRESS)
     _add_settings(serve)
 
@@ -47,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("name")
 
     sub.add_parser("settings", help="list the SHMKEY_* environment variables")
+
+    keyref = sub.add_parser("keyref", help="write a key reference file for OpenSSL (no secret in it)")
+    keyref.add_argument("--oracle", required=True, help="name of a running 'shmkey serve'")
+    keyref.add_argument("--cert", help="PEM certificate that must be for the oracle's key")
+    keyref.add_argument("-o", "--output", required=True, help="file to write, e.g. key.ref.pem")
+    keyref.add_argument("--transport", choices=["shm", "socketpair"],
+                        help="how OpenSSL reaches the oracle (default: the ring, else the socket)")
+
+    conf = sub.add_parser("openssl-conf", help="print an openssl.cnf that loads shmkey's provider")
+    conf.add_argument("--timeout-ms", type=int, help="wait for the oracle this long (default 5000)")
+
     # Listed here for --help; shmkey.bench parses its own options, so that
     # `serve` never imports the benchmark code.
     sub.add_parser("bench", add_help=False,
@@ -63,11 +78,12 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = config.Config.load(**overrides)
     password = sys.stdin.buffer.read().rstrip(b"\r\n") if args.password_stdin else None
     opts = ServeOptions(
-        key_path=args.key, name=args.name and ring.check_name(args.name), config=cfg,
+        key_paths=args.key, name=args.name and ring.check_name(args.name), config=cfg,
         policy=Policy(allow_oaep_decrypt=not args.no_oaep_decrypt,
                       allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
         password=password, group=args.group, socket_fd=args.socket_fd,
-        status_fd=args.status_fd, lifeline_fd=args.lifeline_fd)
+        status_fd=args.status_fd, lifeline_fd=args.lifeline_fd, user=args.user,
+        allow_root=args.allow_root, parent_pid=args.parent_pid)
     return serve(opts)
 
 
@@ -103,6 +119,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _clean(args.name)
         if args.command == "settings":
             print(config.markdown_table())
+            return 0
+        if args.command == "keyref":
+            from . import keyref
+
+            ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport)
+            print(f"wrote {args.output}: RSA-{ref.public_key.key_size} key of oracle {ref.oracle!r}")
+            return 0
+        if args.command == "openssl-conf":
+            from .openssl import openssl_conf
+
+            print(openssl_conf(args.timeout_ms), end="")
             return 0
     except ShmkeyError as exc:
         print(f"shmkey: {exc}", file=sys.stderr)

@@ -1,22 +1,17 @@
-"""The network side: a handle on a running oracle (:class:`OracleClient`) and
-:class:`OracleKey`, which stands in for a ``cryptography`` RSA private key
-while the key itself stays in the oracle.
+"""The network side: a handle on a running oracle (:class:`OracleClient`),
+usable from many threads, and :func:`connect` to attach to one by name.
 """
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any, Optional, Union
-
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding as apad
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from . import _wire, ring
 from ._binding import ensure, ffi, lib
 from .config import Config
-from .errors import (InvalidArgumentError, KeyIsolatedError, OracleUnavailableError,
-                     ProtocolError, raise_for_status)
+from .errors import InvalidArgumentError, OracleUnavailableError, ProtocolError, raise_for_status
+from .keys import AnyOracleKey, from_spki
 
 _NO_PARAMS = (0, 0, 0, 0)
 
@@ -74,7 +69,7 @@ class OracleClient:
         return bufs
 
     def call(self, op: int, params: _wire.Params = _NO_PARAMS, payload: bytes = b"",
-             key: int = 0, timeout_ms: Optional[int] = None) -> bytes:
+             key_id: bytes = _wire.DEFAULT_KEY, timeout_ms: Optional[int] = None) -> bytes:
         """Send one request and return the reply payload.
 
         Raises:
@@ -86,8 +81,8 @@ class OracleClient:
             raise InvalidArgumentError(
                 f"request payload is {len(payload)} bytes; the oracle accepts at most "
                 f"{self._max} (SHMKEY_SLOT_SIZE)")
-        req = ffi.new("struct shmkey_req *", {"op": op, "key": key, "p": params,
-                                              "in_len": len(payload)})
+        req = ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
+                                              "key_id": key_id})
         resp, out = self._buffers()
         rc = lib.shmkey_call(self._handle, req, payload, out, self._max, resp,
                              self._timeout_ms if timeout_ms is None else timeout_ms)
@@ -107,6 +102,10 @@ class OracleClient:
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         self._result(rc, resp, out)
 
+    def echo(self, data: bytes, timeout_ms: Optional[int] = None) -> bytes:
+        """A ping that carries ``data`` and gets it back: a checkable round trip."""
+        return self.call(lib.SHMKEY_OP_PING, payload=data, timeout_ms=timeout_ms)
+
     def ping_loop(self, n: int) -> list[int]:
         """Time ``n`` pings one by one in C; nanoseconds each."""
         ns = ffi.new("uint64_t[]", n)
@@ -119,9 +118,38 @@ class OracleClient:
         ensure(min(n, 0))
         return n
 
-    def private_key(self, index: int = 0) -> "OracleKey":
-        """The oracle's key ``index`` as an :class:`OracleKey`."""
-        return OracleKey(self, index)
+    def public_keys(self) -> list[bytes]:
+        """SubjectPublicKeyInfo DER of every key the oracle holds, first key first."""
+        data = self.call(lib.SHMKEY_OP_KEYS)
+        out, pos = [], 0
+        while pos < len(data):
+            if pos + 2 > len(data):
+                raise ProtocolError("truncated key list")
+            (n,) = struct.unpack_from("<H", data, pos)
+            out.append(data[pos + 2:pos + 2 + n])
+            pos += 2 + n
+        if pos != len(data) or not out:
+            raise ProtocolError("malformed key list")
+        return out
+
+    def private_keys(self) -> list[AnyOracleKey]:
+        """Every key the oracle holds, as oracle-held private keys."""
+        return [from_spki(self, der) for der in self.public_keys()]
+
+    def private_key(self, which: Union[int, bytes, None] = None) -> AnyOracleKey:
+        """One of the oracle's keys: the first, an index, or a key id (SHA-256 of its SPKI).
+
+        Raises:
+            InvalidArgumentError: no such key.
+        """
+        if which is None or which == 0 or which == _wire.DEFAULT_KEY:
+            return from_spki(self, self.call(lib.SHMKEY_OP_PUBKEY))
+        if isinstance(which, bytes):
+            return from_spki(self, self.call(lib.SHMKEY_OP_PUBKEY, key_id=which))
+        keys = self.public_keys()
+        if not 0 <= which < len(keys):
+            raise InvalidArgumentError(f"the oracle holds {len(keys)} key(s); no index {which}")
+        return from_spki(self, keys[which])
 
     def close(self) -> None:
         """Detach; the oracle keeps running."""
@@ -153,79 +181,3 @@ def connect(name: str, *, transport: Optional[str] = None,
                                             timeout_ms=cfg.timeout_ms, name=name)
         raise OracleUnavailableError(f"no oracle named {name!r} is running")
     raise InvalidArgumentError(f"transport {transport!r} is not 'shm' or 'socketpair'")
-
-
-class OracleKey(rsa.RSAPrivateKey):
-    """An RSA private key whose private operations run in the oracle.
-
-    Duck-types (and is registered as) ``cryptography``'s ``RSAPrivateKey``:
-    ``sign``, ``decrypt``, ``public_key``, ``key_size``. Export of private
-    material raises :class:`KeyIsolatedError`: there is none here.
-    """
-
-    def __init__(self, client: OracleClient, index: int = 0) -> None:
-        self._client = client
-        self._index = index
-        der = client.call(lib.SHMKEY_OP_PUBKEY, key=index)
-        try:
-            pub = serialization.load_der_public_key(der)
-        except ValueError as exc:
-            raise ProtocolError(f"oracle sent an unreadable public key: {exc}") from exc
-        if not isinstance(pub, rsa.RSAPublicKey):
-            raise ProtocolError("oracle key is not RSA")
-        self._public = pub
-        self._bits = pub.key_size
-        self._bytes = (pub.key_size + 7) // 8
-
-    @property
-    def key_size(self) -> int:
-        """Modulus size in bits."""
-        return self._bits
-
-    def public_key(self) -> rsa.RSAPublicKey:
-        """The public half, held locally."""
-        return self._public
-
-    def sign(self, data: bytes, padding: apad.AsymmetricPadding,
-             algorithm: Union[hashes.HashAlgorithm, Prehashed]) -> bytes:
-        """Sign ``data`` (hashed here; or a digest with ``Prehashed``) in the oracle.
-
-        Raises:
-            InvalidArgumentError, UnsupportedOperationError: bad arguments, caught
-                before anything is sent.
-        """
-        params, digest = _wire.encode_sign(padding, algorithm, data, self._bits)
-        return self._client.call(lib.SHMKEY_OP_SIGN, params, digest, key=self._index)
-
-    def decrypt(self, ciphertext: bytes, padding: apad.AsymmetricPadding) -> bytes:
-        """Decrypt in the oracle (OAEP by default; PKCS#1 v1.5 only if its policy allows).
-
-        Raises:
-            DecryptionError: the ciphertext did not decrypt (one error for every cause).
-            PolicyError: the oracle does not allow this padding.
-        """
-        params, payload = _wire.encode_decrypt(padding, ciphertext, self._bytes)
-        return self._client.call(lib.SHMKEY_OP_DECRYPT, params, payload, key=self._index)
-
-    def ping(self) -> None:
-        """A no-op round trip over the same path as ``sign``."""
-        self._client.ping()
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        """Always raises: the private numbers never leave the oracle."""
-        raise KeyIsolatedError("the private key lives in the key oracle; it cannot be exported")
-
-    def private_bytes(self, encoding: serialization.Encoding,
-                      format: serialization.PrivateFormat,
-                      encryption_algorithm: serialization.KeySerializationEncryption) -> bytes:
-        """Always raises: the private key never leaves the oracle."""
-        raise KeyIsolatedError("the private key lives in the key oracle; it cannot be serialized")
-
-    def __copy__(self) -> "OracleKey":
-        return self
-
-    def __deepcopy__(self, memo: dict) -> "OracleKey":
-        return self
-
-    def __repr__(self) -> str:
-        return f"<OracleKey RSA-{self._bits} via {self._client.transport} oracle>"

@@ -24,15 +24,23 @@ class Setting:
     low: int = 0
     high: int = 0
     choices: tuple[str, ...] = ()
+    path: bool = False
 
     def valid(self) -> str:
         """Describe the valid values, for errors and README."""
+        if self.path:
+            return "an absolute directory path"
         if self.choices:
             return " or ".join(self.choices)
         return f"{self.low} to {self.high}"
 
     def parse(self, raw: object, origin: str) -> Union[int, str]:
         """Check one value; ``origin`` names where it came from in the error."""
+        if self.path:
+            value = str(raw).strip()
+            if not os.path.isabs(value):
+                raise ConfigError(f"{origin}={raw!r} is not valid; use {self.valid()}")
+            return value
         if self.choices:
             value = str(raw).strip().lower()
             if value not in self.choices:
@@ -66,6 +74,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "SHMKEY_WORKERS", _default_workers(),
             "Oracle worker threads serving requests (default: CPU count, at most 16).",
             low=1, high=64),
+    Setting("worker_kind", "SHMKEY_WORKER_KIND", "auto",
+            "Workers as threads (cryptography releases the GIL for RSA and ECDSA) or "
+            "processes (needed for Ed25519, which holds it); auto picks processes "
+            "when an Ed25519 key is loaded.", choices=("auto", "thread", "process")),
     Setting("timeout_ms", "SHMKEY_TIMEOUT_MS", 5000,
             "How long a client waits for a slot and a reply before giving up.",
             low=1, high=600000),
@@ -75,6 +87,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("start_timeout_ms", "SHMKEY_START_TIMEOUT_MS", 15000,
             "How long starting an oracle may take before it is an error.",
             low=100, high=600000),
+    Setting("runtime_dir", "SHMKEY_RUNTIME_DIR", "",
+            "Directory of named socket oracles. Default: a private 0700 directory "
+            "($XDG_RUNTIME_DIR/shmkey or /tmp/shmkey-UID). Set it (to a directory no "
+            "group or other may write) to share an oracle across users.", path=True),
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
@@ -88,9 +104,11 @@ class Config:
     slots: int
     slot_size: int
     workers: int
+    worker_kind: str
     timeout_ms: int
     spin_us: int
     start_timeout_ms: int
+    runtime_dir: str
 
     @classmethod
     def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: object) -> "Config":
@@ -125,7 +143,9 @@ class Config:
         """The settings as ``shmkey serve`` options, to hand to a child oracle."""
         out: list[str] = []
         for f in fields(self):
-            out += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+            value = getattr(self, f.name)
+            if value != "":
+                out += [f"--{f.name.replace('_', '-')}", str(value)]
         return out
 
 
@@ -138,6 +158,6 @@ def markdown_table() -> str:
     """README's table of settings, rendered from :data:`SETTINGS`."""
     rows = ["| variable | default | valid | what it does |", "|---|---|---|---|"]
     for s in SETTINGS:
-        default = "CPU count (max 16)" if s.field == "workers" else s.default
+        default = {"workers": "CPU count (max 16)", "runtime_dir": "(private)"}.get(s.field, s.default)
         rows.append(f"| `{s.env}` | `{default}` | {s.valid()} | {s.help} |")
     return "\n".join(rows)

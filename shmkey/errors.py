@@ -67,6 +67,18 @@ class SystemCallError(ShmkeyError, builtins.OSError):
     """An operating-system call failed inside shmkey's C layer."""
 
 
+class KeyReferenceError(ShmkeyError, builtins.ValueError):
+    """A key reference file is missing, malformed, or of a newer version."""
+
+
+class KeyMismatchError(ShmkeyError, builtins.ValueError):
+    """A certificate is not for the key the oracle holds."""
+
+
+class LibcryptoMismatchError(ShmkeyError):
+    """Python's ssl module uses another libcrypto than shmkey's provider was built for."""
+
+
 def raise_for_status(status: int, detail: str = "") -> NoReturn:
     """Raise the exception for a negative C status.
 

@@ -3,7 +3,7 @@
 :class:`KeyOracle` fork+execs ``python -m shmkey serve`` (a clean process
 image: nothing of the caller's memory is inherited), which opens the key
 file itself. The caller never reads the key; it gets a client and an
-:class:`~shmkey.client.OracleKey`.
+:class:`~shmkey.keys.OracleKey` (or its EC and Ed25519 siblings).
 """
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from . import ring
-from .client import OracleClient, OracleKey
+from .client import OracleClient
+from .keys import AnyOracleKey
 from .config import Config
 from .errors import (ConfigError, KeyLoadError, OracleUnavailableError, ShmkeyError)
 
@@ -31,7 +33,8 @@ class KeyOracle:
     """A key process owned by this one; a context manager.
 
     Args:
-        key_path: PEM private key; opened only by the oracle process.
+        key_path: PEM private key (RSA >= 2048, EC P-256/P-384, Ed25519), or
+            several for one oracle; opened only by the oracle process.
         transport: ``"shm"`` (default) or ``"socketpair"``; overrides
             ``SHMKEY_TRANSPORT``. Likewise ``slots``, ``slot_size``,
             ``workers``, ``timeout_ms``, ``spin_us``.
@@ -45,16 +48,20 @@ class KeyOracle:
         ConfigError: a setting is invalid (before anything starts).
     """
 
-    def __init__(self, key_path: PathLike, *, transport: Optional[str] = None,
+    def __init__(self, key_path: Union[PathLike, Sequence[PathLike]], *,
+                 transport: Optional[str] = None,
                  password: Optional[bytes] = None, name: Optional[str] = None,
                  slots: Optional[int] = None, slot_size: Optional[int] = None,
                  workers: Optional[int] = None, timeout_ms: Optional[int] = None,
-                 spin_us: Optional[int] = None, allow_pkcs1v15_decrypt: bool = False,
-                 allow_oaep_decrypt: bool = True, group: Optional[str] = None) -> None:
+                 spin_us: Optional[int] = None, worker_kind: Optional[str] = None,
+                 allow_pkcs1v15_decrypt: bool = False, allow_oaep_decrypt: bool = True,
+                 group: Optional[str] = None) -> None:
         self.config = Config.load(transport=transport, slots=slots, slot_size=slot_size,
-                                  workers=workers, timeout_ms=timeout_ms, spin_us=spin_us)
+                                  workers=workers, timeout_ms=timeout_ms, spin_us=spin_us,
+                                  worker_kind=worker_kind)
         self.name = ring.check_name(name) if name else ring.random_name()
-        self._key_path = os.fspath(key_path)
+        paths = [key_path] if isinstance(key_path, (str, os.PathLike)) else list(key_path)
+        self._key_paths = [os.fspath(p) for p in paths]
         self._password = password
         self._policy_args = (["--allow-pkcs1v15-decrypt"] if allow_pkcs1v15_decrypt else []) + \
                             ([] if allow_oaep_decrypt else ["--no-oaep-decrypt"])
@@ -62,6 +69,7 @@ class KeyOracle:
         self._proc: Optional[subprocess.Popen] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
+        self._created = False       # the oracle made its ring: ours to unlink if it dies
 
     @property
     def pid(self) -> Optional[int]:
@@ -89,11 +97,18 @@ class KeyOracle:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         life_r, life_w = os.pipe2(os.O_CLOEXEC)
         ctl_parent = ctl_child = None
-        args = [sys.executable, "-m", "shmkey", "serve", "--log-level", "warning", "--key", self._key_path,
+        keys = [arg for path in self._key_paths for arg in ("--key", path)]
+        args = [sys.executable, "-m", "shmkey", "serve", "--log-level", "warning", *keys,
                 "--name", self.name, "--status-fd", str(status_w), "--lifeline-fd", str(life_r),
                 *cfg.as_args(), *self._policy_args]
         if self._group is not None:
             args += ["--group", str(self._group)]
+        if os.geteuid() == 0:
+            args.append("--allow-root")     # we are root already: isolation is by process
+        if threading.current_thread() is threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits, so only the
+            # main thread may ask for it; the lifeline pipe covers every case.
+            args += ["--parent-pid", str(os.getpid())]
         pass_fds = [status_w, life_r]
         if cfg.transport == "socketpair":
             ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -117,6 +132,7 @@ class KeyOracle:
                 self._proc.stdin.write(self._password)
                 self._proc.stdin.close()
             info = self._await_ready(status_r, cfg.start_timeout_ms / 1000)
+            self._created = True
             if cfg.transport == "shm":
                 self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
             else:
@@ -154,9 +170,10 @@ class KeyOracle:
             raise cls(info.get("error", "the key oracle failed to start"))
         return info
 
-    def private_key(self, index: int = 0) -> OracleKey:
-        """The oracle's key as a ``cryptography``-compatible RSA private key."""
-        return self.client.private_key(index)
+    def private_key(self, which: Union[int, bytes, None] = None) -> AnyOracleKey:
+        """An oracle-held key (the first, an index or a key id), usable where
+        ``cryptography``'s private key of that type is."""
+        return self.client.private_key(which)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the key process (SIGTERM, then SIGKILL) and remove its names."""
@@ -172,8 +189,11 @@ class KeyOracle:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            # An oracle killed hard cannot clean up after itself.
-            ring.unlink(self.name)
+            # An oracle killed hard cannot clean up after itself. One that never
+            # started created nothing: what exists under its name is someone else's.
+            if self._created:
+                ring.unlink(self.name)
+            self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None

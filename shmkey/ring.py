@@ -42,17 +42,36 @@ def ring_id(name: str) -> str:
 
 
 def runtime_dir() -> Path:
-    """Directory of named oracle sockets: private to this user (0700), checked."""
+    """Directory of named oracle sockets.
+
+    ``SHMKEY_RUNTIME_DIR`` if set: the operator's choice, trusted if no group
+    or other may write to it. Otherwise a directory private to this user
+    (0700, ours), created if missing; anything else there is refused, so
+    nobody can plant a socket for us to talk to.
+    """
+    from .config import Config
+
+    configured = Config.load().runtime_dir
+    if configured:
+        path = Path(configured)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise OracleAccessError(f"SHMKEY_RUNTIME_DIR={path}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022:
+            raise OracleAccessError(f"SHMKEY_RUNTIME_DIR={path} must be a directory that no "
+                                    "group or other user can write to")
+        return path
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "shmkey" if base else Path(f"/tmp/shmkey-{os.getuid()}")
+    path = Path(base) / "shmkey" if base else Path(f"/tmp/shmkey-{os.geteuid()}")
     try:
         path.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise OracleAccessError(f"cannot create socket directory {path}: {exc}") from exc
     st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise OracleAccessError(
-            f"socket directory {path} must be a directory owned by uid {os.getuid()} "
+            f"socket directory {path} must be a directory owned by uid {os.geteuid()} "
             "with mode 0700; refusing to use it")
     return path
 
@@ -152,6 +171,12 @@ def unlink(name: str, only: Optional[list[str]] = None) -> None:
                 step()
             except posix_ipc.ExistentialError:
                 pass
+
+
+def shm_path(name: str, part: str) -> str:
+    """File of a ring object in /dev/shm: ``part`` is "shm", "req" or "free"."""
+    base = ring_id(name)
+    return str(_SHM_DIR / (base if part == "shm" else f"sem.{base}-{part}"))
 
 
 def exists(name: str) -> bool:

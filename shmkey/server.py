@@ -11,20 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import select
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from . import _wire, ring
 from ._binding import ffi, lib
 from .config import Config, env_name
-from .errors import ConfigError, KeyLoadError, ShmkeyError
+from .errors import ConfigError, KeyLoadError, ShmkeyError, raise_for_status
 
 log = logging.getLogger("shmkey.oracle")
 
@@ -45,11 +47,15 @@ class Policy:
     allow_pkcs1v15_decrypt: bool = False
 
 
-def load_key(path: str, password: Optional[bytes]) -> rsa.RSAPrivateKey:
-    """Read and parse the PEM key; the raw bytes are wiped after parsing.
+PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+_CURVES = (ec.SECP256R1, ec.SECP384R1)
+
+
+def load_key(path: str, password: Optional[bytes]) -> PrivateKey:
+    """Read and parse one PEM key; the raw bytes are wiped after parsing.
 
     Raises:
-        KeyLoadError: unreadable file, wrong password, not RSA, too small.
+        KeyLoadError: unreadable file, wrong password, unsupported type or size.
     """
     try:
         with open(path, "rb") as f:
@@ -62,46 +68,76 @@ def load_key(path: str, password: Optional[bytes]) -> rsa.RSAPrivateKey:
         raise KeyLoadError(f"cannot load key from {path}: {exc}") from None
     finally:
         raw[:] = bytes(len(raw))
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise KeyLoadError(f"{path} holds a {type(key).__name__}; only RSA keys are supported")
-    if key.key_size < _MIN_RSA_BITS:
-        raise KeyLoadError(f"{path} is RSA-{key.key_size}; at least {_MIN_RSA_BITS} bits needed")
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise KeyLoadError(f"{path} is RSA-{key.key_size}; at least {_MIN_RSA_BITS} bits needed")
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, _CURVES):
+            raise KeyLoadError(f"{path} is on curve {key.curve.name}; P-256 and P-384 are supported")
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyLoadError(f"{path} holds a {type(key).__name__}; RSA, EC (P-256, P-384) "
+                           "and Ed25519 keys are supported")
     return key
 
 
 class Handler:
     """Turns one copied request into (status, reply bytes)."""
 
-    def __init__(self, keys: list[rsa.RSAPrivateKey], policy: Policy) -> None:
-        self._keys = keys
+    def __init__(self, keys: list[PrivateKey], policy: Policy) -> None:
         self._policy = policy
-        self._pub = [k.public_key().public_bytes(serialization.Encoding.DER,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
-                     for k in keys]
+        self._spki = [k.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+                      for k in keys]
+        self._by_id: dict[bytes, tuple[PrivateKey, bytes]] = {}
+        for key, der in zip(keys, self._spki):
+            kid = _wire.key_id(key.public_key())
+            if kid in self._by_id:
+                raise KeyLoadError("the same key was given twice")
+            self._by_id[kid] = (key, der)
+        self._by_id[_wire.DEFAULT_KEY] = (keys[0], self._spki[0])
+        self._key_list = b"".join(len(d).to_bytes(2, "little") + d for d in self._spki)
         self._sign_cache: dict[tuple[int, ...], Optional[_wire.SignSpec]] = {}
 
-    def public_der(self, index: int = 0) -> bytes:
-        """SubjectPublicKeyInfo of key ``index``."""
-        return self._pub[index]
+    def public_der(self) -> list[bytes]:
+        """SubjectPublicKeyInfo of every key, first key first."""
+        return list(self._spki)
 
-    def handle(self, op: int, index: int, p: _wire.Params, payload: bytes) -> tuple[int, bytes]:
+    def key_list(self) -> bytes:
+        """The KEYS reply: each SPKI behind a 16-bit little-endian length."""
+        return self._key_list
+
+    def handle(self, op: int, key_id: bytes, p: _wire.Params, payload: bytes) -> tuple[int, bytes]:
         """Serve one request; never raises."""
-        if not 0 <= index < len(self._keys):
-            return lib.SHMKEY_ENOKEY, b"no key with that index"
-        key = self._keys[index]
+        if op == lib.SHMKEY_OP_KEYS:
+            return lib.SHMKEY_OK, self._key_list
+        entry = self._by_id.get(key_id)
+        if entry is None:
+            return lib.SHMKEY_ENOKEY, b"no key with that id in this oracle"
+        key, der = entry
         try:
             if op == lib.SHMKEY_OP_SIGN:
-                return self._sign(key, p, payload)
+                if isinstance(key, rsa.RSAPrivateKey):
+                    return self._sign_rsa(key, p, payload)
+                if isinstance(key, ec.EllipticCurvePrivateKey):
+                    algorithm = _wire.decode_ecdsa(p, payload)
+                    if algorithm is None:
+                        return lib.SHMKEY_EUNSUPPORTED, b"bad scheme, hash or digest for ECDSA"
+                    return lib.SHMKEY_OK, key.sign(payload, algorithm)
+                if p != (lib.SHMKEY_SIG_ED25519, 0, 0, 0):
+                    return lib.SHMKEY_EUNSUPPORTED, b"an Ed25519 key signs with scheme ED25519 only"
+                return lib.SHMKEY_OK, key.sign(payload)
             if op == lib.SHMKEY_OP_DECRYPT:
+                if not isinstance(key, rsa.RSAPrivateKey):
+                    return lib.SHMKEY_EUNSUPPORTED, b"only RSA keys decrypt"
                 return self._decrypt(key, p, payload)
             if op == lib.SHMKEY_OP_PUBKEY:
-                return lib.SHMKEY_OK, self._pub[index]
+                return lib.SHMKEY_OK, der
             return lib.SHMKEY_EUNSUPPORTED, f"unknown operation {op}".encode()
         except Exception as exc:  # the oracle must outlive any single request
             log.warning("request op=%d failed: %s", op, type(exc).__name__)
             return lib.SHMKEY_EINTERNAL, type(exc).__name__.encode()
 
-    def _sign(self, key: rsa.RSAPrivateKey, p: _wire.Params, digest: bytes) -> tuple[int, bytes]:
+    def _sign_rsa(self, key: rsa.RSAPrivateKey, p: _wire.Params, digest: bytes) -> tuple[int, bytes]:
         cache_key = (key.key_size, *p)
         spec = self._sign_cache.get(cache_key)
         if spec is None and cache_key not in self._sign_cache:
@@ -145,7 +181,7 @@ def _serve_worker(srv: Any, handler: Handler, cap: int, stopping: threading.Even
     while True:
         rc = next_request(srv, work, _WAIT_MS)        # GIL released while waiting
         if rc == ok:
-            status, out = handler.handle(req.op, req.key, tuple(req.p),
+            status, out = handler.handle(req.op, buffer(req.key_id)[:], tuple(req.p),
                                          buffer(work.payload, req.in_len)[:])
             reply(srv, work, status, out, len(out))
         elif rc == timed_out:
@@ -162,7 +198,7 @@ def _serve_worker(srv: Any, handler: Handler, cap: int, stopping: threading.Even
 class ServeOptions:
     """Everything ``shmkey serve`` needs, resolved."""
 
-    key_path: str
+    key_paths: list[str]
     name: Optional[str]
     config: Config
     policy: Policy
@@ -171,6 +207,14 @@ class ServeOptions:
     socket_fd: int = -1          # control socket of a forked socketpair oracle
     status_fd: int = -1          # where to report readiness (owned oracles)
     lifeline_fd: int = -1        # EOF here means the owner is gone
+    user: Optional[str] = None   # drop to this user after reading the key
+    allow_root: bool = False     # keep running as root (owned oracles of a root caller)
+    parent_pid: int = -1         # die with this parent (PR_SET_PDEATHSIG)
+
+    def keep_fds(self) -> set[int]:
+        """Inherited descriptors the oracle was told about; all others are closed."""
+        return {0, 1, 2} | {fd for fd in (self.socket_fd, self.status_fd, self.lifeline_fd)
+                            if fd >= 0}
 
 
 class Oracle:
@@ -181,21 +225,41 @@ class Oracle:
         self.name = opts.name or ring.random_name()
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
+        self._worker_pids: list[int] = []
+        self._handler: Optional[Handler] = None
         self._srv: Any = None
         self._ring: Optional[ring.RingObjects] = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
 
     def start(self) -> None:
-        """Load the key, open the transport and start the workers."""
-        opts, cfg = self.opts, self.opts.config
-        key = load_key(opts.key_path, opts.password)
-        handler = Handler([key], opts.policy)
-        need = max((key.key_size + 7) // 8 + 64, len(handler.public_der()))
-        if cfg.slot_size < need:
+        """Load the keys, open the transport and start the workers."""
+        opts = self.opts
+        keys = [load_key(path, opts.password) for path in opts.key_paths]
+        if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
+            log.info("could not lock the keys in memory (mlockall: %s); they may be swapped",
+                     os.strerror(ffi.errno))
+        try:
+            self._open(keys)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_slot_size(self, keys: list[PrivateKey], handler: Handler) -> None:
+        """A slot must hold every reply: key list, public keys, RSA plaintexts."""
+        cfg = self.opts.config
+        needs = [len(handler.key_list())] + [len(d) for d in handler.public_der()]
+        needs += [(k.key_size + 7) // 8 + 64 for k in keys if isinstance(k, rsa.RSAPrivateKey)]
+        if cfg.slot_size < max(needs):
+            what = "these keys" if len(keys) > 1 else f"an {_describe(keys[0])} key"
             raise ConfigError(
-                f"{env_name('slot_size')}={cfg.slot_size} is too small for an RSA-{key.key_size} "
-                f"key: it needs at least {need} bytes (valid range 256 to 65536)")
+                f"{env_name('slot_size')}={cfg.slot_size} is too small for {what}: it needs "
+                f"at least {max(needs)} bytes (valid range 256 to 65536)")
+
+    def _open(self, keys: list[PrivateKey]) -> None:
+        opts, cfg = self.opts, self.opts.config
+        handler = Handler(keys, opts.policy)
+        self._check_slot_size(keys, handler)
         out = ffi.new("struct shmkey_server **")
         if cfg.transport == "shm":
             self._ring = ring.create(self.name, cfg.slots, cfg.slot_size,
@@ -212,15 +276,85 @@ class Oracle:
             assert self._listener is not None
             rc = lib.shmkey_server_open_socket(self._listener.fileno(), 1, cfg.slot_size, out)
         if rc != lib.SHMKEY_OK:
-            self._cleanup()
-            from .errors import raise_for_status
             raise_for_status(rc, "opening the oracle's transport")
         self._srv = out[0]
+        gid = ring.group_id(opts.group)
+        if opts.user:
+            self._drop_privileges(opts.user, gid)
+        lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
+        self._handler = handler
+        kind = cfg.worker_kind
+        if kind == "auto":
+            kind = "process" if any(isinstance(k, ed25519.Ed25519PrivateKey) for k in keys) \
+                else "thread"
         for i in range(cfg.workers):
-            t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
-                                 args=(self._srv, handler, cfg.slot_size, self._stopping))
-            t.start()
-            self._workers.append(t)
+            if kind == "process":
+                self._worker_pids.append(self._fork_worker())
+            else:
+                t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
+                                     args=(self._srv, handler, cfg.slot_size, self._stopping))
+                t.start()
+                self._workers.append(t)
+
+    def _fork_worker(self) -> int:
+        """A worker process: for keys whose signing holds the GIL (Ed25519).
+
+        Forked, not exec'd: it is the oracle, with the keys already loaded.
+        It dies with the oracle (PR_SET_PDEATHSIG) and stops on SIGTERM.
+        """
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 0
+        try:
+            stopping = threading.Event()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            lib.shmkey_die_with_parent(signal.SIGKILL, parent)
+            if lib.shmkey_server_after_fork(self._srv) != lib.SHMKEY_OK:
+                raise OSError(ffi.errno, "cannot set up the worker's event loop")
+            for fd in (self.opts.status_fd, self.opts.lifeline_fd):
+                if fd >= 0:
+                    os.close(fd)
+            assert self._handler is not None
+            _serve_worker(self._srv, self._handler, self.opts.config.slot_size, stopping)
+        except BaseException:
+            log.exception("worker process failed")
+            code = 1
+        finally:
+            os._exit(code)
+
+    def _respawn_dead_workers(self) -> None:
+        for i, pid in enumerate(self._worker_pids):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done and not self._stopping.is_set():
+                log.warning("worker process %d exited (status %d); starting another", pid, status)
+                self._worker_pids[i] = self._fork_worker()
+
+    def _drop_privileges(self, user: str, gid: Optional[int]) -> None:
+        """Become ``user`` once the key is read and the transport is open.
+
+        The ring and socket are handed to that user first, so the oracle can
+        still unlink them (/dev/shm is sticky) and its clients can attach.
+        """
+        try:
+            pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise ConfigError(f"user {user!r} does not exist") from None
+        owned = [ring.shm_path(self.name, part) for part in ("shm", "req", "free")] \
+            if self._ring else []
+        if self._sock_path:
+            owned.append(self._sock_path)
+        for path in owned:
+            os.chown(path, pw.pw_uid, -1 if gid is None else gid)
+        os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        if os.geteuid() == 0 or os.getuid() == 0:
+            raise ShmkeyError("failed to drop root privileges")
+        log.info("dropped privileges to %s (uid %d)", pw.pw_name, pw.pw_uid)
 
     def _listen(self) -> None:
         path = ring.socket_path(self.name)
@@ -242,33 +376,32 @@ class Oracle:
         sock.listen(128)
         self._listener, self._sock_path = sock, str(path)
 
-    def run(self, ready: Callable[[], None]) -> None:
-        """Serve until SIGTERM/SIGINT or the owner's lifeline closes."""
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = signal.set_wakeup_fd(wake_w)
-        stop = lambda *_: self._stopping.set()  # noqa: E731
-        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    def run(self, ready: Callable[[], None], wake_fd: int) -> None:
+        """Serve until stopped (see :meth:`request_stop`) or the owner's lifeline closes.
+
+        ``wake_fd`` becomes readable when a signal arrives.
+        """
         try:
             ready()
-            watch = [wake_r] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
+            watch = [wake_fd] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
             while not self._stopping.is_set():
                 readable, _, _ = select.select(watch, [], [], _REAP_INTERVAL)
                 if self.opts.lifeline_fd in readable:
                     if not os.read(self.opts.lifeline_fd, 64):
                         log.info("owner process is gone; stopping")
                         break
-                if wake_r in readable:
-                    os.read(wake_r, 64)
+                if wake_fd in readable:
+                    os.read(wake_fd, 64)
+                self._respawn_dead_workers()
                 reaped = lib.shmkey_server_reap(self._srv)
                 if reaped:
                     log.info("reclaimed %d slot(s) of dead clients", reaped)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            signal.set_wakeup_fd(previous)
-            os.close(wake_r)
-            os.close(wake_w)
             self.stop()
+
+    def request_stop(self, *_: object) -> None:
+        """Ask the oracle to stop (a signal handler)."""
+        self._stopping.set()
 
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""
@@ -277,7 +410,30 @@ class Oracle:
             lib.shmkey_server_stop(self._srv)
             for t in self._workers:
                 t.join(timeout=5)
+            self._stop_worker_processes()
         self._cleanup()
+
+    def _stop_worker_processes(self, timeout: float = 5.0) -> None:
+        for pid in self._worker_pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for pid in self._worker_pids:
+            while True:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+        self._worker_pids = []
 
     def _cleanup(self) -> None:
         if self._ring is not None:
@@ -289,9 +445,32 @@ class Oracle:
                     os.unlink(self._sock_path)
                 except FileNotFoundError:
                     pass
-        if self._srv is not None and not any(t.is_alive() for t in self._workers):
+                except PermissionError:
+                    log.warning("cannot remove %s after dropping privileges: give the user "
+                                "a SHMKEY_RUNTIME_DIR of its own", self._sock_path)
+        if self._srv is not None and not any(t.is_alive() for t in self._workers) \
+                and not self._worker_pids:
             lib.shmkey_server_close(self._srv)
             self._srv = None
+
+
+def _describe(key: PrivateKey) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"EC {key.curve.name}"
+    return "Ed25519"
+
+
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Close every descriptor an operator's shell or supervisor leaked to us."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass    # the listing's own descriptor, already closed
 
 
 def _report(fd: int, message: dict) -> None:
@@ -302,14 +481,26 @@ def _report(fd: int, message: dict) -> None:
 
 def serve(opts: ServeOptions) -> int:
     """Run an oracle until it is stopped; the exit status for ``shmkey serve``."""
+    _close_inherited_fds(opts.keep_fds())
+    oracle = Oracle(opts)
+    # Signals are ours before anything exists that a signal could orphan.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, oracle.request_stop)
+    if opts.parent_pid > 0:
+        lib.shmkey_die_with_parent(signal.SIGTERM, opts.parent_pid)
     if lib.shmkey_harden_process() != lib.SHMKEY_OK:
         log.warning("could not fully harden the key process (core dumps / ptrace)")
     os.umask(0o077)
-    oracle = Oracle(opts)
     try:
+        if os.geteuid() == 0 and not opts.user and not opts.allow_root:
+            raise ConfigError("refusing to run the key oracle as root: pass --user USER to drop "
+                              "privileges after the key is read, or --allow-root")
         oracle.start()
-    except ShmkeyError as exc:
-        _report(opts.status_fd, {"ok": False, "error": str(exc), "kind": type(exc).__name__})
+    except Exception as exc:
+        kind = type(exc).__name__ if isinstance(exc, ShmkeyError) else "ShmkeyError"
+        _report(opts.status_fd, {"ok": False, "error": str(exc), "kind": kind})
         log.error("%s", exc)
         return 2
     opts.password = None
@@ -321,6 +512,6 @@ def serve(opts: ServeOptions) -> int:
         log.info("oracle %s serving (pid %d, %s, %d workers)", oracle.name, os.getpid(),
                  opts.config.transport, opts.config.workers)
 
-    oracle.run(ready)
+    oracle.run(ready, wake_r)
     log.info("oracle %s stopped", oracle.name)
     return 0

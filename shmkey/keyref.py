@@ -1,0 +1,286 @@
+"""Key reference files: a PEM block labelled ``SHMKEY KEY REFERENCE`` that names
+the oracle holding a key and carries the key's public half. It holds no secret;
+OpenSSL loads it as the private key through shmkey's provider (``shmkey.openssl``).
+
+The body is DER (``SHMKEY_KEYREF_VERSION`` 1)::
+
+    ShmkeyKeyReference ::= SEQUENCE {
+        version    INTEGER,              -- 1
+        oracle     UTF8String,           -- the name given to `shmkey serve --name`
+        transport  INTEGER,              -- 0 ring, else socket; 1 ring; 2 socket
+        keyId      OCTET STRING,         -- SHA-256 of publicKey's DER: the key's
+                                         -- name in requests to the oracle
+        publicKey  SubjectPublicKeyInfo }
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import _wire, ring
+from ._binding import lib
+from .errors import KeyMismatchError, KeyReferenceError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+LABEL = "SHMKEY KEY REFERENCE"
+VERSION: int = lib.SHMKEY_KEYREF_VERSION
+_TRANSPORTS = {None: lib.SHMKEY_TRANSPORT_ANY, "shm": lib.SHMKEY_TRANSPORT_SHM,
+               "socketpair": lib.SHMKEY_TRANSPORT_SOCKET}
+_TRANSPORT_NAMES = {code: name for name, code in _TRANSPORTS.items()}
+_PEM_RE = re.compile(rf"-----BEGIN {LABEL}-----\r?\n(.*?)-----END {LABEL}-----", re.S)
+
+# DER tags used by the format.
+_SEQUENCE, _INTEGER, _OCTETSTRING, _UTF8STRING = 0x30, 0x02, 0x04, 0x0C
+
+
+@dataclass(frozen=True)
+class KeyReference:
+    """What a key reference file says.
+
+    Attributes:
+        oracle: name of the ``shmkey serve`` that holds the key.
+        public_key: the key's public half.
+        transport: ``"shm"``, ``"socketpair"``, or None for the ring if there
+            is one, else the socket.
+    """
+
+    oracle: str
+    public_key: rsa.RSAPublicKey
+    transport: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        ring.check_name(self.oracle)
+        if self.transport not in _TRANSPORTS:
+            raise KeyReferenceError(f"transport {self.transport!r} is not 'shm' or 'socketpair'")
+        if not isinstance(self.public_key, rsa.RSAPublicKey):
+            raise KeyReferenceError("the OpenSSL provider supports RSA keys only")
+
+    @property
+    def key_id(self) -> bytes:
+        """SHA-256 of the public key's SPKI: how requests name the key in the oracle."""
+        return _wire.key_id(self.public_key)
+
+    def to_der(self) -> bytes:
+        """The DER body."""
+        spki = self.public_key.public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        return _tlv(_SEQUENCE, _der_int(VERSION) + _tlv(_UTF8STRING, self.oracle.encode())
+                    + _der_int(_TRANSPORTS[self.transport]) + _tlv(_OCTETSTRING, self.key_id)
+                    + spki)
+
+    def to_pem(self) -> bytes:
+        """The PEM block, as written to a key reference file."""
+        b64 = base64.b64encode(self.to_der()).decode()
+        lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+        return (f"-----BEGIN {LABEL}-----\n" + "\n".join(lines) +
+                f"\n-----END {LABEL}-----\n").encode()
+
+    @classmethod
+    def from_der(cls, der: bytes) -> "KeyReference":
+        """Parse a DER body.
+
+        Raises:
+            KeyReferenceError: malformed, or a version this shmkey cannot read.
+        """
+        try:
+            body, rest = _read(der, 0, _SEQUENCE)
+            if rest != len(der):
+                raise KeyReferenceError("trailing bytes after the key reference")
+            fields = []
+            pos = 0
+            for tag in (_INTEGER, _UTF8STRING, _INTEGER, _OCTETSTRING):
+                value, pos = _read(body, pos, tag)
+                fields.append(value)
+            version, name, transport, kid = fields
+            spki = body[pos:]
+            if _int_value(version) != VERSION:
+                raise KeyReferenceError(f"key reference version {_int_value(version)}; "
+                                        f"this shmkey reads version {VERSION}")
+            code = _int_value(transport)
+            if code not in _TRANSPORT_NAMES:
+                raise KeyReferenceError(f"unknown transport code {code}")
+            _, end = _read(spki, 0, _SEQUENCE)
+            if end != len(spki):
+                raise KeyReferenceError("trailing bytes after the public key")
+            public_key = serialization.load_der_public_key(spki)
+            ref = cls(oracle=name.decode("utf-8"), public_key=public_key,  # type: ignore[arg-type]
+                      transport=_TRANSPORT_NAMES[code])
+            if kid != ref.key_id:
+                raise KeyReferenceError("the key id is not the SHA-256 of the public key")
+            return ref
+        except KeyReferenceError:
+            raise
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise KeyReferenceError(f"malformed key reference: {exc}") from None
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> "KeyReference":
+        """Find and parse the key reference block in PEM text (other blocks may surround it).
+
+        Raises:
+            KeyReferenceError: no such block, or a malformed one.
+        """
+        match = _PEM_RE.search(data.decode("ascii", "replace"))
+        if not match:
+            raise KeyReferenceError(f"no '{LABEL}' PEM block found")
+        try:
+            der = base64.b64decode("".join(match.group(1).split()), validate=True)
+        except ValueError:
+            raise KeyReferenceError("the key reference's base64 is malformed") from None
+        return cls.from_der(der)
+
+
+def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[str] = None,
+           key: Union[int, bytes, None] = None, timeout_ms: Optional[int] = None) -> KeyReference:
+    """Ask a running oracle for a public key and describe it as a reference.
+
+    Args:
+        oracle: name of a running ``shmkey serve``.
+        cert: a PEM certificate (its first one counts). The reference is for
+            the oracle's key that matches it; an oracle may hold several.
+        transport: ``"shm"``, ``"socketpair"`` or None; also how OpenSSL will
+            reach the oracle.
+        key: without ``cert``: which key (index or key id); the first by default.
+        timeout_ms: how long to wait for the oracle.
+
+    Raises:
+        OracleUnavailableError: no oracle of that name is running.
+        KeyMismatchError: no key in the oracle matches the certificate.
+    """
+    from .client import connect
+
+    client = connect(oracle, transport=transport, timeout_ms=timeout_ms)
+    try:
+        if cert is None:
+            public_key = client.private_key(key).public_key()
+        else:
+            cert_key = _certificate_key(cert)
+            held = [serialization.load_der_public_key(d) for d in client.public_keys()]
+            matching = [k for k in held if _wire.key_id(k) == _wire.key_id(cert_key)]
+            if not matching:
+                names = ", ".join(_describe(k) for k in held)
+                raise KeyMismatchError(f"certificate {cert} is not for any key that oracle "
+                                       f"{oracle!r} holds ({names})")
+            public_key = matching[0]  # type: ignore[assignment]
+    finally:
+        client.close()
+    return KeyReference(oracle=oracle, public_key=public_key,  # type: ignore[arg-type]
+                        transport=transport)
+
+
+def _certificate_key(cert: PathLike) -> object:
+    try:
+        return x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
+    except (OSError, ValueError) as exc:
+        raise KeyReferenceError(f"cannot read certificate {cert}: {exc}") from None
+
+
+def _describe(key: object) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size} {_fingerprint(key)}"
+    return f"{type(key).__name__.lstrip('_').replace('PublicKey', '')} {_wire.key_id(key)[:8].hex()}"
+
+
+def check_certificate(ref: KeyReference, cert: PathLike) -> None:
+    """Raise KeyMismatchError unless the first certificate in ``cert`` is for ``ref``'s key."""
+    cert_key = _certificate_key(cert)
+    if not isinstance(cert_key, rsa.RSAPublicKey) or \
+            cert_key.public_numbers() != ref.public_key.public_numbers():
+        raise KeyMismatchError(
+            f"certificate {cert} is not for the key that oracle {ref.oracle!r} holds "
+            f"(RSA-{ref.public_key.key_size}, {_fingerprint(ref.public_key)})")
+
+
+def write(oracle: str, output: PathLike, *, cert: Optional[PathLike] = None,
+          transport: Optional[str] = None, key: Union[int, bytes, None] = None,
+          timeout_ms: Optional[int] = None) -> KeyReference:
+    """Write a key reference file for a running oracle (see :func:`create`).
+
+    The file is replaced atomically and readable by all (0644): it holds no secret.
+
+    Raises:
+        OracleUnavailableError, KeyMismatchError: as :func:`create`.
+    """
+    ref = create(oracle, cert=cert, transport=transport, key=key, timeout_ms=timeout_ms)
+    out = Path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(ref.to_pem())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return ref
+
+
+def load(path: PathLike) -> KeyReference:
+    """Read the key reference in a file.
+
+    Raises:
+        KeyReferenceError: unreadable file, no reference in it, or a malformed one.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise KeyReferenceError(f"cannot read {path}: {exc.strerror}") from None
+    return KeyReference.from_pem(data)
+
+
+def _fingerprint(key: rsa.RSAPublicKey) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    der = key.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    h = hashes.Hash(hashes.SHA256())
+    h.update(der)
+    return "SHA256:" + h.finalize().hex()[:16]
+
+
+# ---- the few DER rules the format needs (definite lengths, minimal integers) ----
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _der_int(value: int) -> bytes:
+    # Non-negative only; one extra byte keeps the sign bit clear.
+    return _tlv(_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _read(buf: bytes, pos: int, tag: int) -> tuple[bytes, int]:
+    """The value of the TLV at pos (which must carry tag) and where the next starts."""
+    if pos + 2 > len(buf) or buf[pos] != tag:
+        raise KeyReferenceError("malformed key reference: unexpected DER element")
+    n, pos = buf[pos + 1], pos + 2
+    if n & 0x80:
+        count = n & 0x7F
+        if count == 0 or count > 4 or pos + count > len(buf) or buf[pos] == 0:
+            raise KeyReferenceError("malformed key reference: bad DER length")
+        n, pos = int.from_bytes(buf[pos:pos + count], "big"), pos + count
+        if n < 0x80:
+            raise KeyReferenceError("malformed key reference: bad DER length")
+    if pos + n > len(buf):
+        raise KeyReferenceError("malformed key reference: truncated")
+    return buf[pos:pos + n], pos + n
+
+
+def _int_value(body: bytes) -> int:
+    if not body or (len(body) > 1 and body[0] == 0 and body[1] < 0x80) or body[0] & 0x80:
+        raise KeyReferenceError("malformed key reference: bad INTEGER")
+    return int.from_bytes(body, "big")

@@ -1,0 +1,211 @@
+"""Helpers for the OpenSSL provider tests: throwaway keys and certificates, a
+named ``shmkey serve`` started and stopped on demand, and a small threaded
+TLS server built on Python's ssl. Everything runs for real; nothing is mocked.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+import shmkey.openssl
+from shmkey import ring
+
+HOST = "localhost"
+# nginx workers drop to nobody:nogroup when started as root; the ring must let them in.
+RUN_AS_ROOT = os.geteuid() == 0
+WORKER_GROUP = "nogroup" if RUN_AS_ROOT else None
+
+
+def write_key_and_cert(directory: Path, stem: str) -> tuple[Path, Path]:
+    """A fresh RSA-2048 key and a self-signed certificate for localhost."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class Serve:
+    """``shmkey serve --name NAME`` in a child process, stoppable and restartable."""
+
+    def __init__(self, key: Path, transport: str = "shm", name: Optional[str] = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.key, self.transport, self.extra = key, transport, extra
+        self.name = name or ring.random_name()
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Serve":
+        r, w = os.pipe()
+        args = [sys.executable, "-m", "shmkey", "serve", "--key", str(self.key),
+                "--name", self.name, "--transport", self.transport, "--workers", "2",
+                "--status-fd", str(w), "--log-level", "warning", *self.extra]
+        if RUN_AS_ROOT:
+            # As deployed: read the key as root, then serve as another user,
+            # with the ring open to the group nginx's workers run in.
+            args += ["--user", "nobody", "--group", WORKER_GROUP]
+        try:
+            self.proc = subprocess.Popen(args, pass_fds=[w])
+        finally:
+            os.close(w)
+        try:
+            ready, _, _ = select.select([r], [], [], 30)
+            line = os.read(r, 4096) if ready else b""
+        finally:
+            os.close(r)
+        info = json.loads(line or b"{}")
+        if not info.get("ok"):
+            self.stop()
+            raise RuntimeError(f"shmkey serve did not start: {info}")
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        ring.unlink(self.name)
+        if self.transport == "socketpair":
+            # An oracle that dropped root cannot unlink its socket in root's directory.
+            ring.socket_path(self.name).unlink(missing_ok=True)
+
+
+class TLSServer:
+    """Python's ssl on 127.0.0.1, a thread per connection. Each client gets
+    ``hello <version>``; server-side failures are kept with the provider's reason."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.errors: list[tuple[Exception, Optional[str]]] = []
+        self.served = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(f"hello {tls.version()}\n".encode())
+                with self._lock:
+                    self.served += 1
+        except (ssl.SSLError, OSError) as exc:
+            with self._lock:
+                self.errors.append((exc, shmkey.openssl.last_error()))
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        # close() alone leaves a thread blocked in accept(); shutdown() wakes it.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(5)
+
+    def __enter__(self) -> "TLSServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def server_context(cert: Path, keyref: Path, ciphers: Optional[str] = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(keyref))
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+def client_context(cafile: Path, version: Optional[ssl.TLSVersion] = None,
+                   ciphers: Optional[str] = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(cafile))
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+def handshake(port: int, ctx: ssl.SSLContext) -> tuple[str, str]:
+    """Connect, verify, read the greeting: (greeting, cipher name)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+            greeting = tls.makefile("rb").readline().decode().strip()
+            return greeting, tls.cipher()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Until something accepts on 127.0.0.1:port, or proc has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def s_client(port: int, cafile: Path, *args: str) -> str:
+    """``openssl s_client`` to port, verifying; its stdout and stderr."""
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                          "-servername", HOST, "-CAfile", str(cafile), "-verify_return_error",
+                          *args], input=b"", capture_output=True, timeout=30)
+    return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
+
+
+def curl(port: int, cafile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(cafile),
+                           "--resolve", f"{HOST}:{port}:127.0.0.1", *args,
+                           f"https://{HOST}:{port}/"], capture_output=True, timeout=30)

@@ -1,0 +1,126 @@
+"""Shared fixtures: keys made by the system ``openssl`` (so no test process
+generates private keys itself), oracles per transport, and a check that the
+suite leaves nothing of ours in /dev/shm.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import shmkey
+
+TRANSPORTS = ("shm", "socketpair")
+SHM = Path("/dev/shm")
+
+
+def ours_in_shm() -> set[str]:
+    """Entries in /dev/shm that belong to shmkey (segments and semaphores)."""
+    return {p.name for p in SHM.iterdir() if "shmkey-" in p.name}
+
+
+def _oracle_pid(segment: str) -> int:
+    """The oracle pid recorded in a ring header (offset 24), 0 if unreadable."""
+    try:
+        with open(SHM / segment, "rb") as f:
+            header = f.read(28)
+    except OSError:
+        return 0
+    return int.from_bytes(header[24:28], "little") if len(header) == 28 else 0
+
+
+def _descends_from_us(pid: int) -> bool:
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def leaked(before: set[str]) -> list[str]:
+    """New entries whose oracle is dead or is still a process of this test run.
+
+    Entries of oracles started by other programs on the machine (a benchmark
+    in another terminal) are not this run's leaks.
+    """
+    out = []
+    for entry in sorted(ours_in_shm() - before):
+        segment = entry[len("sem."):].rsplit("-", 1)[0] if entry.startswith("sem.") else entry
+        pid = _oracle_pid(segment)
+        if not pid or not os.path.exists(f"/proc/{pid}") or _descends_from_us(pid):
+            out.append(entry)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ipc_leaks() -> Iterator[None]:
+    """Fail the run if it leaves ring segments or semaphores behind."""
+    before = ours_in_shm()
+    yield
+    left = leaked(before)
+    assert not left, f"the test run left these in /dev/shm: {left}"
+
+
+def unique(prefix: str) -> str:
+    """An oracle name no other test run on this machine will pick."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def make_key(directory: Path, bits: int, password: str | None = None) -> Path:
+    """An RSA key file written by `openssl genpkey`."""
+    path = directory / f"rsa{bits}{'-enc' if password else ''}.pem"
+    cmd = ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{bits}",
+           "-out", str(path)]
+    if password:
+        cmd += ["-aes-256-cbc", "-pass", f"pass:{password}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("keys")
+
+
+@pytest.fixture(scope="session")
+def rsa2048(keydir: Path) -> Path:
+    return make_key(keydir, 2048)
+
+
+@pytest.fixture(scope="session")
+def rsa3072(keydir: Path) -> Path:
+    return make_key(keydir, 3072)
+
+
+@pytest.fixture(scope="session")
+def rsa4096(keydir: Path) -> Path:
+    return make_key(keydir, 4096)
+
+
+@pytest.fixture(scope="session")
+def key_paths(rsa2048: Path, rsa3072: Path, rsa4096: Path) -> dict[int, Path]:
+    return {2048: rsa2048, 3072: rsa3072, 4096: rsa4096}
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def oracle(request: pytest.FixtureRequest, rsa2048: Path) -> Iterator[shmkey.KeyOracle]:
+    """An RSA-2048 oracle per transport, shared by a module's tests."""
+    with shmkey.KeyOracle(rsa2048, transport=request.param, workers=2,
+                          timeout_ms=10000) as o:
+        yield o
+
+
+def python_child(code: str, **kw: object) -> subprocess.Popen:
+    """Run ``code`` in a fresh interpreter that imports this checkout of shmkey."""
+    env = dict(os.environ)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, **kw)  # type: ignore[call-overload]

@@ -1,0 +1,178 @@
+"""Real processes killed with real signals: a dead oracle is a clear error
+within the timeout, a dead client's slot comes back, a late reply is never
+delivered to the next request, and an owned oracle dies with its owner."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+import shmkey
+from shmkey import ring
+
+from .conftest import TRANSPORTS, unique
+
+PKCS1 = padding.PKCS1v15()
+
+
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_kill_oracle_mid_load(rsa4096: Path, transport: str) -> None:
+    """Every caller gets OracleUnavailableError, long before its 60 s timeout."""
+    with shmkey.KeyOracle(rsa4096, transport=transport, workers=2, timeout_ms=60000) as oracle:
+        _kill_oracle_mid_load(oracle)
+    assert not ring.exists(oracle.name)
+
+
+def _kill_oracle_mid_load(oracle: shmkey.KeyOracle) -> None:
+    key = oracle.private_key()
+    outcomes: list[object] = []
+    started = threading.Barrier(7)
+
+    def caller() -> None:
+        started.wait()
+        try:
+            while True:
+                key.sign(os.urandom(16), PKCS1, hashes.SHA256())
+        except BaseException as exc:  # the outcome is what we test
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.3)
+    os.kill(oracle.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a caller hung on a dead oracle"
+    assert len(outcomes) == 6
+    assert all(isinstance(e, shmkey.OracleUnavailableError) for e in outcomes), outcomes
+    with pytest.raises(shmkey.OracleUnavailableError):
+        key.ping()
+
+
+# Imports once, then forks a child per "go": each child hammers the ring with
+# echoes, so a SIGKILL at a random moment lands in every slot state.
+ZYGOTE = r"""
+import os, signal, sys
+import shmkey
+client = shmkey.connect(sys.argv[1])
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)      # children reap themselves
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        payload = os.urandom(256)
+        while True:
+            assert client.echo(payload) == payload
+    print(pid, flush=True)
+"""
+
+
+def test_kill_clients_mid_request_slots_come_back(rsa2048: Path, tmp_path: Path) -> None:
+    """100 clients SIGKILLed at random points; every slot returns, service goes on."""
+    slots = 4
+    with shmkey.KeyOracle(rsa2048, name=unique("killc"), slots=slots,
+                          workers=2) as oracle:
+        zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, oracle.name], text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert zygote.stdin is not None and zygote.stdout is not None
+        rng = random.Random(1234)
+        key = oracle.private_key()
+        try:
+            for i in range(100):
+                zygote.stdin.write("go\n")
+                zygote.stdin.flush()
+                pid = int(zygote.stdout.readline())
+                time.sleep(rng.uniform(0.0005, 0.01))
+                os.kill(pid, signal.SIGKILL)
+                if i % 10 == 0:       # others carry on meanwhile
+                    msg = os.urandom(8)
+                    key.public_key().verify(key.sign(msg, PKCS1, hashes.SHA256()), msg, PKCS1,
+                                            hashes.SHA256())
+        finally:
+            zygote.stdin.close()
+            zygote.wait(timeout=10)
+        assert wait_until(lambda: oracle.client.free_slots() == slots, timeout=15), \
+            f"free slots stuck at {oracle.client.free_slots()} of {slots}"
+        for _ in range(slots * 3):
+            msg = os.urandom(8)
+            key.public_key().verify(key.sign(msg, PKCS1, hashes.SHA256()), msg, PKCS1,
+                                    hashes.SHA256())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_late_reply_never_reaches_the_next_request(rsa4096: Path, transport: str) -> None:
+    with shmkey.KeyOracle(rsa4096, transport=transport, slots=1, workers=1) as oracle:
+        key = oracle.private_key()
+        client = oracle.client
+        timeouts = 0
+        for i in range(15):
+            # A 1 ms deadline on a ~2 ms signature: it times out, unless this
+            # thread was descheduled long enough for the reply to land first.
+            try:
+                client.call(3, (1, 2, 0, 0), os.urandom(32), timeout_ms=1)
+            except TimeoutError as exc:      # OracleTimeoutError is a TimeoutError
+                assert isinstance(exc, shmkey.OracleTimeoutError)
+                timeouts += 1
+            msg = f"request {i}".encode()
+            sig = key.sign(msg, PKCS1, hashes.SHA256())
+            key.public_key().verify(sig, msg, PKCS1, hashes.SHA256())
+        assert timeouts >= 5
+        if transport == "shm":
+            assert wait_until(lambda: client.free_slots() == 1)
+
+
+def test_owned_oracle_exits_with_its_owner(rsa2048: Path) -> None:
+    code = f"""
+import shmkey, sys, time
+o = shmkey.KeyOracle({str(rsa2048)!r}).start()
+print(o.pid, o.name, flush=True)
+time.sleep(60)
+"""
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    pid_s, name = owner.stdout.readline().split()
+    pid = int(pid_s)
+    assert ring.exists(name)
+    owner.kill()
+    owner.wait()
+
+    def gone() -> bool:
+        # Reparented on its owner's death, it may linger as a zombie until
+        # its new parent reaps it: that counts as gone.
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+
+    assert wait_until(gone, timeout=15), "the oracle outlived its owner"
+    assert not ring.exists(name), "an orphaned oracle left its ring behind"
+
+
+def test_stopped_oracle_is_unavailable_to_attached_clients(rsa2048: Path, tmp_path: Path) -> None:
+    oracle = shmkey.KeyOracle(rsa2048, name=unique("stop"), workers=1).start()
+    other = shmkey.connect(oracle.name)
+    other.ping()
+    oracle.stop()
+    with pytest.raises(shmkey.OracleUnavailableError):
+        other.ping()
+    other.close()

@@ -1,0 +1,97 @@
+"""A hostile client on the ring while honest ones sign: the oracle (its C
+layer built with AddressSanitizer) never crashes, never touches memory
+outside a slot, recovers every slot, and every honest answer verifies."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+from shmkey import ring
+
+from .conftest import unique
+from .ctools import asan_env, build_asan_package, build_tool
+from .test_faults import wait_until
+from .test_serve import wait_for_oracle
+
+SLOTS = 8
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("asan")
+    return {"pkg": build_asan_package(out), "hostile": build_tool("hostile", out)}
+
+
+def test_asan_build_is_instrumented(tools: dict[str, Path]) -> None:
+    so = next((tools["pkg"] / "shmkey").glob("_native*.so"))
+    symbols = subprocess.run(["nm", "-D", str(so)], capture_output=True, text=True).stdout
+    assert "__asan_report_load" in symbols
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_hostile_client_cannot_hurt_oracle_or_honest_clients(tools: dict[str, Path],
+                                                             rsa2048: Path, tmp_path: Path,
+                                                             seed: int) -> None:
+    name = unique(f"hostile-{seed}")
+    log = tmp_path / "oracle.log"
+    with open(log, "w") as err:
+        oracle = subprocess.Popen(
+            [sys.executable, "-m", "shmkey", "serve", "--key", str(rsa2048), "--name", name,
+             "--allow-root", "--workers", "2", "--slots", str(SLOTS), "--log-level", "warning"],
+            env=asan_env(tools["pkg"]), stderr=err, cwd=tmp_path)
+    try:
+        client = wait_for_oracle(name, "shm")
+        key = client.private_key()
+        pub = key.public_key()
+        hostile = subprocess.Popen([str(tools["hostile"]), ring.ring_id(name), "3", str(seed)],
+                                   stdout=subprocess.PIPE, text=True)
+        verified: list[int] = []
+        failures: list[BaseException] = []
+
+        def honest(tag: int) -> None:
+            n = 0
+            try:
+                while hostile.poll() is None:
+                    msg = f"{tag}:{n}".encode() + os.urandom(8)
+                    sig = key.sign(msg, padding.PKCS1v15(), hashes.SHA256())
+                    pub.verify(sig, msg, padding.PKCS1v15(), hashes.SHA256())
+                    echo = os.urandom(64)
+                    assert client.echo(echo) == echo
+                    n += 1
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+            verified.append(n)
+
+        threads = [threading.Thread(target=honest, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        out, _ = hostile.communicate(timeout=60)
+        for t in threads:
+            t.join(timeout=30)
+        assert hostile.returncode == 0, out
+        counts = [int(x) for x in out.split(":")[1].split()]
+        assert sum(counts) > 1000, out          # the attack really ran
+        assert not failures, failures[:3]
+        assert sum(verified) > 50
+        assert oracle.poll() is None, "the oracle died"
+        # Every slot the attacker wrecked or held comes back.
+        assert wait_until(lambda: client.free_slots() == SLOTS, timeout=15), client.free_slots()
+        msg = b"after the attack"
+        pub.verify(key.sign(msg, padding.PKCS1v15(), hashes.SHA256()), msg,
+                   padding.PKCS1v15(), hashes.SHA256())
+        client.close()
+    finally:
+        oracle.send_signal(signal.SIGTERM)
+        oracle.wait(timeout=15)
+        ring.unlink(name)
+    report = log.read_text()
+    assert "AddressSanitizer" not in report, report[-3000:]
+    assert oracle.returncode == 0, report[-3000:]

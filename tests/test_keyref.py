@@ -1,0 +1,143 @@
+"""Key reference files: the format (known answer, round trips, malformed input),
+writing one for a running oracle, the certificate check, and the CLI."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shmkey import keyref
+from shmkey.errors import (ConfigError, KeyMismatchError, KeyReferenceError,
+                           OracleUnavailableError)
+
+from ._tls import Serve, write_key_and_cert
+
+# A fixed public key, so that the encoding can be checked byte for byte.
+N = (1 << 2047) + 0x1F3
+PUBLIC = rsa.RSAPublicNumbers(65537, N).public_key()
+SPKI = PUBLIC.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    directory = tmp_path_factory.mktemp("keyref")
+    key, cert = write_key_and_cert(directory, "server")
+    _, other_cert = write_key_and_cert(directory, "other")
+    serve = Serve(key).start()
+    yield SimpleNamespace(dir=directory, key=key, cert=cert, other_cert=other_cert, serve=serve)
+    serve.stop()
+
+
+def test_known_answer():
+    der = keyref.KeyReference(oracle="web", public_key=PUBLIC, transport="shm").to_der()
+    body = (bytes.fromhex("020101" "0c03776562" "020101" "0420")
+            + hashlib.sha256(SPKI).digest() + SPKI)
+    assert der == bytes.fromhex("3082") + len(body).to_bytes(2, "big") + body
+    pem = keyref.KeyReference(oracle="web", public_key=PUBLIC, transport="shm").to_pem()
+    lines = pem.decode().splitlines()
+    assert lines[0] == "-----BEGIN SHMKEY KEY REFERENCE-----"
+    assert lines[-1] == "-----END SHMKEY KEY REFERENCE-----"
+    assert all(len(line) <= 64 for line in lines[1:-1])
+    assert base64.b64decode("".join(lines[1:-1])) == der
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}", fullmatch=True),
+       transport=st.sampled_from([None, "shm", "socketpair"]))
+def test_round_trip(name, transport):
+    ref = keyref.KeyReference(oracle=name, public_key=PUBLIC, transport=transport)
+    again = keyref.KeyReference.from_pem(b"junk before\n" + ref.to_pem() + b"junk after\n")
+    assert (again.oracle, again.transport) == (name, transport)
+    assert again.key_id == hashlib.sha256(SPKI).digest()
+    assert again.public_key.public_numbers() == PUBLIC.public_numbers()
+    assert again.to_der() == ref.to_der()
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda der: der[:-1], "truncated"),
+    (lambda der: der + b"\x00", "trailing"),
+    (lambda der: der[:4] + b"\x02\x01\x02" + der[7:], "version 2"),
+    (lambda der: der[:12] + b"\x02\x01\x07" + der[15:], "transport code 7"),
+    (lambda der: b"\x31" + der[1:], "unexpected DER element"),
+    (lambda der: der[:17] + bytes([der[17] ^ 1]) + der[18:], "key id is not the SHA-256"),
+])
+def test_malformed_der_is_refused(mangle, message):
+    der = keyref.KeyReference(oracle="web", public_key=PUBLIC).to_der()
+    with pytest.raises(KeyReferenceError, match=message):
+        keyref.KeyReference.from_der(mangle(der))
+
+
+def test_malformed_pem_is_refused():
+    with pytest.raises(KeyReferenceError, match="no 'SHMKEY KEY REFERENCE' PEM block"):
+        keyref.KeyReference.from_pem(b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                                     b"-----END PRIVATE KEY-----\n")
+    with pytest.raises(KeyReferenceError, match="base64"):
+        keyref.KeyReference.from_pem(b"-----BEGIN SHMKEY KEY REFERENCE-----\n!!!!\n"
+                                     b"-----END SHMKEY KEY REFERENCE-----\n")
+
+
+def test_bad_fields_are_refused():
+    with pytest.raises(ConfigError):
+        keyref.KeyReference(oracle="../etc", public_key=PUBLIC)
+    with pytest.raises(KeyReferenceError, match="transport"):
+        keyref.KeyReference(oracle="web", public_key=PUBLIC, transport="udp")
+
+
+def test_write_for_running_oracle(material):
+    out = material.dir / "key.ref.pem"
+    ref = keyref.write(material.serve.name, out, cert=material.cert)
+    assert out.stat().st_mode & 0o777 == 0o644
+    loaded = keyref.load(out)
+    assert loaded == ref or loaded.to_der() == ref.to_der()
+    private = serialization.load_pem_private_key(material.key.read_bytes(), None)
+    assert loaded.public_key.public_numbers() == private.public_key().public_numbers()
+    assert loaded.oracle == material.serve.name and loaded.transport is None
+    assert b"PRIVATE" not in out.read_bytes()
+
+
+def test_certificate_for_another_key_is_refused(material):
+    out = material.dir / "mismatch.ref.pem"
+    with pytest.raises(KeyMismatchError, match=material.serve.name):
+        keyref.write(material.serve.name, out, cert=material.other_cert)
+    assert not out.exists()
+
+
+def test_oracle_not_running():
+    with pytest.raises(OracleUnavailableError):
+        keyref.create("no-such-oracle-" + "7" * 20)
+
+
+def test_cli(material):
+    out = material.dir / "cli.ref.pem"
+    run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle",
+                          material.serve.name, "--cert", str(material.cert), "-o", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"oracle '{material.serve.name}'" in run.stdout
+    assert keyref.load(out).oracle == material.serve.name
+
+    run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle",
+                          material.serve.name, "--cert", str(material.other_cert),
+                          "-o", str(material.dir / "bad.ref.pem")], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "is not for any key that oracle" in run.stderr
+
+
+def test_cli_openssl_conf():
+    run = subprocess.run([sys.executable, "-m", "shmkey", "openssl-conf", "--timeout-ms", "900"],
+                         capture_output=True, text=True, check=True)
+    module = [line.split("=", 1)[1].strip() for line in run.stdout.splitlines()
+              if line.startswith("module")]
+    assert len(module) == 1 and module[0].endswith("ossl-modules/shmkey.so")
+    from pathlib import Path
+    assert Path(module[0]).is_file()
+    assert "timeout_ms = 900" in run.stdout and "activate = 1" in run.stdout

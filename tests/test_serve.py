@@ -1,0 +1,120 @@
+"""`shmkey serve` as an operator runs it: attach by name, stop on signals,
+clean up, refuse a name in use, and `shmkey clean` for what a crash left."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+import shmkey
+from shmkey import ring
+
+from .conftest import TRANSPORTS, ours_in_shm, unique
+
+
+def wait_for_oracle(name: str, transport: str, timeout: float = 15.0) -> shmkey.OracleClient:
+    """Connect once the oracle serves (it logs readiness; we simply retry)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return shmkey.connect(name, transport=transport)
+        except shmkey.OracleUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def start_serve(key: Path, name: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shmkey", "serve", "--key", str(key),
+                             "--name", name, "--workers", "1", "--allow-root", *extra],
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_serve_attach_sign_and_stop(rsa2048: Path, tmp_path: Path, transport: str,
+                                    sig: signal.Signals) -> None:
+    name = unique(f"serve-{transport}-{sig.name}")
+    proc = start_serve(rsa2048, name, "--transport", transport)
+    try:
+        client = wait_for_oracle(name, transport)
+        key = client.private_key()
+        sig_bytes = key.sign(b"m", padding.PKCS1v15(), hashes.SHA256())
+        key.public_key().verify(sig_bytes, b"m", padding.PKCS1v15(), hashes.SHA256())
+        if transport == "shm":
+            assert ring.exists(name)
+            mode = (Path("/dev/shm") / ring.ring_id(name)).stat().st_mode & 0o777
+            assert mode == 0o600
+        else:
+            assert ring.socket_path(name).stat().st_mode & 0o777 == 0o600
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert "stopped" in err
+        assert not ring.exists(name) and not ring.socket_path(name).exists()
+        with pytest.raises(shmkey.OracleUnavailableError):
+            key.sign(b"m", padding.PKCS1v15(), hashes.SHA256())
+        client.close()
+        with pytest.raises(shmkey.OracleUnavailableError):
+            shmkey.connect(name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ring.unlink(name)
+
+
+def test_name_in_use_is_refused_and_clean_removes_a_crashed_oracle(rsa2048: Path,
+                                                                  tmp_path: Path) -> None:
+    name = unique("clash")
+    first = start_serve(rsa2048, name)
+    try:
+        wait_for_oracle(name, "shm").close()
+        second = start_serve(rsa2048, name)
+        _, err = second.communicate(timeout=15)
+        assert second.returncode != 0
+        assert f"an oracle named {name!r} already exists" in err
+        busy = subprocess.run([sys.executable, "-m", "shmkey", "clean", name],
+                              capture_output=True, text=True)
+        assert busy.returncode == 1 and "is running" in busy.stderr
+        first.kill()                       # a crash: nothing unlinks its names
+        first.wait()
+        assert ring.exists(name)
+        cleaned = subprocess.run([sys.executable, "-m", "shmkey", "clean", name],
+                                 capture_output=True, text=True)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert not any(ring.ring_id(name) in entry for entry in ours_in_shm())
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        ring.unlink(name)
+
+
+def test_connect_to_nothing() -> None:
+    with pytest.raises(shmkey.OracleUnavailableError):
+        shmkey.connect("no-such-oracle-here")
+    with pytest.raises(shmkey.ConfigError):
+        shmkey.connect("../etc/passwd")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_serve_refuses_to_stay_root(rsa2048: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "shmkey", "serve", "--key", str(rsa2048)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "refusing to run the key oracle as root: pass --user USER" in proc.stderr
+
+
+def test_serve_reports_bad_key_and_exits(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "shmkey", "serve", "--allow-root", "--key",
+                           str(tmp_path / "nope.pem")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "cannot read key file" in proc.stderr
