@@ -2411,9 +2411,10 @@ int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_
 /*
  * Register the provider as a builtin of the default library context and load
  * it, with "default" loaded explicitly: once any provider is loaded, OpenSSL
- * no longer falls back to "default" by itself. Our keymgmt answers to "RSA",
- * so "default" is made the preferred provider (unless a FIPS policy is in
- * force) to keep RSA key generation and import with it. Idempotent.
+ * no longer falls back to "default" by itself. Our keymgmts answer to "RSA",
+ * "EC" and "ED25519", so "default" is made the preferred provider (unless a
+ * FIPS policy is in force) to keep key generation (libssl's ECDHE keys among
+ * them) and import with it. Idempotent.
  */
 int shmkey_openssl_enable(char *detail, uint32_t cap)
 {

@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 import shmkey.openssl
 from shmkey import keyref
 
-from ._tls import (Serve, TLSServer, client_context, free_port, handshake, run_openssl,
-                   running, s_client, server_context, wait_for_errors, write_key_and_cert)
+from ._tls import (RUN_AS_ROOT, Serve, TLSServer, client_context, free_port, handshake,
+                   run_openssl, running, s_client, server_context, wait_for_errors,
+                   write_key_and_cert)
 from .conftest import TRANSPORTS
 
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
@@ -110,9 +111,13 @@ def test_python_handshake(oracle, material, kind, version):
 
 
 @pytest.mark.parametrize("kind, args, signature, digest", [
-    ("p256", ["-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256"], "ECDSA", "SHA256"),
-    ("p384", ["-tls1_3", "-sigalgs", "ecdsa_secp384r1_sha384"], "ECDSA", "SHA384"),
-    ("p256", ["-tls1_2", "-sigalgs", "ECDSA+SHA256"], "ECDSA", "SHA256"),
+    # Ephemeral P-256/P-384 keys too: our keymgmt answers to "EC", libssl's
+    # key generation must still get OpenSSL's own.
+    ("p256", ["-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256", "-groups", "P-256"], "ECDSA",
+     "SHA256"),
+    ("p384", ["-tls1_3", "-sigalgs", "ecdsa_secp384r1_sha384", "-groups", "P-384"], "ECDSA",
+     "SHA384"),
+    ("p256", ["-tls1_2", "-sigalgs", "ECDSA+SHA256", "-groups", "P-256"], "ECDSA", "SHA256"),
     ("p256", ["-tls1_2", "-sigalgs", "ECDSA+SHA512"], "ECDSA", "SHA512"),
     ("p384", ["-tls1_2", "-sigalgs", "ECDSA+SHA384"], "ECDSA", "SHA384"),
     ("ed25519", ["-tls1_3", "-sigalgs", "ed25519"], "ed25519", ""),
@@ -162,6 +167,32 @@ def test_dual_certificate_server_picks_the_key_per_client(oracle, material):
             ctx12 = client_context(material.certs[kind], TLS12, cipher)
             assert handshake(server.port, ctx12) == ("hello TLSv1.2", cipher)
     assert server.errors == [] and server.served == 4
+
+
+def test_nginx_dual_certificate(oracles, material, openssl_cnf, tmp_path):
+    # nginx with an RSA and an ECDSA certificate, both keys in one oracle,
+    # reached over the ring by workers that run as another user.
+    from .test_provider import NGINX_CONF
+
+    refs = oracles["shm"].refs
+    port = free_port()
+    conf = NGINX_CONF.format(user="user nobody nogroup;" if RUN_AS_ROOT else "", dir=tmp_path,
+                             port=port, cert=material.certs["rsa"], keyref=refs["rsa"])
+    rsa_key_line = f"ssl_certificate_key {refs['rsa']};"
+    conf = conf.replace(rsa_key_line, f"{rsa_key_line}\n        ssl_certificate "
+                        f"{material.certs['p256']};\n        ssl_certificate_key {refs['p256']};")
+    (tmp_path / "nginx.conf").write_text(conf)
+    with running(["nginx", "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")],
+                 openssl_cnf, port):
+        for kind, args, peer in (
+                ("p256", ["-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256"], ("ECDSA", "SHA256")),
+                ("p256", ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+                 ("ECDSA", "SHA256")),
+                ("rsa", ["-tls1_3", "-sigalgs", "rsa_pss_rsae_sha384"], ("RSA-PSS", "SHA384"))):
+            out = s_client(port, material.certs[kind], *args)
+            assert "Verify return code: 0 (ok)" in out and _peer(out) == peer, out
+    log = (tmp_path / "error.log").read_text()
+    assert "[emerg]" not in log and "[crit]" not in log, log
 
 
 # ---- errors ----
@@ -261,3 +292,10 @@ def test_openssl_commands_use_ec_and_ed25519_references(oracles, material, opens
     with pytest.raises(subprocess.CalledProcessError) as err:
         run_openssl(openssl_cnf, "dgst", "-sha1", "-sign", str(refs["p256"]), str(message))
     assert b"the oracle signs with SHA-256, SHA-384 or SHA-512" in err.value.stderr
+    # Ed25519 sends the message itself: it must fit in a slot (2048 bytes here).
+    big = material.dir / "big"
+    big.write_bytes(b"m" * 5000)
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_openssl(openssl_cnf, "pkeyutl", "-sign", "-rawin", "-inkey", str(refs["ed25519"]),
+                    "-in", str(big))
+    assert b"input too large for a ring slot or message" in err.value.stderr
