@@ -80,6 +80,7 @@ class Lab:
         return self._keys[kind]
 
     def public_key(self, kind: str) -> Any:
+        """The public half of kind's key, read from the key file."""
         return serialization.load_pem_private_key(self.key_path(kind).read_bytes(),
                                                   None).public_key()
 

@@ -158,6 +158,7 @@ static const struct sk_curve {
     {NID_secp384r1, "secp384r1", "P-384", 384, 192, 104},
 };
 
+/* The curve with this NID if the oracle signs with it, else NULL. */
 static const struct sk_curve *sk_curve_by_nid(int nid)
 {
     for (size_t i = 0; i < sizeof(sk_curves) / sizeof(sk_curves[0]); i++)
@@ -192,6 +193,7 @@ struct sk_pub {
     uint32_t size;                      /* EVP_PKEY_get_size: the longest signature */
 };
 
+/* Whether p holds a public key yet (an EC key may know only its curve). */
 static int sk_pub_has(const struct sk_pub *p)
 {
     return p->type == SK_RSA ? p->n != NULL : p->ptlen != 0;
@@ -267,6 +269,7 @@ static int sk_pub_set_ec(struct sk_pub *p, const struct sk_curve *curve,
     return 1;
 }
 
+/* A raw 32-byte Ed25519 public key (RFC 8032); 0, p unchanged, if not 32 bytes. */
 static int sk_pub_set_ed25519(struct sk_pub *p, const unsigned char *key, size_t len)
 {
     if (len != SK_ED25519_KEY_LEN)
@@ -281,6 +284,7 @@ static int sk_pub_set_ed25519(struct sk_pub *p, const unsigned char *key, size_t
     return 1;
 }
 
+/* dst becomes a deep copy of src; 0, dst unchanged, if memory runs out. */
 static int sk_pub_copy(struct sk_pub *dst, const struct sk_pub *src)
 {
     BIGNUM *n = NULL, *e = NULL;
@@ -295,6 +299,7 @@ static int sk_pub_copy(struct sk_pub *dst, const struct sk_pub *src)
     return 1;
 }
 
+/* 1 if both hold a public key and it is the same key; never for two empty ones. */
 static int sk_pub_equal(const struct sk_pub *a, const struct sk_pub *b)
 {
     if (a->type != b->type || !sk_pub_has(a) || !sk_pub_has(b))
@@ -900,6 +905,7 @@ static OSSL_FUNC_keymgmt_import_fn km_import;
 static OSSL_FUNC_keymgmt_export_fn km_export;
 static OSSL_FUNC_keymgmt_get_params_fn km_get_params;
 
+/* Drops one reference; the key (and its oracle entry) goes with the last. */
 static void km_free(void *keydata)
 {
     sk_key_free(keydata);
@@ -918,6 +924,7 @@ static void *km_load_of(enum sk_type type, const void *reference, size_t referen
     return k;
 }
 
+/* A copy of the public key; it keeps the oracle only if the private half is asked for. */
 static void *km_dup(const void *keydata_from, int selection)
 {
     const struct sk_key *src = keydata_from;
@@ -1306,6 +1313,7 @@ static OSSL_FUNC_signature_digest_sign_fn sig_digest_sign;
 static OSSL_FUNC_signature_get_ctx_params_fn sig_get_ctx_params;
 static OSSL_FUNC_signature_set_ctx_params_fn sig_set_ctx_params;
 
+/* A signature context that will only accept keys of this kind at init. */
 static void *sig_newctx_of(enum sk_type type, void *provctx, const char *propq)
 {
     struct sk_sig *ctx = calloc(1, sizeof(*ctx));
