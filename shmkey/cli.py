@@ -113,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import keyref
 
             ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport)
-            print(f"wrote {args.output}: RSA-{ref.public_key.key_size} key of oracle {ref.oracle!r}")
+            print(f"wrote {args.output}: {keyref.describe(ref.public_key)} key of oracle "
+                  f"{ref.oracle!r}")
             return 0
         if args.command == "openssl-conf":
             from .openssl import openssl_conf

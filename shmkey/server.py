@@ -97,6 +97,7 @@ class Handler:
         self._by_id[_wire.DEFAULT_KEY] = (keys[0], self._spki[0])
         self._key_list = b"".join(len(d).to_bytes(2, "little") + d for d in self._spki)
         self._sign_cache: dict[tuple[int, ...], Optional[_wire.SignSpec]] = {}
+        self._ecdsa = _wire.ecdsa_algorithms()     # now, while the oracle may still import
 
     def public_der(self) -> list[bytes]:
         """SubjectPublicKeyInfo of every key, first key first."""
@@ -119,8 +120,8 @@ class Handler:
                 if isinstance(key, rsa.RSAPrivateKey):
                     return self._sign_rsa(key, p, payload)
                 if isinstance(key, ec.EllipticCurvePrivateKey):
-                    algorithm = _wire.decode_ecdsa(p, payload)
-                    if algorithm is None:
+                    algorithm = self._ecdsa.get(p)
+                    if algorithm is None or len(payload) != algorithm.algorithm.digest_size:
                         return lib.SHMKEY_EUNSUPPORTED, b"bad scheme, hash or digest for ECDSA"
                     return lib.SHMKEY_OK, key.sign(payload, algorithm)
                 if p != (lib.SHMKEY_SIG_ED25519, 0, 0, 0):
