@@ -1,6 +1,7 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
 work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
-the environment variables, ``keyref`` and ``openssl-conf`` set up OpenSSL.
+the environment variables, ``keyref`` and ``openssl-conf`` set up OpenSSL,
+``bench`` compares the oracle's transports with an in-process key.
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 
     conf = sub.add_parser("openssl-conf", help="print an openssl.cnf that loads shmkey's provider")
     conf.add_argument("--timeout-ms", type=int, help="wait for the oracle this long (default 5000)")
+
+    # Listed here for --help; shmkey.bench parses its own options, so that
+    # `serve` never imports the benchmark code.
+    sub.add_parser("bench", add_help=False,
+                   help="compare in-process, socketpair and shm (shmkey bench --help)")
     return parser
 
 
@@ -96,6 +102,11 @@ def _clean(name: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``shmkey`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":

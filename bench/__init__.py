@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: in-process, socketpair and shm side by side."""
