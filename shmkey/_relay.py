@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -131,7 +132,7 @@ class _Client(asyncio.Protocol):
             transport, _ = await self.w.loop.create_connection(lambda: _Backend(self), host, port)
         except OSError as exc:
             log.warning("%s: backend %s:%d: %s", self.peer, host, port,
-                        exc.strerror or exc)
+                        os.strerror(exc.errno) if exc.errno else exc)
             self.close()
             return
         finally:

@@ -33,6 +33,8 @@ KEY_MODES = ("oracle", "inprocess")
 # TLS 1.2 suites: forward secrecy and AEAD only. No RSA key exchange, which
 # would need PKCS#1 v1.5 decryption, refused by the oracle's default policy.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+INPROCESS_WARNING = ("*** --key-mode inprocess: the private key is loaded INTO THE NETWORK-FACING "
+                     "PROXY WORKERS. No isolation: for benchmarks only. ***")
 _TICK = 0.2                 # supervisor's look at its oracle and workers, seconds
 _RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)
 _FD_PER_CONNECTION = 2
@@ -286,14 +288,13 @@ class Proxy:
         self.opts.limits = _raise_fd_limit(opts.limits, opts.workers)
         self.socks = _bind(*opts.listen, opts.workers)
         self.workdir = Path(tempfile.mkdtemp(prefix="shmkey-proxy-"))
-        if opts.key_mode == "inprocess":
-            log.warning("*** --key-mode inprocess: the private key is loaded INTO THE "
-                        "NETWORK-FACING PROXY WORKERS. No isolation: for benchmarks only. ***")
-        else:
+        if opts.key_mode == "oracle":
             from . import openssl
 
             openssl.enable()
         self.source, self.ctx = self._load(1)
+        if opts.key_mode == "inprocess":
+            log.warning(INPROCESS_WARNING)
         self.generation = 1
         for slot in range(opts.workers):
             self._spawn(slot)
@@ -307,7 +308,7 @@ class Proxy:
             info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         except socket.gaierror as exc:
             raise ConfigError(f"backend {host}:{port}: {exc.strerror}") from None
-        return info[4][0], port
+        return str(info[4][0]), port
 
     def _load(self, generation: int) -> tuple[_KeySource, ssl.SSLContext]:
         """A key source and a context for a generation of workers."""
@@ -430,7 +431,7 @@ class Proxy:
             log.error("reload failed; still serving the previous certificate and key: %s", exc)
             return
         if self.opts.key_mode == "inprocess":
-            log.warning("*** --key-mode inprocess: the reloaded key is IN THE PROXY WORKERS. ***")
+            log.warning(INPROCESS_WARNING)
         old_source, old_generation = self.source, self.generation
         self.source, self.ctx = source, ctx
         self.generation += 1

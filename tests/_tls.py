@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from cryptography import x509
@@ -50,6 +51,15 @@ def write_key_and_cert(directory: Path, stem: str) -> tuple[Path, Path]:
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+def key_material(directory: Path) -> SimpleNamespace:
+    """Two keys with their certificates in ``directory``: ``key``/``cert`` and
+    ``other_key``/``other_cert`` (a certificate that is not for ``key``)."""
+    key, cert = write_key_and_cert(directory, "server")
+    other_key, other_cert = write_key_and_cert(directory, "other")
+    return SimpleNamespace(dir=directory, key=key, cert=cert, other_key=other_key,
+                           other_cert=other_cert)
 
 
 class Serve:
