@@ -38,18 +38,20 @@ _SIGNS = 400
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)   # as TLS 1.3 signs
 
 
-def make_key_and_cert(directory: Path) -> tuple[rsa.RSAPrivateKey, Path, Path]:
-    """A throwaway RSA-2048 key and a self-signed certificate for localhost."""
+def write_key_and_cert(directory: Path, stem: str = "demo"
+                       ) -> tuple[rsa.RSAPrivateKey, Path, Path]:
+    """A throwaway RSA-2048 key and a self-signed certificate for localhost,
+    written as ``STEM.key.pem`` (0600) and ``STEM.cert.pem``."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
             .sign(key, hashes.SHA256()))
-    key_path, cert_path = directory / "demo.key", directory / "demo.crt"
+    key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.cert.pem"
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
@@ -138,7 +140,7 @@ def run(seconds: float = 2.0, rounds: int = 2, workers: Optional[int] = None) ->
     loaders = 2
     with tempfile.TemporaryDirectory(prefix="shmkey-demo-") as tmp, Backend() as backend:
         print("shmkey demo: a TLS proxy whose private key lives in a separate key oracle\n")
-        key, key_path, cert_path = make_key_and_cert(Path(tmp))
+        key, key_path, cert_path = write_key_and_cert(Path(tmp))
         print(f"  throwaway RSA-2048 key and certificate for {HOST} in {tmp}")
         print(f"  HTTP backend on 127.0.0.1:{backend.port}")
         proxies: dict[str, ProxyProcess] = {}

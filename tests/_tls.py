@@ -4,7 +4,6 @@ TLS server built on Python's ssl. Everything runs for real; nothing is mocked.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import select
@@ -19,15 +18,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-
 import shmkey.openssl
-from shmkey import ring
+from shmkey import demo, ring
 
-HOST = "localhost"
+HOST = demo.HOST
 # nginx workers drop to nobody:nogroup when started as root; the ring must let them in.
 RUN_AS_ROOT = os.geteuid() == 0
 WORKER_GROUP = "nogroup" if RUN_AS_ROOT else None
@@ -35,21 +29,7 @@ WORKER_GROUP = "nogroup" if RUN_AS_ROOT else None
 
 def write_key_and_cert(directory: Path, stem: str) -> tuple[Path, Path]:
     """A fresh RSA-2048 key and a self-signed certificate for localhost."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.cert.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _, key_path, cert_path = demo.write_key_and_cert(directory, stem)
     return key_path, cert_path
 
 
