@@ -86,7 +86,8 @@ class Backend:
         """Stop listening and end the thread."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+        if self._thread.ident is not None:
+            self._thread.join(10)
 
     def __enter__(self) -> "Backend":
         return self.start()

@@ -1,13 +1,12 @@
 """A TLS load generator for ``shmkey demo``, the proxy tests and the benchmark:
 every request is a new connection with a full handshake (no session reuse),
 one HTTP request and a checked response. Several processes of it
-(:func:`run_processes`) keep the load off any one interpreter's GIL.
+(:class:`LoadClients`) keep the load off any one interpreter's GIL.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -128,51 +127,88 @@ async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
     return result
 
 
-def run_processes(host: str, port: int, cafile: str, *, processes: int, concurrency: int,
-                  seconds: float, tls_version: Optional[str] = "1.3",
-                  server_hostname: str = "localhost") -> LoadResult:
-    """Several load generator processes for ``seconds``, started together.
+class LoadClients:
+    """A pool of load generator processes, started once and driven together.
 
-    The rate is the sum of each process's own (successes over its own time),
-    so interpreter start-up is not counted.
+    Each process runs :func:`run` with its share of the concurrency when told
+    to, so a measurement does not include interpreter start-up. A context manager.
     """
-    start_at = time.time() + 0.5 + 0.1 * processes
-    per = max(1, concurrency // processes)
-    args = [sys.executable, "-m", "shmkey._loadgen", host, str(port), cafile, str(per),
-            str(seconds), str(start_at), tls_version or "", server_hostname]
-    procs = [subprocess.Popen(args + [f"p{i}"], stdout=subprocess.PIPE, text=True)
-             for i in range(processes)]
-    total = LoadResult()
-    rate = 0.0
-    for proc in procs:
-        out, _ = proc.communicate(timeout=seconds + 60)
-        if proc.returncode != 0:
-            raise RuntimeError(f"load generator exited with {proc.returncode}")
-        part = json.loads(out)
-        total.ok += part["ok"]
-        total.failed += part["failed"]
-        total.errors.update(part["errors"])
-        total.elapsed = max(total.elapsed, part["elapsed"])
-        rate += part["ok"] / part["elapsed"] if part["elapsed"] else 0.0
-    # Report the summed rate through elapsed, so that ok / elapsed == rate.
-    if rate:
-        total.elapsed = total.ok / rate
-    return total
+
+    def __init__(self, processes: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-m", "shmkey._loadgen"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                      for _ in range(processes)]
+
+    def run(self, port: int, cafile: str, *, concurrency: int, seconds: Optional[float] = None,
+            count: Optional[int] = None, tls_version: Optional[str] = "1.3",
+            host: str = "127.0.0.1", server_hostname: str = "localhost") -> LoadResult:
+        """Load ``host:port`` from every process at once; the sum of what they saw.
+
+        For a time-bound run the rate is the sum of each process's own rate;
+        for a count-bound one, all successes over the longest process's time.
+        """
+        n = len(self.procs)
+        for i, proc in enumerate(self.procs):
+            share = None if count is None else count // n + (i < count % n)
+            command = {"host": host, "port": port, "cafile": cafile, "tls": tls_version,
+                       "sni": server_hostname, "concurrency": max(1, concurrency // n),
+                       "seconds": seconds, "count": share, "tag": f"p{i}"}
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(command) + "\n")
+            proc.stdin.flush()
+        total, rate = LoadResult(), 0.0
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"load generator exited with {proc.wait()}")
+            part = json.loads(line)
+            total.ok += part["ok"]
+            total.failed += part["failed"]
+            total.errors.update(part["errors"])
+            total.elapsed = max(total.elapsed, part["elapsed"])
+            rate += part["ok"] / part["elapsed"] if part["elapsed"] else 0.0
+        if seconds is not None and rate:
+            total.elapsed = total.ok / rate     # so that .rate is the summed rate
+        return total
+
+    def close(self) -> None:
+        """End the processes."""
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def __enter__(self) -> "LoadClients":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main() -> None:
-    """One process of :func:`run_processes`; prints its result as JSON."""
-    host, port, cafile, per, seconds, start_at, tls, sni, tag = sys.argv[1:10]
-    ctx = client_context(cafile, tls or None)
-    delay = float(start_at) - time.time()
-    if delay > 0:
-        time.sleep(delay)
-    result = asyncio.run(run(host, int(port), ctx, concurrency=int(per),
-                             seconds=float(seconds), server_hostname=sni, tag=tag))
-    json.dump({"ok": result.ok, "failed": result.failed, "elapsed": result.elapsed,
-               "errors": dict(result.errors)}, sys.stdout)
-    sys.stdout.flush()
-    os._exit(0)     # skip interpreter teardown: it is not part of the run
+    """One process of :class:`LoadClients`: a JSON command per line in, a JSON result out."""
+    contexts: dict[tuple[str, Optional[str]], ssl.SSLContext] = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        key = (cmd["cafile"], cmd["tls"])
+        if key not in contexts:
+            contexts[key] = client_context(cmd["cafile"], cmd["tls"])
+        result = asyncio.run(run(cmd["host"], cmd["port"], contexts[key],
+                                 concurrency=cmd["concurrency"], count=cmd["count"],
+                                 seconds=cmd["seconds"], server_hostname=cmd["sni"],
+                                 tag=cmd["tag"]))
+        sys.stdout.write(json.dumps({"ok": result.ok, "failed": result.failed,
+                                     "elapsed": result.elapsed,
+                                     "errors": dict(result.errors)}) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run ``shmkey proxy`` as a child process and watch it: its log lines as they
-come, its readiness, its workers and oracle. For ``shmkey demo``, the proxy
-tests and the benchmark.
+come, its readiness, its workers and oracle (:class:`ProxyProcess`); and a rig
+of one proxy per key mode in front of one backend, with load clients, for
+``shmkey demo`` and the benchmark (:class:`ProxyRig`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ._backend import Backend
+from ._loadgen import LoadClients, LoadResult
 
 READY = re.compile(r"proxy ready: (\S+):(\d+) .* key (?:in oracle '([^']+)'(?: \(pid (\d+))?"
                    r"|IN-PROCESS)")
@@ -61,21 +69,32 @@ class ProxyProcess:
         RuntimeError: it exited or did not get ready in time (with its log).
     """
 
-    def __init__(self, args: Sequence[str], timeout: float = 30.0,
-                 env: Optional[dict] = None) -> None:
+    def __init__(self, args: Sequence[str], wait: bool = True) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "shmkey", "proxy", *args],
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         self.lines: list[str] = []
+        self.port = 0
+        self.oracle_name: Optional[str] = None
+        self.oracle_pid: Optional[int] = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for its "proxy ready" line; learn its port and oracle.
+
+        Raises:
+            RuntimeError: it exited or did not get ready in time (it is killed).
+        """
         try:
             match = self.wait_for(READY, timeout)
         except RuntimeError:
             self.kill()
             raise
         self.port = int(match.group(2))
-        self.oracle_name: Optional[str] = match.group(3)
+        self.oracle_name = match.group(3)
         self.oracle_pid = int(match.group(4)) if match.group(4) else None
 
     def _read(self) -> None:
@@ -131,3 +150,76 @@ class ProxyProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+# Each key mode of the proxy: its label and its extra arguments.
+MODES: dict[str, list[str]] = {
+    "in-process": ["--key-mode", "inprocess"],
+    "oracle socketpair": ["--transport", "socketpair"],
+    "oracle shm": ["--transport", "shm"],
+}
+
+
+class ProxyRig:
+    """A throwaway key and certificate, a backend, one proxy per key mode in
+    front of it (same worker count), and a pool of load clients; a context manager.
+
+    Attributes:
+        key: the throwaway private key (to know what a memory scan looks for).
+        cert_path: its certificate, which clients trust.
+        proxies: label (see :data:`MODES`) to running proxy.
+    """
+
+    def __init__(self, workers: int, loaders: int = 2, modes: Sequence[str] = tuple(MODES)) -> None:
+        from .demo import write_key_and_cert
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="shmkey-rig-")
+        self.dir = Path(self._tmp.name)
+        self.key: rsa.RSAPrivateKey
+        self.key, self.key_path, self.cert_path = write_key_and_cert(self.dir)
+        self.workers, self.loaders, self.modes = workers, loaders, list(modes)
+        self.backend = Backend()
+        self.proxies: dict[str, ProxyProcess] = {}
+        self.clients: Optional[LoadClients] = None
+
+    def start(self) -> "ProxyRig":
+        """Start the backend, the proxies (side by side) and the load clients."""
+        try:
+            self.backend.start()
+            for label in self.modes:
+                self.proxies[label] = ProxyProcess(
+                    ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{self.backend.port}",
+                     "--cert", str(self.cert_path), "--key", str(self.key_path),
+                     "--workers", str(self.workers), *MODES[label]], wait=False)
+            for proxy in self.proxies.values():
+                proxy.wait_ready()
+            self.clients = LoadClients(self.loaders)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def measure(self, label: str, *, concurrency: int = 16, seconds: Optional[float] = None,
+                count: Optional[int] = None, tls_version: Optional[str] = "1.3") -> LoadResult:
+        """Full handshakes, each with a checked request, through one proxy."""
+        assert self.clients is not None
+        return self.clients.run(self.proxies[label].port, str(self.cert_path),
+                                concurrency=concurrency, seconds=seconds, count=count,
+                                tls_version=tls_version)
+
+    def stop(self) -> None:
+        """Stop everything the rig started and remove its files."""
+        if self.clients is not None:
+            self.clients.close()
+            self.clients = None
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies = {}
+        self.backend.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "ProxyRig":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -13,7 +13,6 @@ import datetime
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,15 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from . import _loadgen
-from ._backend import Backend
-from ._proxyrun import ProxyProcess
+from ._proxyrun import MODES, ProxyProcess, ProxyRig
 from .client import connect
 from .memscan import ScanResult, key_secrets, scan_process
 
 HOST = "localhost"
-MODES = (("inprocess", None, "key in the proxy (in-process)"),
-         ("oracle", "socketpair", "key in the oracle, socketpair"),
-         ("oracle", "shm", "key in the oracle, shm ring"))
+LABELS = {"in-process": "key in the proxy (in-process)",
+          "oracle socketpair": "key in the oracle, socketpair",
+          "oracle shm": "key in the oracle, shm ring"}
 _REQUESTS = 200
 _SIGNS = 400
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)   # as TLS 1.3 signs
@@ -137,76 +135,62 @@ def _memory_check(proxy: ProxyProcess, key: rsa.RSAPrivateKey) -> bool:
 def run(seconds: float = 2.0, rounds: int = 2, workers: Optional[int] = None) -> int:
     """Run the demo; 0 when every request was answered and the memory check came out right."""
     workers = workers or min(os.cpu_count() or 1, 4)
-    loaders = 2
-    with tempfile.TemporaryDirectory(prefix="shmkey-demo-") as tmp, Backend() as backend:
-        print("shmkey demo: a TLS proxy whose private key lives in a separate key oracle\n")
-        key, key_path, cert_path = write_key_and_cert(Path(tmp))
-        print(f"  throwaway RSA-2048 key and certificate for {HOST} in {tmp}")
-        print(f"  HTTP backend on 127.0.0.1:{backend.port}")
-        proxies: dict[str, ProxyProcess] = {}
-        try:
-            for mode, transport, label in MODES:
-                args = ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.port}",
-                        "--cert", str(cert_path), "--key", str(key_path), "--workers",
-                        str(workers), "--key-mode", mode]
-                proxies[label] = ProxyProcess(args + (["--transport", transport]
-                                                      if transport else []))
-            main = proxies[MODES[2][2]]
-            print(f"  `shmkey proxy` on https://{HOST}:{main.port}/ -> backend: pid {main.pid}, "
-                  f"{workers} workers, key in oracle {main.oracle_name!r} (pid {main.oracle_pid})"
-                  f"\n  (and two more proxies like it: key in-process, and oracle over socketpair)\n")
-            answered = _https_requests(main, cert_path)
-            memory_ok = _memory_check(main, key)
+    print("shmkey demo: a TLS proxy whose private key lives in a separate key oracle\n")
+    with ProxyRig(workers, loaders=2) as rig:
+        main = rig.proxies["oracle shm"]
+        print(f"  throwaway RSA-2048 key and certificate for {HOST} in {rig.dir}")
+        print(f"  HTTP backend on 127.0.0.1:{rig.backend.port}")
+        print(f"  `shmkey proxy` on https://{HOST}:{main.port}/ -> backend: pid {main.pid}, "
+              f"{workers} workers, key in oracle {main.oracle_name!r} (pid {main.oracle_pid})\n"
+              "  (and two more like it: key in-process, and in an oracle over socketpair)\n")
+        answered = _https_requests(main, rig.cert_path)
+        memory_ok = _memory_check(main, rig.key)
 
-            print(f"\nFull TLS 1.3 handshakes per second through each proxy ({workers} workers; "
-                  f"load: {loaders} client processes x {16 // loaders} connections, a new "
-                  f"connection and request each; {rounds} rounds of {seconds:g} s, interleaved):")
-            rates: dict[str, list[float]] = {label: [] for _, _, label in MODES}
-            failed = 0
-            for r in range(rounds):
-                for _, _, label in MODES:
-                    _status(f"  round {r + 1}/{rounds}: {label}")
-                    res = _loadgen.run_processes("127.0.0.1", proxies[label].port, str(cert_path),
-                                                 processes=loaders, concurrency=16,
-                                                 seconds=seconds)
-                    rates[label].append(res.rate)
-                    failed += res.failed
-            _status("")
-            print("\r", end="")
+        print(f"\nFull TLS 1.3 handshakes per second through each proxy ({workers} workers; "
+              f"load: {rig.loaders} client processes x {16 // rig.loaders} connections, a new "
+              f"connection and checked request each; {rounds} rounds of {seconds:g} s, "
+              "interleaved):")
+        rates: dict[str, list[float]] = {label: [] for label in MODES}
+        failed = 0
+        for r in range(rounds):
+            for label in MODES:
+                _status(f"  round {r + 1}/{rounds}: {LABELS[label]}")
+                result = rig.measure(label, seconds=seconds)
+                rates[label].append(result.rate)
+                failed += result.failed
+        _status("")
+        print("\r", end="")
+        signs = {label: _sign_latencies(rig, label) for label in MODES}
 
-            signs: dict[str, list[float]] = {}
-            for mode, transport, label in MODES:
-                if mode == "inprocess":
-                    signs[label] = _sign_us(lambda d: key.sign(d, _PSS, hashes.SHA256()), _SIGNS)
-                    continue
-                name = proxies[label].oracle_name
-                assert name is not None
-                client = connect(name, transport=transport)
-                try:
-                    oracle_key = client.private_key()
-                    assert isinstance(oracle_key, rsa.RSAPrivateKey)
-                    _sign_us(lambda d: oracle_key.sign(d, _PSS, hashes.SHA256()), 20)  # warm up
-                    signs[label] = _sign_us(lambda d: oracle_key.sign(d, _PSS, hashes.SHA256()),
-                                            _SIGNS)
-                finally:
-                    client.close()
-        finally:
-            for proxy in proxies.values():
-                proxy.stop()
-
-    base = statistics.median(rates[MODES[0][2]])
+    base = statistics.median(rates["in-process"])
     print(f"  {'':<32}{'handshakes/s':>13}{'vs in-process':>15}{'sign p50':>11}{'sign p99':>11}")
-    for _, _, label in MODES:
+    for label in MODES:
         rate = statistics.median(rates[label])
-        print(f"  {label:<32}{rate:>13.0f}{rate / base:>14.2f}x"
+        print(f"  {LABELS[label]:<32}{rate:>13.0f}{rate / base:>14.2f}x"
               f"{_pct(signs[label], .5):>9.0f}us{_pct(signs[label], .99):>9.0f}us")
-    print(f"  (RSA-2048 PSS signatures one at a time from this process, {_SIGNS} each;"
-          f" {failed} failed handshakes under load)")
+    print(f"  (sign: RSA-2048 PSS, {_SIGNS} one at a time from this process, through the "
+          f"proxy's oracle; {failed} handshakes failed under load)")
     ok = memory_ok and answered == _REQUESTS and failed == 0
     print("\n" + ("OK: real HTTPS through the proxy, and the key is only in the oracle."
                   if ok else "UNEXPECTED: see above."))
     print("Everything the demo started has stopped; its files and shared memory are removed.")
     return 0 if ok else 1
+
+
+def _sign_latencies(rig: ProxyRig, label: str) -> list[float]:
+    """Signing latency with the key as that proxy holds it."""
+    if label == "in-process":
+        return _sign_us(lambda d: rig.key.sign(d, _PSS, hashes.SHA256()), _SIGNS)
+    name = rig.proxies[label].oracle_name
+    assert name is not None
+    client = connect(name, transport=label.split()[1])
+    try:
+        key = client.private_key()
+        assert isinstance(key, rsa.RSAPrivateKey)
+        _sign_us(lambda d: key.sign(d, _PSS, hashes.SHA256()), 20)      # connect, warm up
+        return _sign_us(lambda d: key.sign(d, _PSS, hashes.SHA256()), _SIGNS)
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":
