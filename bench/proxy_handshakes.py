@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--client", choices=["python", "s_time"], default="python")
     args = parser.parse_args()
     rates: dict[str, list[float]] = {label: [] for label in MODES}
+    cpu: dict[str, list[float]] = {label: [] for label in MODES}
     failed = 0
     with ProxyRig(args.workers, loaders=args.loaders) as rig:
         for r in range(args.rounds):
@@ -59,19 +60,23 @@ def main() -> int:
                     result = rig.measure(label, concurrency=args.concurrency,
                                          seconds=args.seconds)
                     rate, failed = result.rate, failed + result.failed
+                    cpu[label].append(result.cpu_per_request * 1e3)
                 rates[label].append(rate)
                 print(f"round {r + 1}: {label}: {rate:.0f}/s", file=sys.stderr, flush=True)
     client = (f"{args.loaders} Python client processes" if args.client == "python"
               else "parallel openssl s_time") + f", {args.concurrency} connections at once"
     print(f"\nFull TLS 1.3 handshakes/s through shmkey proxy, {args.workers} workers; {client}; "
           f"{args.rounds} rounds of {args.seconds} s; {failed} failed\n")
-    print("| key | handshakes/s median (min-max) | vs in-process, median of rounds (min-max) |")
-    print("|---|---|---|")
+    print("| key | handshakes/s median (min-max) | vs in-process, median of rounds (min-max) "
+          "| proxy+oracle CPU ms per handshake | handshakes per CPU-second vs in-process |")
+    print("|---|---|---|---|---|")
     for label in MODES:
         ratios = [a / b for a, b in zip(rates[label], rates["in-process"])]
+        ms = statistics.median(cpu[label]) if cpu[label] else float("nan")
+        base = statistics.median(cpu["in-process"]) if cpu["in-process"] else float("nan")
         print(f"| {label} | {statistics.median(rates[label]):.0f} ({min(rates[label]):.0f}-"
               f"{max(rates[label]):.0f}) | {statistics.median(ratios):.3f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {ms:.3f} | {base / ms:.3f}x |")
     return 0 if failed == 0 else 1
 
 

@@ -32,3 +32,5 @@ def test_proxy_tls13_handshakes(benchmark, rig: ProxyRig, label: str) -> None:
                                 rounds=1 if quick else 5, warmup_rounds=0 if quick else 1)
     assert (result.ok, result.failed) == (count, 0), result.errors
     benchmark.extra_info["handshakes_per_s"] = round(result.rate)
+    benchmark.extra_info["proxy_and_oracle_cpu_ms_per_handshake"] = \
+        round(result.cpu_per_request * 1e3, 3)

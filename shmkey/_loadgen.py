@@ -35,11 +35,17 @@ class LoadResult:
     elapsed: float = 0.0
     errors: Counter = field(default_factory=Counter)
     outcomes: list[Outcome] = field(default_factory=list)
+    server_cpu: float = 0.0     # CPU seconds the server used meanwhile, where measured
 
     @property
     def rate(self) -> float:
         """Successful handshakes (and responses) per second."""
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU seconds per successful request (0 if not measured)."""
+        return self.server_cpu / self.ok if self.ok else 0.0
 
 
 def client_context(cafile: str, tls_version: Optional[str] = None) -> ssl.SSLContext:

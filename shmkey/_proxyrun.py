@@ -49,6 +49,16 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (all its threads) so far; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _is_oracle(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -129,6 +139,10 @@ class ProxyProcess:
         """Pids of the oracles the proxy owns (one, or two during a reload)."""
         return [p for p in children(self.pid) if _is_oracle(p)]
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the proxy's processes and its oracle."""
+        return sum(cpu_seconds(p) for p in [self.pid, *children(self.pid)])
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal it and wait until it and every process it started have exited."""
         pids = [self.pid, *children(self.pid)]
@@ -201,11 +215,15 @@ class ProxyRig:
 
     def measure(self, label: str, *, concurrency: int = 16, seconds: Optional[float] = None,
                 count: Optional[int] = None, tls_version: Optional[str] = "1.3") -> LoadResult:
-        """Full handshakes, each with a checked request, through one proxy."""
+        """Full handshakes, each with a checked request, through one proxy,
+        and the CPU time its processes (workers, supervisor, oracle) used meanwhile."""
         assert self.clients is not None
-        return self.clients.run(self.proxies[label].port, str(self.cert_path),
-                                concurrency=concurrency, seconds=seconds, count=count,
-                                tls_version=tls_version)
+        proxy = self.proxies[label]
+        before = proxy.cpu_seconds()
+        result = self.clients.run(proxy.port, str(self.cert_path), concurrency=concurrency,
+                                  seconds=seconds, count=count, tls_version=tls_version)
+        result.server_cpu = proxy.cpu_seconds() - before
+        return result
 
     def stop(self) -> None:
         """Stop everything the rig started and remove its files."""
