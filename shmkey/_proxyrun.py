@@ -79,10 +79,12 @@ class ProxyProcess:
         RuntimeError: it exited or did not get ready in time (with its log).
     """
 
-    def __init__(self, args: Sequence[str], wait: bool = True) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "shmkey", "proxy", *args],
+    def __init__(self, args: Sequence[str], wait: bool = True,
+                 wrapper: Sequence[str] = ()) -> None:
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "shmkey", "proxy", *args],
                                      stderr=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
+        self.pid = self.proc.pid        # the proxy's, once ready, if a wrapper (strace) runs it
+        self._wrapped = bool(wrapper)
         self.lines: list[str] = []
         self.port = 0
         self.oracle_name: Optional[str] = None
@@ -103,6 +105,8 @@ class ProxyProcess:
         except RuntimeError:
             self.kill()
             raise
+        if self._wrapped:
+            self.pid = min(children(self.proc.pid))
         self.port = int(match.group(2))
         self.oracle_name = match.group(3)
         self.oracle_pid = int(match.group(4)) if match.group(4) else None
@@ -147,7 +151,7 @@ class ProxyProcess:
         """Signal it and wait until it and every process it started have exited."""
         pids = [self.pid, *children(self.pid)]
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            os.kill(self.pid, sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

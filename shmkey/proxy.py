@@ -310,8 +310,8 @@ class Proxy:
         self.generation = 1
         for slot in range(opts.workers):
             self._spawn(slot)
-        host, port = self.socks[0].getsockname()[:2]
-        log.info("proxy ready: %s:%d -> %s:%d, %d workers, %s", host, port, *self.backend_addr,
+        log.info("proxy ready: %s -> %s, %d workers, %s",
+                 _address(*self.socks[0].getsockname()[:2]), _address(*self.backend_addr),
                  opts.workers, self.source.describe())
 
     def _resolve_backend(self) -> tuple[str, int]:
@@ -514,6 +514,10 @@ class Proxy:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -45,13 +46,13 @@ class RunningProxy(ProxyProcess):
 
     def __init__(self, material: SimpleNamespace, backend: Backend, *args: str,
                  cert: Optional[Path] = None, key: Optional[Path] = None,
-                 key_args: Optional[list[str]] = None) -> None:
+                 key_args: Optional[list[str]] = None, wrapper: tuple[str, ...] = ()) -> None:
         self.cafile = cert or material.cert
         self.owns_oracle = key_args is None and "inprocess" not in args
         key_args = key_args if key_args is not None else ["--key", str(key or material.key)]
         super().__init__(["--listen", f"127.0.0.1:{free_port()}", "--backend",
                           f"127.0.0.1:{backend.port}", "--cert", str(self.cafile), *key_args,
-                          *args])
+                          *args], wrapper=wrapper)
 
     def ctx(self, version: Optional[str] = None) -> ssl.SSLContext:
         return _loadgen.client_context(str(self.cafile), version)
@@ -180,6 +181,22 @@ def test_memory_check(proxy4: RunningProxy, material: SimpleNamespace) -> None:
         scan = scan_process(pid, secrets)
         assert scan.found == 0, (pid, {k: v for k, v in scan.hits.items() if v})
     assert scan_process(proxy4.oracles()[0], secrets).found > 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_only_the_oracle_opens_the_key_file(start, material: SimpleNamespace,
+                                            tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    proxy = start("--workers", "2", wrapper=("strace", "-ff", "-qq", "-e",
+                                             "trace=open,openat,openat2", "-o", str(trace)))
+    for version in ("1.2", "1.3", "1.3"):
+        proxy.get("/traced", version)
+    oracle, workers = proxy.oracle_pid, proxy.workers()
+    proxy.stop()
+    opened = {int(f.name.rsplit(".", 1)[1]) for f in tmp_path.glob("trace.*")
+              if str(material.key) in f.read_text()}
+    assert opened == {oracle}, (opened, oracle, workers)
+    assert (tmp_path / f"trace.{proxy.pid}").exists() and len(workers) == 2
 
 
 # ---- the oracle dies ----
@@ -318,6 +335,21 @@ def test_bad_reload_keeps_serving(start, material: SimpleNamespace, tmp_path: Pa
     proxy.get("/still")
 
 
+def test_dead_worker_is_replaced(start) -> None:
+    proxy = start("--workers", "2")
+    victim = proxy.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    proxy.wait_for(re.compile(rf"worker {victim} died \(killed by SIGKILL\); starting another"))
+    deadline = time.monotonic() + 10
+    while (len(proxy.workers()) != 2 or victim in proxy.workers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(proxy.workers()) == 2 and victim not in proxy.workers()
+    assert _listeners(proxy.port) == 2
+    result = asyncio.run(_loadgen.run("127.0.0.1", proxy.port, proxy.ctx(), concurrency=4,
+                                      count=40))
+    assert result.failed == 0
+
+
 # ---- other ways to hold the key ----
 
 def test_external_oracle(start, material: SimpleNamespace) -> None:
@@ -327,6 +359,10 @@ def test_external_oracle(start, material: SimpleNamespace) -> None:
         assert proxy.oracle_name == serve.name and proxy.oracles() == []
         proxy.get("/external", "1.2")
         proxy.get("/external", "1.3")
+        mark = len(proxy.lines)
+        proxy.proc.send_signal(signal.SIGHUP)       # a new key reference, new workers
+        proxy.wait_for(re.compile(r"reloaded: 1 new workers"), start=mark)
+        proxy.get("/reloaded")
         proxy.stop()
         assert ring.exists(serve.name), "the proxy stopped an oracle it does not own"
     finally:
@@ -395,14 +431,19 @@ def test_backend_down_is_one_line(material: SimpleNamespace, start) -> None:
 
 # ---- bad arguments: one clear line, non-zero exit ----
 
+def _proxy_rings() -> set[str]:
+    """Ring objects of proxy-owned oracles (other test runs may come and go meanwhile)."""
+    return {e for e in ours_in_shm() if "shmkey-proxy-" in e}
+
+
 def _fails(material: SimpleNamespace, *args: str) -> str:
-    before = ours_in_shm()
+    before = _proxy_rings()
     out = subprocess.run([sys.executable, "-m", "shmkey", "proxy", "--backend", "127.0.0.1:9",
                           *args], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert ours_in_shm() <= before
+    assert _proxy_rings() <= before
     return lines[0]
 
 
