@@ -23,20 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shmkey._proxyrun import MODES, ProxyRig  # noqa: E402
 
 
-def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> float:
-    """Handshakes/s from ``processes`` parallel ``openssl s_time -new`` runs."""
+def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[float, float]:
+    """Handshakes/s from ``processes`` parallel ``openssl s_time -new`` runs,
+    and the proxy's CPU milliseconds per handshake."""
     args = ["openssl", "s_time", "-connect", f"127.0.0.1:{rig.proxies[label].port}", "-new",
             "-tls1_3", "-time", str(seconds), "-www", "/", "-CAfile", str(rig.cert_path)]
+    before = rig.proxies[label].cpu_seconds()
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for _ in range(processes)]
-    total = 0.0
+    total, count = 0.0, 0
     for proc in procs:
         out = proc.communicate(timeout=seconds + 60)[0]
         m = re.search(r"(\d+) connections in (\d+) real seconds", out)
         if not m:
             raise RuntimeError(f"s_time said: {out[-300:]}")
         total += int(m.group(1)) / int(m.group(2))
-    return total
+        count += int(m.group(1))
+    return total, (rig.proxies[label].cpu_seconds() - before) / max(count, 1) * 1e3
 
 
 def main() -> int:
@@ -55,7 +58,8 @@ def main() -> int:
         for r in range(args.rounds):
             for label in MODES:
                 if args.client == "s_time":
-                    rate = s_time(rig, label, args.seconds, args.concurrency)
+                    rate, ms = s_time(rig, label, args.seconds, args.concurrency)
+                    cpu[label].append(ms)
                 else:
                     result = rig.measure(label, concurrency=args.concurrency,
                                          seconds=args.seconds)

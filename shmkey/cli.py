@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds a client has to finish its handshake (10)")
     proxy.add_argument("--idle-timeout", type=float, default=300.0,
                        help="seconds without data either way before closing (300)")
+    proxy.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="seconds to connect to the backend (5)")
     proxy.add_argument("--drain-timeout", type=float, default=10.0,
                        help="seconds open connections may take to finish on SIGTERM (10)")
     proxy.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -112,7 +114,7 @@ def _proxy(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     limits = Limits(max_connections=args.max_connections,
                     handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
-                    drain_timeout=args.drain_timeout)
+                    connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout)
     opts = ProxyOptions(listen=parse_address(args.listen, "--listen"),
                         backend=parse_address(args.backend, "--backend"), cert=args.cert,
                         key=args.key, oracle=args.oracle, transport=args.transport,

@@ -94,8 +94,16 @@ class ProxyOptions:
             raise ConfigError("--key-mode inprocess needs --key")
         if not 1 <= self.workers <= 256:
             raise ConfigError(f"--workers {self.workers}: use 1 to 256")
-        if self.limits.max_connections < 1:
+        lim = self.limits
+        if lim.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
+        for value, option in ((lim.handshake_timeout, "--handshake-timeout"),
+                              (lim.idle_timeout, "--idle-timeout"),
+                              (lim.connect_timeout, "--connect-timeout")):
+            if not value > 0:
+                raise ConfigError(f"{option} must be more than 0 seconds")
+        if not lim.drain_timeout >= 0:
+            raise ConfigError("--drain-timeout must be 0 seconds or more")
         for path, what in ((self.cert, "certificate"), (self.key, "key")):
             if path is None:
                 continue
