@@ -323,6 +323,22 @@ def test_sighup_reloads_certificate_and_key(start, material: SimpleNamespace,
     assert not ring.exists(first)
 
 
+def test_reloads_under_load_fail_nothing(start) -> None:
+    proxy = start("--workers", "2")
+
+    async def main() -> _loadgen.LoadResult:
+        load = asyncio.ensure_future(_loadgen.run("127.0.0.1", proxy.port, proxy.ctx(),
+                                                  concurrency=8, seconds=3.0))
+        for _ in range(2):
+            await asyncio.sleep(1.0)
+            proxy.proc.send_signal(signal.SIGHUP)
+        return await load
+
+    result = asyncio.run(main())
+    assert result.failed == 0 and result.ok > 100, result.errors
+    proxy.wait_for(re.compile(r"reloaded: .* oracle 'proxy-[0-9a-f]+\.3'"))
+
+
 def test_bad_reload_keeps_serving(start, material: SimpleNamespace, tmp_path: Path) -> None:
     cert = tmp_path / "live.crt"
     cert.write_bytes(material.cert.read_bytes())
