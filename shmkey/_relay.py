@@ -92,7 +92,10 @@ class _Client(asyncio.Protocol):
         if self.connect_task is not None:
             self.connect_task.cancel()
         if self.backend is not None:
-            self.backend.close() if exc is None else self.backend.abort()
+            if exc is None:
+                self.backend.close()
+            else:
+                self.backend.abort()
         self.w.forget(self)
 
     def pause_writing(self) -> None:
@@ -190,6 +193,8 @@ class _Client(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Plaintext from the backend, encrypted to the client."""
+        if self.state == _CLOSED:
+            return
         self.last = self.w.loop.time()
         view = memoryview(data)
         try:
@@ -278,6 +283,7 @@ class Worker:
         self.loop = asyncio.new_event_loop()
         self.accepting = False
         self.draining = False
+        self.stopped = False
         self.drain_deadline = 0.0
 
     def serve(self) -> None:
@@ -288,9 +294,10 @@ class Worker:
         try:
             self.loop.run_forever()
         finally:
+            self.stopped = True
             for conn in list(self.conns):
                 conn.abort()
-            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.run_until_complete(asyncio.sleep(0))     # their connection_lost
             self.loop.close()
 
     def _accepting(self, on: bool) -> None:
@@ -333,6 +340,8 @@ class Worker:
     def forget(self, client: _Client) -> None:
         """A connection ended: make room for another."""
         self.conns.discard(client)
+        if self.stopped:
+            return
         if self.draining:
             if not self.conns:
                 self.loop.stop()

@@ -189,7 +189,7 @@ class _KeySource:
             return
         try:
             self._start_oracle()
-        except ShmkeyError as exc:
+        except (ShmkeyError, OSError) as exc:
             delay = _RESTART_BACKOFF[min(self.restarts + 1, len(_RESTART_BACKOFF) - 1)]
             log.error("restarting key oracle %r failed: %s; next try in %g s", self.name, exc,
                       delay)
@@ -420,7 +420,7 @@ class Proxy:
                 os.read(self.wake_fd, 512)
             except BlockingIOError:
                 pass
-        return self._shutdown()
+        return self.shutdown()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -479,7 +479,7 @@ class Proxy:
 
     # ---- stop ----
 
-    def _shutdown(self) -> int:
+    def shutdown(self) -> int:
         """Drain the workers, stop the oracle, remove every file and name."""
         log.info("stopping: no new connections; draining %d worker(s), up to %g s",
                  len(self.workers), self.opts.limits.drain_timeout)
@@ -552,7 +552,13 @@ def run_proxy(opts: ProxyOptions) -> int:
             proxy.close_sockets()
             proxy.stop_sources()
             raise
-        return proxy.run()
+        try:
+            return proxy.run()
+        except Exception:
+            # A bug, not an operator's error: still stop everything we started.
+            log.exception("the supervisor failed; stopping")
+            proxy.shutdown()
+            return 1
 
 
 def configure_logging(level: str) -> None:

@@ -263,21 +263,29 @@ def test_sigterm_drains_and_leaves_nothing(start) -> None:
     proxy = start("--workers", "2")
     workdirs = set(Path("/tmp").glob("shmkey-proxy-*"))
 
-    async def slow_request() -> bytes:
+    async def slow_request() -> tuple[bytes, bytes, float]:
         # A connection in the middle of a request when SIGTERM comes: it finishes.
+        # An idle keep-alive one: closed (close_notify) once the drain sees it idle.
+        idle_reader, idle_writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, ssl=proxy.ctx(), server_hostname=HOST)
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, ssl=proxy.ctx(),
                                                        server_hostname=HOST)
         writer.write(f"GET /draining HTTP/1.1\r\nHost: {HOST}\r\n".encode())
         await writer.drain()
         await asyncio.sleep(0.3)
         proxy.proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
         await asyncio.sleep(0.3)
         writer.write(b"Connection: close\r\n\r\n")
         data = await reader.read()
         writer.close()
-        return data
+        idle = await asyncio.wait_for(idle_reader.read(), 10)
+        idle_writer.close()
+        return data, idle, time.monotonic() - began
 
-    assert asyncio.run(slow_request()).endswith(body_for("/draining"))
+    data, idle, took = asyncio.run(slow_request())
+    assert data.endswith(body_for("/draining")) and idle == b""
+    assert took < 5, took
     proxy.stop()
     assert proxy.wait_for(re.compile(r"INFO stopped"))
     assert set(Path("/tmp").glob("shmkey-proxy-*")) <= workdirs
