@@ -166,6 +166,8 @@ class ProxyProcess:
     def kill(self) -> None:
         """SIGKILL it (its workers and oracle follow it: they die with their parent)."""
         if self.proc.poll() is None:
+            if self.pid != self.proc.pid and alive(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
             self.proc.kill()
         self.proc.wait()
 
