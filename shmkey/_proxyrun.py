@@ -164,12 +164,18 @@ class ProxyProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL it (its workers and oracle follow it: they die with their parent)."""
-        if self.proc.poll() is None:
+        """SIGTERM it, then SIGKILL if it has not exited within 10 s (its workers
+        and oracle die with it; only SIGTERM lets it remove its temporary files)."""
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+            if self.proc.poll() is not None:
+                break
             if self.pid != self.proc.pid and alive(self.pid):
-                os.kill(self.pid, signal.SIGKILL)
-            self.proc.kill()
-        self.proc.wait()
+                os.kill(self.pid, sig)
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
 
 
 # Each key mode of the proxy: its label and its extra arguments.
