@@ -5,7 +5,6 @@ TLS server built on Python's ssl. Everything runs for real; nothing is mocked.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import select
@@ -17,52 +16,34 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator, Optional, Sequence, Union
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
-
 import shmkey.openssl
-from shmkey import ring
+from shmkey import demo, ring
 
-HOST = "localhost"
+HOST = demo.HOST
 # nginx workers drop to nobody:nogroup when started as root; the ring must let them in.
 RUN_AS_ROOT = os.geteuid() == 0
 WORKER_GROUP = "nogroup" if RUN_AS_ROOT else None
 
 
-KEY_KINDS = ("rsa", "p256", "p384", "ed25519")
+KEY_KINDS = demo.KEY_KINDS
 
 
 def write_key_and_cert(directory: Path, stem: str, kind: str = "rsa") -> tuple[Path, Path]:
-    """A fresh key (RSA-2048, EC P-256 or P-384, or Ed25519; see KEY_KINDS) and
-    a self-signed certificate for localhost."""
-    key: Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
-    if kind == "rsa":
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    elif kind in ("p256", "p384"):
-        key = ec.generate_private_key(ec.SECP256R1() if kind == "p256" else ec.SECP384R1())
-    elif kind == "ed25519":
-        key = ed25519.Ed25519PrivateKey.generate()
-    else:
-        raise ValueError(f"key kind {kind!r} is not one of {KEY_KINDS}")
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-            .sign(key, None if kind == "ed25519" else hashes.SHA256()))
-    key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.cert.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    """A fresh key (see KEY_KINDS) and a self-signed certificate for localhost."""
+    _, key_path, cert_path = demo.write_key_and_cert(directory, stem, kind)
     return key_path, cert_path
+
+
+def key_material(directory: Path) -> SimpleNamespace:
+    """Two keys with their certificates in ``directory``: ``key``/``cert`` and
+    ``other_key``/``other_cert`` (a certificate that is not for ``key``)."""
+    key, cert = write_key_and_cert(directory, "server")
+    other_key, other_cert = write_key_and_cert(directory, "other")
+    return SimpleNamespace(dir=directory, key=key, cert=cert, other_key=other_key,
+                           other_cert=other_cert)
 
 
 class Serve:

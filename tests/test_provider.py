@@ -24,19 +24,15 @@ from shmkey import keyref
 from shmkey.errors import LibcryptoMismatchError
 
 from ._tls import (HOST, RUN_AS_ROOT, Serve, TLSServer, client_context, curl, free_port,
-                   handshake, run_openssl, running, s_client, server_context, wait_for_errors,
-                   write_key_and_cert)
+                   handshake, key_material, run_openssl, running, s_client, server_context,
+                   wait_for_errors)
 from .conftest import TRANSPORTS
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    directory = tmp_path_factory.mktemp("provider")
-    key, cert = write_key_and_cert(directory, "server")
-    other_key, other_cert = write_key_and_cert(directory, "other")
-    return SimpleNamespace(dir=directory, key=key, cert=cert, other_key=other_key,
-                           other_cert=other_cert)
+    return key_material(tmp_path_factory.mktemp("provider"))
 
 
 @pytest.fixture(scope="module", autouse=True)
