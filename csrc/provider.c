@@ -1,13 +1,15 @@
 /*
- * provider.c - an OpenSSL 3 provider whose RSA private-key operations run in
- * a shmkey key oracle.
+ * provider.c - an OpenSSL 3 provider whose private-key operations run in a
+ * shmkey key oracle: RSA (sign, decrypt), ECDSA on P-256 and P-384 (sign),
+ * and Ed25519 (sign).
  *
  * A key reference file (PEM "SHMKEY KEY REFERENCE") names the oracle and
- * carries the public key. Decoding it gives a key that holds n, e and the
- * oracle's name: nothing secret. Signing hashes here and sends the digest;
- * decrypting sends the ciphertext. Both go through shmkey_call() (C only, no
- * Python, no GIL, any thread), on a connection opened on first use and
- * reopened when the oracle has restarted.
+ * carries the public key. Decoding it gives a key that holds the public key
+ * and the oracle's name: nothing secret. Signing hashes here and sends the
+ * digest (Ed25519: the message, which is what it signs); decrypting sends the
+ * ciphertext. Everything goes through shmkey_call() (C only, no Python, no
+ * GIL, any thread), on a connection opened on first use and reopened when
+ * the oracle has restarted.
  *
  * The pieces, in the order OpenSSL meets them:
  *   decoder "DER" (input=pem)   finds our PEM block among others and hands its
@@ -15,12 +17,18 @@
  *                               PEM decoder, so that both PEM_read_bio_PrivateKey
  *                               (nginx, Python's ssl) and OSSL_STORE (the openssl
  *                               commands) chain it in.
- *   decoder "RSA" (input=der)   parses that DER into a key object.
- *   keymgmt "RSA"               n, e, the oracle; imports and exports public
- *                               parts only, refuses anything private.
+ *   decoders "RSA", "EC", "ED25519" (input=der)  parse that DER into a key
+ *                               object, each taking the references to its kind.
+ *   keymgmt "RSA", "EC", "ED25519"  the public key and the oracle; import and
+ *                               export public parts only, refuse anything
+ *                               private. has/match make cert-key checks work.
  *   signature "SHMKEY-RSA-SIG"  digest-sign and sign, PKCS#1 v1.5 and PSS with
- *                               SHA-256/384/512. A name of its own, so OpenSSL
- *                               never pairs our key with another provider's RSA.
+ *                               SHA-256/384/512. Names of our own, so OpenSSL
+ *                               never pairs our key with another provider's
+ *                               signature code.
+ *   signature "SHMKEY-ECDSA-SIG"    digest-sign and sign, SHA-256/384/512, DER.
+ *   signature "SHMKEY-ED25519-SIG"  one-shot digest-sign of the message (no
+ *                               digest), as TLS 1.3 uses it.
  *   asym cipher "SHMKEY-RSA-ENC" decrypt: OAEP, PKCS#1 v1.5, and TLS 1.2's
  *                               RSA key exchange with its implicit rejection.
  */
@@ -41,6 +49,7 @@
 #include <openssl/core_names.h>
 #include <openssl/core_object.h>
 #include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/objects.h>
@@ -55,14 +64,22 @@
 #define SK_PROVIDER_NAME "shmkey"
 #define SK_PEM_LABEL "SHMKEY KEY REFERENCE"
 #define SK_PEM_BEGIN "-----BEGIN " SK_PEM_LABEL "-----"
-#define SK_SIG_NAME "SHMKEY-RSA-SIG"
+#define SK_RSA_SIG_NAME "SHMKEY-RSA-SIG"
+#define SK_EC_SIG_NAME "SHMKEY-ECDSA-SIG"
+#define SK_ED25519_SIG_NAME "SHMKEY-ED25519-SIG"
 #define SK_ENC_NAME "SHMKEY-RSA-ENC"
+/* The default provider's names: libssl finds a key's certificate slot by them. */
 #define SK_RSA_NAMES "RSA:rsaEncryption:1.2.840.113549.1.1.1"
+#define SK_EC_NAMES "EC:id-ecPublicKey:1.2.840.10045.2.1"
+#define SK_ED25519_NAMES "ED25519:1.3.101.112"
 #define SK_NAME_MAX 64
 #define SK_DEFAULT_TIMEOUT_MS 5000u
 #define SK_PEM_READ_MAX (4u << 20)    /* a cert chain and a reference fit easily */
 #define SK_DER_READ_MAX (64u << 10)
 #define SK_REPLY_MAX 4096u            /* an RSA-16384 signature and a reason */
+#define SK_EC_POINT_MAX 97            /* an uncompressed P-384 point */
+#define SK_ED25519_KEY_LEN 32
+#define SK_ED25519_SIG_LEN 64
 #define SK_TLS_PMS_LEN 48             /* TLS 1.2 premaster secret */
 
 /* Reasons of our own, above the ones that mirror SHMKEY_E* (1..12). */
@@ -82,8 +99,8 @@
  *     version    INTEGER,               -- SHMKEY_KEYREF_VERSION
  *     oracle     UTF8String,            -- name given to `shmkey serve --name`
  *     transport  INTEGER,               -- SHMKEY_TRANSPORT_ANY, _SHM or _SOCKET
- *     keyIndex   INTEGER,               -- key number inside the oracle
- *     publicKey  SubjectPublicKeyInfo }
+ *     keyId      OCTET STRING,          -- SHA-256 of publicKey's DER
+ *     publicKey  SubjectPublicKeyInfo }  -- RSA, EC P-256/P-384 or Ed25519
  * Parsed with plain templates (no X509_PUBKEY), so that decoding it never
  * re-enters the decoders from inside one.
  */
@@ -124,6 +141,255 @@ ASN1_SEQUENCE(SK_RSAPUB) = {
 } static_ASN1_SEQUENCE_END(SK_RSAPUB)
 
 /* ===================================================================== */
+/* public keys                                                           */
+/* ===================================================================== */
+
+enum sk_type { SK_RSA = 1, SK_EC = 2, SK_ED25519 = 3 };
+
+/* The curves the oracle signs with, and what OpenSSL asks about them. */
+static const struct sk_curve {
+    int nid;
+    const char *group;          /* OSSL_PKEY_PARAM_GROUP_NAME, as the default provider says it */
+    const char *label;          /* for people */
+    int bits, security_bits;
+    uint32_t sig_max;           /* DER ECDSA-Sig-Value with both integers at full length */
+} sk_curves[] = {
+    {NID_X9_62_prime256v1, "prime256v1", "P-256", 256, 128, 72},
+    {NID_secp384r1, "secp384r1", "P-384", 384, 192, 104},
+};
+
+/* The curve with this NID if the oracle signs with it, else NULL. */
+static const struct sk_curve *sk_curve_by_nid(int nid)
+{
+    for (size_t i = 0; i < sizeof(sk_curves) / sizeof(sk_curves[0]); i++)
+        if (sk_curves[i].nid == nid)
+            return &sk_curves[i];
+    return NULL;
+}
+
+/* A group name in any of OpenSSL's spellings ("prime256v1", "P-256", an OID). */
+static const struct sk_curve *sk_curve_by_name(const char *name)
+{
+    int nid;
+    ERR_set_mark();     /* an unknown name is an answer, not an error */
+    if ((nid = OBJ_txt2nid(name)) == NID_undef)
+        nid = EC_curve_nist2nid(name);
+    ERR_pop_to_mark();
+    return sk_curve_by_nid(nid);
+}
+
+/*
+ * A public key of one of the kinds the provider handles: everything a key
+ * object holds besides its oracle. Two keys are the same key exactly when
+ * these compare equal, since EC points are kept in one (uncompressed) form.
+ */
+struct sk_pub {
+    enum sk_type type;
+    BIGNUM *n, *e;                      /* RSA */
+    const struct sk_curve *curve;       /* EC; NULL until known */
+    unsigned char pt[SK_EC_POINT_MAX];  /* EC: uncompressed point; Ed25519: the key */
+    size_t ptlen;                       /* 0: no EC or Ed25519 public key yet */
+    int bits, security_bits;
+    uint32_t size;                      /* EVP_PKEY_get_size: the longest signature */
+};
+
+/* Whether p holds a public key yet (an EC key may know only its curve). */
+static int sk_pub_has(const struct sk_pub *p)
+{
+    return p->type == SK_RSA ? p->n != NULL : p->ptlen != 0;
+}
+
+/* Forget the key but not its kind. */
+static void sk_pub_clear(struct sk_pub *p)
+{
+    enum sk_type type = p->type;
+    BN_free(p->n);
+    BN_free(p->e);
+    memset(p, 0, sizeof(*p));
+    p->type = type;
+}
+
+/* Take ownership of n and e; checks what a public RSA key must satisfy. */
+static int sk_pub_set_rsa(struct sk_pub *p, BIGNUM *n, BIGNUM *e)
+{
+    int bits = n ? BN_num_bits(n) : 0;
+    if (!n || !e || BN_is_negative(n) || BN_is_negative(e) || !BN_is_odd(n) || !BN_is_odd(e) ||
+        bits < 1024 || bits > 16384 || BN_num_bits(e) < 2 || BN_cmp(e, n) >= 0) {
+        BN_free(n);
+        BN_free(e);
+        return 0;
+    }
+    sk_pub_clear(p);
+    p->type = SK_RSA;
+    p->n = n;
+    p->e = e;
+    p->bits = bits;
+    p->security_bits = BN_security_bits(bits, -1);
+    p->size = (uint32_t)BN_num_bytes(n);
+    return 1;
+}
+
+/* Only the curve: what EVP_PKEY_copy_parameters and domain-only imports give. */
+static void sk_pub_set_curve(struct sk_pub *p, const struct sk_curve *curve)
+{
+    p->curve = curve;
+    p->bits = curve->bits;
+    p->security_bits = curve->security_bits;
+    p->size = curve->sig_max;
+}
+
+/* A point on the curve, in any encoding; kept uncompressed. The point is
+ * checked to lie on the curve, so a bogus one never reaches a comparison. */
+static int sk_pub_set_ec(struct sk_pub *p, const struct sk_curve *curve,
+                         const unsigned char *octets, size_t len)
+{
+    EC_GROUP *group = NULL;
+    EC_POINT *point = NULL;
+    unsigned char out[SK_EC_POINT_MAX];
+    size_t outlen = 0;
+    if (!curve || len == 0 || len > SK_EC_POINT_MAX)
+        return 0;
+    ERR_set_mark();
+    if ((group = EC_GROUP_new_by_curve_name_ex(NULL, NULL, curve->nid)) != NULL &&
+        (point = EC_POINT_new(group)) != NULL &&
+        EC_POINT_oct2point(group, point, octets, len, NULL) &&
+        !EC_POINT_is_at_infinity(group, point) && EC_POINT_is_on_curve(group, point, NULL) > 0)
+        outlen = EC_POINT_point2oct(group, point, POINT_CONVERSION_UNCOMPRESSED, out,
+                                    sizeof(out), NULL);
+    ERR_pop_to_mark();
+    EC_POINT_free(point);
+    EC_GROUP_free(group);
+    if (outlen == 0)
+        return 0;
+    sk_pub_clear(p);
+    p->type = SK_EC;
+    sk_pub_set_curve(p, curve);
+    memcpy(p->pt, out, outlen);
+    p->ptlen = outlen;
+    return 1;
+}
+
+/* A raw 32-byte Ed25519 public key (RFC 8032); 0, p unchanged, if not 32 bytes. */
+static int sk_pub_set_ed25519(struct sk_pub *p, const unsigned char *key, size_t len)
+{
+    if (len != SK_ED25519_KEY_LEN)
+        return 0;
+    sk_pub_clear(p);
+    p->type = SK_ED25519;
+    memcpy(p->pt, key, len);
+    p->ptlen = len;
+    p->bits = 256;
+    p->security_bits = 128;
+    p->size = SK_ED25519_SIG_LEN;
+    return 1;
+}
+
+/* dst becomes a deep copy of src; 0, dst unchanged, if memory runs out. */
+static int sk_pub_copy(struct sk_pub *dst, const struct sk_pub *src)
+{
+    BIGNUM *n = NULL, *e = NULL;
+    if (src->n && ((n = BN_dup(src->n)) == NULL || (e = BN_dup(src->e)) == NULL)) {
+        BN_free(n);
+        return 0;
+    }
+    sk_pub_clear(dst);
+    *dst = *src;
+    dst->n = n;
+    dst->e = e;
+    return 1;
+}
+
+/* 1 if both hold a public key and it is the same key; never for two empty ones. */
+static int sk_pub_equal(const struct sk_pub *a, const struct sk_pub *b)
+{
+    if (a->type != b->type || !sk_pub_has(a) || !sk_pub_has(b))
+        return 0;
+    if (a->type == SK_RSA)
+        return BN_cmp(a->n, b->n) == 0 && BN_cmp(a->e, b->e) == 0;
+    return a->curve == b->curve && a->ptlen == b->ptlen && memcmp(a->pt, b->pt, a->ptlen) == 0;
+}
+
+/* "RSA-2048", "EC P-256", "Ed25519": how errors name a key. */
+static const char *sk_pub_describe(const struct sk_pub *p, char *buf, size_t cap)
+{
+    if (p->type == SK_RSA)
+        snprintf(buf, cap, "RSA-%d", p->bits);
+    else if (p->type == SK_EC)
+        snprintf(buf, cap, "EC %s", p->curve ? p->curve->label : "?");
+    else
+        snprintf(buf, cap, "Ed25519");
+    return buf;
+}
+
+/* The kind of key a SubjectPublicKeyInfo holds; 0 if none we handle. */
+static enum sk_type sk_spki_type(const SK_SPKI *spki)
+{
+    switch (OBJ_obj2nid(spki->algorithm->algorithm)) {
+    case NID_rsaEncryption: return SK_RSA;
+    case NID_X9_62_id_ecPublicKey: return SK_EC;
+    case NID_ED25519: return SK_ED25519;
+    default: return 0;
+    }
+}
+
+/*
+ * A SubjectPublicKeyInfo -> p. RSA needs NULL parameters, EC a named curve
+ * we sign with, Ed25519 none (RFC 8410). 0 if it is none of those.
+ */
+static int sk_pub_from_spki(const SK_SPKI *spki, struct sk_pub *p)
+{
+    const X509_ALGOR *alg = spki->algorithm;
+    const unsigned char *q = spki->public_key->data;
+    long qlen = spki->public_key->length;
+    int ptype = alg->parameter ? ASN1_TYPE_get(alg->parameter) : V_ASN1_UNDEF;
+    SK_RSAPUB *rsa;
+    int ok;
+
+    switch (sk_spki_type(spki)) {
+    case SK_RSA:
+        if (ptype != V_ASN1_NULL && ptype != V_ASN1_UNDEF)
+            return 0;
+        rsa = (SK_RSAPUB *)ASN1_item_d2i(NULL, &q, qlen, ASN1_ITEM_rptr(SK_RSAPUB));
+        ok = rsa && q == spki->public_key->data + qlen;
+        if (ok) {
+            BIGNUM *n = rsa->n, *e = rsa->e;
+            rsa->n = rsa->e = NULL;     /* sk_pub_set_rsa owns them, even when it fails */
+            ok = sk_pub_set_rsa(p, n, e);
+        }
+        ASN1_item_free((ASN1_VALUE *)rsa, ASN1_ITEM_rptr(SK_RSAPUB));
+        return ok;
+    case SK_EC:
+        if (ptype != V_ASN1_OBJECT)
+            return 0;
+        return sk_pub_set_ec(p, sk_curve_by_nid(OBJ_obj2nid(alg->parameter->value.object)),
+                             q, (size_t)qlen);
+    case SK_ED25519:
+        return ptype == V_ASN1_UNDEF && sk_pub_set_ed25519(p, q, (size_t)qlen);
+    default:
+        return 0;
+    }
+}
+
+static int sk_get_utf8(const OSSL_PARAM *p, char *buf, size_t cap)
+{
+    return OSSL_PARAM_get_utf8_string(p, &buf, cap);
+}
+
+/* SubjectPublicKeyInfo DER -> p. */
+static int sk_parse_spki(const unsigned char *der, long len, struct sk_pub *p)
+{
+    const unsigned char *q = der;
+    SK_SPKI *spki;
+    int ok;
+    ERR_set_mark();
+    spki = (SK_SPKI *)ASN1_item_d2i(NULL, &q, len, ASN1_ITEM_rptr(SK_SPKI));
+    ok = spki && q == der + len && sk_pub_from_spki(spki, p);
+    ERR_pop_to_mark();
+    ASN1_item_free((ASN1_VALUE *)spki, ASN1_ITEM_rptr(SK_SPKI));
+    return ok;
+}
+
+/* ===================================================================== */
 /* provider context, errors                                              */
 /* ===================================================================== */
 
@@ -141,7 +407,7 @@ struct sk_oracle {
     char name[SK_NAME_MAX + 1];
     int transport;
     uint8_t key_id[32];         /* how requests name the key */
-    BIGNUM *n, *e;              /* the public key the oracle must hold */
+    struct sk_pub pub;          /* the public key the oracle must hold */
     struct sk_conn *conn;       /* current connection, or NULL */
 };
 
@@ -160,9 +426,7 @@ struct sk_provctx {
 struct sk_key {
     struct sk_provctx *pc;
     int refs;                   /* atomic: keymgmt, signature and cipher ctxs */
-    BIGNUM *n, *e;
-    int bits;
-    uint32_t bytes;
+    struct sk_pub pub;          /* its type is fixed at creation */
     struct sk_oracle *oracle;   /* NULL: a public key only, e.g. a cert's */
 };
 
@@ -247,14 +511,13 @@ static int sk_valid_name(const char *name)
 /* Take a reference on the registry entry for this oracle and key. */
 static struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name,
                                        int transport, const uint8_t key_id[32],
-                                       const BIGNUM *n, const BIGNUM *e)
+                                       const struct sk_pub *pub)
 {
     struct sk_oracle *o;
     pthread_mutex_lock(&pc->lock);
     for (o = pc->oracles; o; o = o->next)
         if (strcmp(o->name, name) == 0 && o->transport == transport &&
-            memcmp(o->key_id, key_id, sizeof(o->key_id)) == 0 &&
-            BN_cmp(o->n, n) == 0 && BN_cmp(o->e, e) == 0)
+            memcmp(o->key_id, key_id, sizeof(o->key_id)) == 0 && sk_pub_equal(&o->pub, pub))
             break;
     if (o) {
         o->users++;
@@ -262,15 +525,11 @@ static struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name,
         snprintf(o->name, sizeof(o->name), "%s", name);
         o->transport = transport;
         memcpy(o->key_id, key_id, sizeof(o->key_id));
-        o->n = BN_dup(n);
-        o->e = BN_dup(e);
         o->users = 1;
-        if (o->n && o->e) {
+        if (sk_pub_copy(&o->pub, pub)) {
             o->next = pc->oracles;
             pc->oracles = o;
         } else {
-            BN_free(o->n);
-            BN_free(o->e);
             free(o);
             o = NULL;
         }
@@ -313,8 +572,7 @@ static void sk_oracle_put(struct sk_provctx *pc, struct sk_oracle *o)
     dead = sk_conn_unref_locked(o->conn);
     pthread_mutex_unlock(&pc->lock);
     sk_conn_close(dead);
-    BN_free(o->n);
-    BN_free(o->e);
+    sk_pub_clear(&o->pub);
     free(o);
 }
 
@@ -380,8 +638,6 @@ static int sk_open_client(struct sk_oracle *o, struct shmkey_client **out,
     return shmkey_client_open_socket(path, -1, SHMKEY_MAX_SLOT_SIZE, out);
 }
 
-static int sk_parse_rsa_spki(const unsigned char *der, long len, BIGNUM **n, BIGNUM **e);
-
 /* The oracle must hold the key the reference describes: ask it once per connection. */
 static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
                            struct shmkey_client *client, char *why, size_t whylen)
@@ -389,7 +645,8 @@ static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
     struct shmkey_req req = {.op = SHMKEY_OP_PUBKEY};
     struct shmkey_resp resp;
     uint8_t der[SK_REPLY_MAX];
-    BIGNUM *n = NULL, *e = NULL;
+    struct sk_pub held = {0};
+    char what[32];
     memcpy(req.key_id, o->key_id, sizeof(req.key_id));
     int rc = shmkey_call(client, &req, NULL, der, sizeof(der), &resp, pc->timeout_ms);
     if (rc != SHMKEY_OK)
@@ -401,14 +658,13 @@ static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
     }
     if (resp.status != SHMKEY_OK)
         return resp.status;
-    if (!sk_parse_rsa_spki(der, resp.out_len, &n, &e))
+    if (!sk_parse_spki(der, resp.out_len, &held))
         return SHMKEY_EPROTO;
-    rc = (BN_cmp(n, o->n) == 0 && BN_cmp(e, o->e) == 0) ? SHMKEY_OK : -SK_R_KEY_MISMATCH;
+    rc = sk_pub_equal(&held, &o->pub) ? SHMKEY_OK : -SK_R_KEY_MISMATCH;
     if (rc != SHMKEY_OK)
-        snprintf(why, whylen, "oracle '%s' holds an RSA-%d key; run 'shmkey keyref' again",
-                 o->name, BN_num_bits(n));
-    BN_free(n);
-    BN_free(e);
+        snprintf(why, whylen, "oracle '%s' holds an %s key; run 'shmkey keyref' again",
+                 o->name, sk_pub_describe(&held, what, sizeof(what)));
+    sk_pub_clear(&held);
     return rc;
 }
 
@@ -551,12 +807,13 @@ static int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[
 /* keys                                                                  */
 /* ===================================================================== */
 
-static struct sk_key *sk_key_new(struct sk_provctx *pc)
+static struct sk_key *sk_key_new(struct sk_provctx *pc, enum sk_type type)
 {
     struct sk_key *k = calloc(1, sizeof(*k));
     if (k) {
         k->pc = pc;
         k->refs = 1;
+        k->pub.type = type;
     }
     return k;
 }
@@ -571,77 +828,20 @@ static void sk_key_free(struct sk_key *k)
     if (!k || __atomic_sub_fetch(&k->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     sk_oracle_put(k->pc, k->oracle);
-    BN_free(k->n);
-    BN_free(k->e);
+    sk_pub_clear(&k->pub);
     free(k);
-}
-
-/* Take ownership of n and e; checks what a public RSA key must satisfy. */
-static int sk_key_set_public(struct sk_key *k, BIGNUM *n, BIGNUM *e)
-{
-    int bits = BN_num_bits(n);
-    if (BN_is_negative(n) || BN_is_negative(e) || !BN_is_odd(n) || !BN_is_odd(e) ||
-        bits < 1024 || bits > 16384 || BN_num_bits(e) < 2 || BN_cmp(e, n) >= 0) {
-        BN_free(n);
-        BN_free(e);
-        return 0;
-    }
-    BN_free(k->n);
-    BN_free(k->e);
-    k->n = n;
-    k->e = e;
-    k->bits = bits;
-    k->bytes = (uint32_t)BN_num_bytes(n);
-    return 1;
-}
-
-/* An RSA SubjectPublicKeyInfo -> n, e (caller frees). */
-static int sk_rsa_from_spki(const SK_SPKI *spki, BIGNUM **n, BIGNUM **e)
-{
-    const X509_ALGOR *alg = spki->algorithm;
-    const unsigned char *q = spki->public_key->data;
-    long qlen = spki->public_key->length;
-    SK_RSAPUB *pub;
-    if (OBJ_obj2nid(alg->algorithm) != NID_rsaEncryption ||
-        (alg->parameter != NULL && ASN1_TYPE_get(alg->parameter) != V_ASN1_NULL))
-        return 0;
-    pub = (SK_RSAPUB *)ASN1_item_d2i(NULL, &q, qlen, ASN1_ITEM_rptr(SK_RSAPUB));
-    if (!pub || q != spki->public_key->data + qlen) {
-        ASN1_item_free((ASN1_VALUE *)pub, ASN1_ITEM_rptr(SK_RSAPUB));
-        return 0;
-    }
-    *n = pub->n;
-    *e = pub->e;
-    pub->n = pub->e = NULL;
-    ASN1_item_free((ASN1_VALUE *)pub, ASN1_ITEM_rptr(SK_RSAPUB));
-    return 1;
-}
-
-/* SubjectPublicKeyInfo DER of an RSA key -> n, e. */
-static int sk_parse_rsa_spki(const unsigned char *der, long len, BIGNUM **n, BIGNUM **e)
-{
-    const unsigned char *p = der;
-    SK_SPKI *spki;
-    int ok;
-    ERR_set_mark();
-    spki = (SK_SPKI *)ASN1_item_d2i(NULL, &p, len, ASN1_ITEM_rptr(SK_SPKI));
-    ok = spki && p == der + len && sk_rsa_from_spki(spki, n, e);
-    ERR_pop_to_mark();
-    ASN1_item_free((ASN1_VALUE *)spki, ASN1_ITEM_rptr(SK_SPKI));
-    return ok;
 }
 
 /*
  * A key from a parsed reference. Returns NULL with an error queued when the
- * reference is ours but unusable (newer version, bad name, not RSA).
+ * reference is ours but unusable (newer version, bad name, a key of a kind
+ * or curve the provider does not handle).
  */
 static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
 {
     long version = ASN1_INTEGER_get(ref->version);
     long transport = ASN1_INTEGER_get(ref->transport);
-
     char name[SK_NAME_MAX + 1];
-    BIGNUM *n = NULL, *e = NULL;
     struct sk_key *k;
 
     if (version != SHMKEY_KEYREF_VERSION) {
@@ -669,22 +869,16 @@ static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
         SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad key id");
         return NULL;
     }
-    if (!sk_rsa_from_spki(ref->spki, &n, &e)) {
-        SK_FAIL(pc, SK_R_BAD_REFERENCE, "the public key is not an RSA key");
+    if ((k = sk_key_new(pc, sk_spki_type(ref->spki))) == NULL)
         return NULL;
-    }
-    if ((k = sk_key_new(pc)) == NULL) {
-        BN_free(n);
-        BN_free(e);
-        return NULL;
-    }
-    if (!sk_key_set_public(k, n, e)) {
-        SK_FAIL(pc, SK_R_BAD_REFERENCE, "implausible RSA public key");
+    if (!sk_pub_from_spki(ref->spki, &k->pub)) {
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "the public key is not an RSA key of 1024 to 16384 "
+                "bits, an EC key on P-256 or P-384, or an Ed25519 key");
         sk_key_free(k);
         return NULL;
     }
     k->oracle = sk_oracle_get(pc, name, (int)transport, ASN1_STRING_get0_data(ref->key_id),
-                              k->n, k->e);
+                              &k->pub);
     if (!k->oracle) {
         sk_key_free(k);
         return NULL;
@@ -696,49 +890,48 @@ static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
 /* keymgmt                                                               */
 /* ===================================================================== */
 
-static OSSL_FUNC_keymgmt_new_fn km_new;
+/*
+ * One keymgmt per kind of key (OpenSSL finds a key's signature code and
+ * libssl its certificate slot by the keymgmt's names). They share every
+ * function that gets a key object, which knows its kind; the few that get
+ * none (new, load, *_types, gettable, query_operation_name) come per kind
+ * from SK_KEYMGMT below.
+ */
 static OSSL_FUNC_keymgmt_free_fn km_free;
-static OSSL_FUNC_keymgmt_load_fn km_load;
 static OSSL_FUNC_keymgmt_dup_fn km_dup;
 static OSSL_FUNC_keymgmt_has_fn km_has;
 static OSSL_FUNC_keymgmt_match_fn km_match;
 static OSSL_FUNC_keymgmt_import_fn km_import;
-static OSSL_FUNC_keymgmt_import_types_fn km_import_types;
 static OSSL_FUNC_keymgmt_export_fn km_export;
-static OSSL_FUNC_keymgmt_export_types_fn km_export_types;
 static OSSL_FUNC_keymgmt_get_params_fn km_get_params;
-static OSSL_FUNC_keymgmt_gettable_params_fn km_gettable_params;
-static OSSL_FUNC_keymgmt_query_operation_name_fn km_query_operation_name;
 
-/* An empty key, filled by import: OpenSSL's way to compare a cert with us. */
-static void *km_new(void *provctx)
-{
-    return sk_key_new(provctx);
-}
-
+/* Drops one reference; the key (and its oracle entry) goes with the last. */
 static void km_free(void *keydata)
 {
     sk_key_free(keydata);
 }
 
-/* The decoder hands over its key by reference; take it. */
-static void *km_load(const void *reference, size_t reference_sz)
+/* The decoder hands over its key by reference; take it if it is of this kind. */
+static void *km_load_of(enum sk_type type, const void *reference, size_t reference_sz)
 {
     struct sk_key *k;
     if (reference == NULL || reference_sz != sizeof(k))
         return NULL;
     k = *(struct sk_key **)reference;
+    if (!k || k->pub.type != type)
+        return NULL;
     *(struct sk_key **)reference = NULL;
     return k;
 }
 
+/* A copy of the public key; it keeps the oracle only if the private half is asked for. */
 static void *km_dup(const void *keydata_from, int selection)
 {
     const struct sk_key *src = keydata_from;
-    struct sk_key *k = sk_key_new(src->pc);
+    struct sk_key *k = sk_key_new(src->pc, src->pub.type);
     if (!k)
         return NULL;
-    if (src->n && !sk_key_set_public(k, BN_dup(src->n), BN_dup(src->e))) {
+    if (!sk_pub_copy(&k->pub, &src->pub)) {
         sk_key_free(k);
         return NULL;
     }
@@ -751,7 +944,8 @@ static void *km_dup(const void *keydata_from, int selection)
     return k;
 }
 
-/* "Private" means: an oracle does it for us. */
+/* "Private" means: an oracle does it for us. An EC key's domain parameters
+ * are its curve; the others have none, so asking for them is always met. */
 static int km_has(const void *keydata, int selection)
 {
     const struct sk_key *k = keydata;
@@ -759,9 +953,11 @@ static int km_has(const void *keydata, int selection)
     if (!k)
         return 0;
     if (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)
-        ok = ok && k->n != NULL;
+        ok = ok && sk_pub_has(&k->pub);
     if (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY)
         ok = ok && k->oracle != NULL;
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && k->pub.type == SK_EC)
+        ok = ok && k->pub.curve != NULL;
     return ok;
 }
 
@@ -769,16 +965,41 @@ static int km_has(const void *keydata, int selection)
 static int km_match(const void *keydata1, const void *keydata2, int selection)
 {
     const struct sk_key *a = keydata1, *b = keydata2;
-    if (!(selection & OSSL_KEYMGMT_SELECT_KEYPAIR))
-        return 1;
-    return a->n && b->n && BN_cmp(a->n, b->n) == 0 && BN_cmp(a->e, b->e) == 0;
+    if (a->pub.type != b->pub.type)
+        return 0;
+    if (selection & OSSL_KEYMGMT_SELECT_KEYPAIR)
+        return sk_pub_equal(&a->pub, &b->pub);
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && a->pub.type == SK_EC)
+        return a->pub.curve != NULL && a->pub.curve == b->pub.curve;
+    return 1;
 }
 
 static const char *const sk_private_params[] = {
-    OSSL_PKEY_PARAM_RSA_D, OSSL_PKEY_PARAM_RSA_FACTOR1, OSSL_PKEY_PARAM_RSA_FACTOR2,
-    OSSL_PKEY_PARAM_RSA_EXPONENT1, OSSL_PKEY_PARAM_RSA_EXPONENT2,
+    OSSL_PKEY_PARAM_PRIV_KEY, OSSL_PKEY_PARAM_RSA_D, OSSL_PKEY_PARAM_RSA_FACTOR1,
+    OSSL_PKEY_PARAM_RSA_FACTOR2, OSSL_PKEY_PARAM_RSA_EXPONENT1, OSSL_PKEY_PARAM_RSA_EXPONENT2,
     OSSL_PKEY_PARAM_RSA_COEFFICIENT1, NULL,
 };
+
+/* An EC import: a named curve (explicit curve parameters are refused) and,
+ * if the selection asks for it, the point. */
+static int km_import_ec(struct sk_key *k, int selection, const OSSL_PARAM params[])
+{
+    const OSSL_PARAM *pg = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_GROUP_NAME);
+    const OSSL_PARAM *pp = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_PUB_KEY);
+    const struct sk_curve *curve;
+    const void *octets;
+    size_t len;
+    char group[64];
+    if (!(selection & (OSSL_KEYMGMT_SELECT_PUBLIC_KEY | OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS)) ||
+        !pg || !sk_get_utf8(pg, group, sizeof(group)) || (curve = sk_curve_by_name(group)) == NULL)
+        return 0;
+    if (!(selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) {
+        sk_pub_set_curve(&k->pub, curve);
+        return 1;
+    }
+    return pp && OSSL_PARAM_get_octet_string_ptr(pp, &octets, &len) &&
+           sk_pub_set_ec(&k->pub, curve, octets, len);
+}
 
 /*
  * Public parts only. A private key must never land in this process through
@@ -787,55 +1008,65 @@ static const char *const sk_private_params[] = {
 static int km_import(void *keydata, int selection, const OSSL_PARAM params[])
 {
     struct sk_key *k = keydata;
+    const OSSL_PARAM *p1, *p2;
     BIGNUM *n = NULL, *e = NULL;
-    const OSSL_PARAM *pn, *pe;
-    if (!k || k->n)
+    const void *octets;
+    size_t len;
+    if (!k || sk_pub_has(&k->pub))
         return 0;
     for (const char *const *name = sk_private_params; *name; name++)
         if (OSSL_PARAM_locate_const(params, *name))
             return 0;
+    if (k->pub.type == SK_EC)
+        return km_import_ec(k, selection, params);
     if (!(selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY))
         return 0;
-    pn = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_N);
-    pe = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_E);
-    if (!pn || !pe || !OSSL_PARAM_get_BN(pn, &n) || !OSSL_PARAM_get_BN(pe, &e)) {
-        BN_free(n);
-        BN_free(e);
+    switch (k->pub.type) {
+    case SK_RSA:
+        p1 = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_N);
+        p2 = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_E);
+        if (!p1 || !p2 || !OSSL_PARAM_get_BN(p1, &n) || !OSSL_PARAM_get_BN(p2, &e)) {
+            BN_free(n);
+            BN_free(e);
+            return 0;
+        }
+        return sk_pub_set_rsa(&k->pub, n, e);
+    case SK_ED25519:
+        p1 = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_PUB_KEY);
+        return p1 && OSSL_PARAM_get_octet_string_ptr(p1, &octets, &len) &&
+               sk_pub_set_ed25519(&k->pub, octets, len);
+    default:
         return 0;
     }
-    return sk_key_set_public(k, n, e);
-}
-
-static const OSSL_PARAM sk_public_types[] = {
-    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_N, NULL, 0),
-    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
-    OSSL_PARAM_END,
-};
-
-static const OSSL_PARAM *km_import_types(int selection)
-{
-    return (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) ? sk_public_types : NULL;
 }
 
 /*
- * Only the public half, and only when that is all that is asked for. When
- * OpenSSL asks for the private half, it is about to try another provider's
- * RSA with our key; refusing sends it back to our own signature.
+ * Only the public half (and an EC key's curve), and only when no private
+ * half is asked for. When OpenSSL asks for that, it is about to try another
+ * provider's code with our key; refusing sends it back to our own signature.
  */
 static int km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
 {
     struct sk_key *k = keydata;
     OSSL_PARAM_BLD *bld;
-    OSSL_PARAM *params;
+    OSSL_PARAM *params = NULL;
+    int pub = selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY;
+    int curve = (selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && k && k->pub.type == SK_EC;
     int ok;
-    if (!k || !k->n || (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) ||
-        !(selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY))
+    if (!k || (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) || !(pub || curve) ||
+        (pub && !sk_pub_has(&k->pub)) || (curve && !k->pub.curve))
         return 0;
     if ((bld = OSSL_PARAM_BLD_new()) == NULL)
         return 0;
-    ok = OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, k->n) &&
-         OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, k->e) &&
-         (params = OSSL_PARAM_BLD_to_param(bld)) != NULL;
+    if (k->pub.type == SK_RSA)
+        ok = OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, k->pub.n) &&
+             OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, k->pub.e);
+    else
+        ok = (!curve || OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME,
+                                                        k->pub.curve->group, 0)) &&
+             (!pub || OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY,
+                                                       k->pub.pt, k->pub.ptlen));
+    ok = ok && (params = OSSL_PARAM_BLD_to_param(bld)) != NULL;
     OSSL_PARAM_BLD_free(bld);
     if (!ok)
         return 0;
@@ -844,74 +1075,155 @@ static int km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbar
     return ok;
 }
 
-static const OSSL_PARAM *km_export_types(int selection)
-{
-    return km_import_types(selection);
-}
+static const OSSL_PARAM sk_rsa_public_types[] = {
+    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_N, NULL, 0),
+    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
+    OSSL_PARAM_END,
+};
 
+static const OSSL_PARAM sk_ec_public_types[] = {
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, NULL, 0),
+    OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM sk_ed25519_public_types[] = {
+    OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+/*
+ * What a key tells OpenSSL about itself. libssl asks an EC key its group
+ * (to pick ecdsa_secp256r1_sha256 or _secp384r1_sha384) and point format;
+ * an Ed25519 key says it takes no digest (MANDATORY_DIGEST ""), so that
+ * EVP_DigestSignInit passes none.
+ */
 static int km_get_params(void *keydata, OSSL_PARAM params[])
 {
     struct sk_key *k = keydata;
+    const struct sk_pub *pub = k ? &k->pub : NULL;
     OSSL_PARAM *p;
-    if (!k || !k->n)
+    if (!pub || !sk_pub_has(pub))
         return 0;
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_BITS)) && !OSSL_PARAM_set_int(p, k->bits))
+    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_BITS)) && !OSSL_PARAM_set_int(p, pub->bits))
         return 0;
     if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_SECURITY_BITS)) &&
-        !OSSL_PARAM_set_int(p, BN_security_bits(k->bits, -1)))
+        !OSSL_PARAM_set_int(p, pub->security_bits))
         return 0;
     if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_MAX_SIZE)) &&
-        !OSSL_PARAM_set_int(p, (int)k->bytes))
+        !OSSL_PARAM_set_int(p, (int)pub->size))
         return 0;
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_DEFAULT_DIGEST)) &&
-        !OSSL_PARAM_set_utf8_string(p, "SHA256"))
+    if (pub->type == SK_ED25519) {
+        if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_MANDATORY_DIGEST)) &&
+            !OSSL_PARAM_set_utf8_string(p, ""))
+            return 0;
+    } else if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_DEFAULT_DIGEST)) &&
+               !OSSL_PARAM_set_utf8_string(p, "SHA256")) {
         return 0;
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_RSA_N)) && !OSSL_PARAM_set_BN(p, k->n))
+    }
+    if (pub->type == SK_RSA) {
+        if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_RSA_N)) && !OSSL_PARAM_set_BN(p, pub->n))
+            return 0;
+        if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_RSA_E)) && !OSSL_PARAM_set_BN(p, pub->e))
+            return 0;
+        return 1;
+    }
+    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_PUB_KEY)) &&
+        !OSSL_PARAM_set_octet_string(p, pub->pt, pub->ptlen))
         return 0;
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_RSA_E)) && !OSSL_PARAM_set_BN(p, k->e))
+    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY)) &&
+        !OSSL_PARAM_set_octet_string(p, pub->pt, pub->ptlen))
         return 0;
+    if (pub->type == SK_EC) {
+        if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_GROUP_NAME)) &&
+            !OSSL_PARAM_set_utf8_string(p, pub->curve->group))
+            return 0;
+        if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT)) &&
+            !OSSL_PARAM_set_utf8_string(p, OSSL_PKEY_EC_POINT_CONVERSION_FORMAT_UNCOMPRESSED))
+            return 0;
+        if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_EC_ENCODING)) &&
+            !OSSL_PARAM_set_utf8_string(p, OSSL_PKEY_EC_ENCODING_GROUP))
+            return 0;
+    }
     return 1;
 }
 
-static const OSSL_PARAM *km_gettable_params(void *provctx)
-{
-    static const OSSL_PARAM gettable[] = {
-        OSSL_PARAM_int(OSSL_PKEY_PARAM_BITS, NULL),
-        OSSL_PARAM_int(OSSL_PKEY_PARAM_SECURITY_BITS, NULL),
-        OSSL_PARAM_int(OSSL_PKEY_PARAM_MAX_SIZE, NULL),
-        OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_DEFAULT_DIGEST, NULL, 0),
-        OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_N, NULL, 0),
-        OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
-        OSSL_PARAM_END,
-    };
-    return gettable;
-}
+/* What every kind of key answers, and what EC and Ed25519 keys both do. */
+#define SK_GETTABLE_SIZES                                                              \
+    OSSL_PARAM_int(OSSL_PKEY_PARAM_BITS, NULL),                                        \
+    OSSL_PARAM_int(OSSL_PKEY_PARAM_SECURITY_BITS, NULL),                               \
+    OSSL_PARAM_int(OSSL_PKEY_PARAM_MAX_SIZE, NULL)
+#define SK_GETTABLE_POINT                                                              \
+    OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, NULL, 0),                         \
+    OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, NULL, 0)
 
-static const char *km_query_operation_name(int operation_id)
-{
-    switch (operation_id) {
-    case OSSL_OP_SIGNATURE: return SK_SIG_NAME;
-    case OSSL_OP_ASYM_CIPHER: return SK_ENC_NAME;
-    default: return NULL;
-    }
-}
-
-static const OSSL_DISPATCH sk_keymgmt_functions[] = {
-    {OSSL_FUNC_KEYMGMT_NEW, (void (*)(void))km_new},
-    {OSSL_FUNC_KEYMGMT_FREE, (void (*)(void))km_free},
-    {OSSL_FUNC_KEYMGMT_LOAD, (void (*)(void))km_load},
-    {OSSL_FUNC_KEYMGMT_DUP, (void (*)(void))km_dup},
-    {OSSL_FUNC_KEYMGMT_HAS, (void (*)(void))km_has},
-    {OSSL_FUNC_KEYMGMT_MATCH, (void (*)(void))km_match},
-    {OSSL_FUNC_KEYMGMT_IMPORT, (void (*)(void))km_import},
-    {OSSL_FUNC_KEYMGMT_IMPORT_TYPES, (void (*)(void))km_import_types},
-    {OSSL_FUNC_KEYMGMT_EXPORT, (void (*)(void))km_export},
-    {OSSL_FUNC_KEYMGMT_EXPORT_TYPES, (void (*)(void))km_export_types},
-    {OSSL_FUNC_KEYMGMT_GET_PARAMS, (void (*)(void))km_get_params},
-    {OSSL_FUNC_KEYMGMT_GETTABLE_PARAMS, (void (*)(void))km_gettable_params},
-    {OSSL_FUNC_KEYMGMT_QUERY_OPERATION_NAME, (void (*)(void))km_query_operation_name},
-    {0, NULL},
+static const OSSL_PARAM sk_rsa_gettable[] = {
+    SK_GETTABLE_SIZES,
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_DEFAULT_DIGEST, NULL, 0),
+    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_N, NULL, 0),
+    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, NULL, 0),
+    OSSL_PARAM_END,
 };
+
+static const OSSL_PARAM sk_ec_gettable[] = {
+    SK_GETTABLE_SIZES,
+    SK_GETTABLE_POINT,
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_DEFAULT_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_EC_ENCODING, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM sk_ed25519_gettable[] = {
+    SK_GETTABLE_SIZES,
+    SK_GETTABLE_POINT,
+    OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_MANDATORY_DIGEST, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+/*
+ * The per-kind functions and dispatch table of keymgmt t: an empty key of
+ * that kind (filled by import: OpenSSL's way to compare a certificate with
+ * us), loading only keys of that kind, and its parameter lists and
+ * signature (and cipher) names.
+ */
+#define SK_KEYMGMT(t, TYPE, SIGNATURE, CIPHER)                                        \
+    static void *km_new_##t(void *provctx) { return sk_key_new(provctx, TYPE); }     \
+    static void *km_load_##t(const void *ref, size_t ref_sz)                           \
+    {                                                                                   \
+        return km_load_of(TYPE, ref, ref_sz);                                          \
+    }                                                                                   \
+    static const OSSL_PARAM *km_types_##t(int selection)                               \
+    {                                                                                   \
+        return (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) ? sk_##t##_public_types : NULL; \
+    }                                                                                   \
+    static const OSSL_PARAM *km_gettable_##t(void *provctx) { return sk_##t##_gettable; } \
+    static const char *km_operation_##t(int operation_id)                              \
+    {                                                                                   \
+        return operation_id == OSSL_OP_SIGNATURE ? SIGNATURE                           \
+               : operation_id == OSSL_OP_ASYM_CIPHER ? CIPHER : NULL;                  \
+    }                                                                                   \
+    static const OSSL_DISPATCH sk_##t##_keymgmt_functions[] = {                        \
+        {OSSL_FUNC_KEYMGMT_NEW, (void (*)(void))km_new_##t},                           \
+        {OSSL_FUNC_KEYMGMT_FREE, (void (*)(void))km_free},                             \
+        {OSSL_FUNC_KEYMGMT_LOAD, (void (*)(void))km_load_##t},                         \
+        {OSSL_FUNC_KEYMGMT_DUP, (void (*)(void))km_dup},                               \
+        {OSSL_FUNC_KEYMGMT_HAS, (void (*)(void))km_has},                               \
+        {OSSL_FUNC_KEYMGMT_MATCH, (void (*)(void))km_match},                           \
+        {OSSL_FUNC_KEYMGMT_IMPORT, (void (*)(void))km_import},                         \
+        {OSSL_FUNC_KEYMGMT_IMPORT_TYPES, (void (*)(void))km_types_##t},                \
+        {OSSL_FUNC_KEYMGMT_EXPORT, (void (*)(void))km_export},                         \
+        {OSSL_FUNC_KEYMGMT_EXPORT_TYPES, (void (*)(void))km_types_##t},                \
+        {OSSL_FUNC_KEYMGMT_GET_PARAMS, (void (*)(void))km_get_params},                 \
+        {OSSL_FUNC_KEYMGMT_GETTABLE_PARAMS, (void (*)(void))km_gettable_##t},          \
+        {OSSL_FUNC_KEYMGMT_QUERY_OPERATION_NAME, (void (*)(void))km_operation_##t},    \
+        {0, NULL},                                                                      \
+    };
+
+SK_KEYMGMT(rsa, SK_RSA, SK_RSA_SIG_NAME, SK_ENC_NAME)
+SK_KEYMGMT(ec, SK_EC, SK_EC_SIG_NAME, NULL)
+SK_KEYMGMT(ed25519, SK_ED25519, SK_ED25519_SIG_NAME, NULL)
 
 /* ===================================================================== */
 /* digests and parameters shared by signing and decryption                */
@@ -937,11 +1249,6 @@ static uint32_t sk_md_code_by_name(struct sk_provctx *pc, const char *name, cons
     uint32_t code = md ? sk_md_code(md) : 0;
     EVP_MD_free(md);
     return code;
-}
-
-static int sk_get_utf8(const OSSL_PARAM *p, char *buf, size_t cap)
-{
-    return OSSL_PARAM_get_utf8_string(p, &buf, cap);
 }
 
 /* A digest parameter (OAEP, MGF1) -> its wire code; what names it in errors. */
@@ -985,6 +1292,7 @@ static int sk_get_pad_mode(const OSSL_PARAM *p, int *pad)
 struct sk_sig {
     struct sk_provctx *pc;
     char *propq;
+    enum sk_type type;          /* the kind of key this context signs with */
     struct sk_key *key;
     int pad;                    /* RSA_PKCS1_PADDING or RSA_PKCS1_PSS_PADDING */
     EVP_MD *md;                 /* NULL until set; sign() may infer it */
@@ -994,7 +1302,6 @@ struct sk_sig {
     EVP_MD_CTX *mdctx;          /* digest-sign: the running hash */
 };
 
-static OSSL_FUNC_signature_newctx_fn sig_newctx;
 static OSSL_FUNC_signature_freectx_fn sig_freectx;
 static OSSL_FUNC_signature_dupctx_fn sig_dupctx;
 static OSSL_FUNC_signature_sign_init_fn sig_sign_init;
@@ -1004,16 +1311,16 @@ static OSSL_FUNC_signature_digest_sign_update_fn sig_digest_sign_update;
 static OSSL_FUNC_signature_digest_sign_final_fn sig_digest_sign_final;
 static OSSL_FUNC_signature_digest_sign_fn sig_digest_sign;
 static OSSL_FUNC_signature_get_ctx_params_fn sig_get_ctx_params;
-static OSSL_FUNC_signature_gettable_ctx_params_fn sig_gettable_ctx_params;
 static OSSL_FUNC_signature_set_ctx_params_fn sig_set_ctx_params;
-static OSSL_FUNC_signature_settable_ctx_params_fn sig_settable_ctx_params;
 
-static void *sig_newctx(void *provctx, const char *propq)
+/* A signature context that will only accept keys of this kind at init. */
+static void *sig_newctx_of(enum sk_type type, void *provctx, const char *propq)
 {
     struct sk_sig *ctx = calloc(1, sizeof(*ctx));
     if (!ctx)
         return NULL;
     ctx->pc = provctx;
+    ctx->type = type;
     ctx->pad = RSA_PKCS1_PADDING;
     ctx->saltlen = RSA_PSS_SALTLEN_AUTO;
     if (propq && (ctx->propq = strdup(propq)) == NULL) {
@@ -1086,6 +1393,8 @@ static int sig_init(struct sk_sig *ctx, void *provkey, const OSSL_PARAM params[]
             SK_RAISE(ctx->pc, SK_R_PUBLIC_ONLY, "");
             return 0;
         }
+        if (k->pub.type != ctx->type)
+            return 0;
         sk_key_ref(k);
         sk_key_free(ctx->key);
         ctx->key = k;
@@ -1106,11 +1415,23 @@ static int sig_sign_init(void *vctx, void *provkey, const OSSL_PARAM params[])
     return sig_init(ctx, provkey, params);
 }
 
-/* No oracle contact here: libssl calls this as a trial for every sigalg. */
+/*
+ * No oracle contact here: libssl calls this as a trial for every sigalg.
+ * Ed25519 signs the message itself, so it takes no digest and keeps no
+ * running hash (OpenSSL passes NULL, having read MANDATORY_DIGEST "").
+ */
 static int sig_digest_sign_init(void *vctx, const char *mdname, void *provkey,
                                 const OSSL_PARAM params[])
 {
     struct sk_sig *ctx = vctx;
+    if (ctx->type == SK_ED25519) {
+        if (mdname && mdname[0]) {
+            SK_RAISE(ctx->pc, SK_R_UNSUPPORTED_PARAM, "digest %s; Ed25519 signs the message "
+                     "itself", mdname);
+            return 0;
+        }
+        return sig_init(ctx, provkey, params);
+    }
     if (!ctx->mdctx && (ctx->mdctx = EVP_MD_CTX_new()) == NULL)
         return 0;
     if (!sig_set_md(ctx, mdname ? mdname : "SHA256", NULL))
@@ -1127,7 +1448,7 @@ static int sig_digest_sign_update(void *vctx, const unsigned char *data, size_t 
 /* PSS salt length for this key and digest, or -1 if it cannot fit. */
 static int sig_salt(const struct sk_sig *ctx, size_t md_size)
 {
-    int max = (ctx->key->bits - 1 + 7) / 8 - (int)md_size - 2;
+    int max = (ctx->key->pub.bits - 1 + 7) / 8 - (int)md_size - 2;
     int salt = ctx->saltlen;
     if (salt == RSA_PSS_SALTLEN_DIGEST)
         salt = (int)md_size;
@@ -1136,37 +1457,66 @@ static int sig_salt(const struct sk_sig *ctx, size_t md_size)
     return (salt >= 0 && salt <= max) ? salt : -1;
 }
 
-/* Sign a digest in the oracle; the signature is exactly the modulus size. */
-static int sig_sign_digest(struct sk_sig *ctx, const unsigned char *dgst, size_t dlen,
+/* The request parameters for signing in with ctx: 0 if they cannot be met. */
+static int sig_request(struct sk_sig *ctx, size_t inlen, uint32_t p[4])
+{
+    if (ctx->type != SK_ED25519 && (size_t)EVP_MD_get_size(ctx->md) != inlen) {
+        SK_RAISE(ctx->pc, SK_R_UNSUPPORTED_PARAM, "digest is %zu bytes; %s needs %d",
+                 inlen, EVP_MD_get0_name(ctx->md), EVP_MD_get_size(ctx->md));
+        return 0;
+    }
+    p[1] = p[2] = p[3] = 0;
+    switch (ctx->type) {
+    case SK_RSA:
+        p[0] = SHMKEY_PAD_PKCS1V15;
+        p[1] = ctx->md_code;
+        if (ctx->pad == RSA_PKCS1_PSS_PADDING) {
+            int salt = sig_salt(ctx, inlen);
+            if (salt < 0) {
+                SK_RAISE(ctx->pc, SK_R_UNSUPPORTED_PARAM, "PSS salt length %d", ctx->saltlen);
+                return 0;
+            }
+            p[0] = SHMKEY_PAD_PSS;
+            p[2] = ctx->mgf1_code ? ctx->mgf1_code : ctx->md_code;
+            p[3] = (uint32_t)salt;
+        }
+        return 1;
+    case SK_EC:
+        p[0] = SHMKEY_SIG_ECDSA;
+        p[1] = ctx->md_code;
+        return 1;
+    case SK_ED25519:
+        p[0] = SHMKEY_SIG_ED25519;
+        return 1;
+    }
+    return 0;
+}
+
+/*
+ * Sign in the oracle: a digest (RSA, ECDSA) or the message (Ed25519). The
+ * reply must have the length its kind allows: an RSA signature is exactly
+ * the modulus size, an Ed25519 one 64 bytes, a DER ECDSA one at most size.
+ */
+static int sig_oracle_sign(struct sk_sig *ctx, const unsigned char *in, size_t inlen,
                            unsigned char *sig, size_t *siglen, size_t sigsize)
 {
     struct sk_key *k = ctx->key;
     uint8_t reply[SK_REPLY_MAX];
-    uint32_t p[4] = {SHMKEY_PAD_PKCS1V15, ctx->md_code, 0, 0};
-    uint32_t got;
-    if ((size_t)EVP_MD_get_size(ctx->md) != dlen) {
-        SK_RAISE(ctx->pc, SK_R_UNSUPPORTED_PARAM, "digest is %zu bytes; %s needs %d",
-                 dlen, EVP_MD_get0_name(ctx->md), EVP_MD_get_size(ctx->md));
+    uint32_t p[4], got;
+    if (!sig_request(ctx, inlen, p))
+        return 0;
+    if (sigsize < k->pub.size) {
+        SK_RAISE(ctx->pc, SK_R_BUFFER_TOO_SMALL, "%zu bytes for a signature of up to %u",
+                 sigsize, k->pub.size);
         return 0;
     }
-    if (sigsize < k->bytes) {
-        SK_RAISE(ctx->pc, SK_R_BUFFER_TOO_SMALL, "%zu bytes for a %u-byte signature",
-                 sigsize, k->bytes);
+    if (inlen > UINT32_MAX) {
+        SK_RAISE(ctx->pc, -SHMKEY_ETOOBIG, "%zu bytes to sign", inlen);
         return 0;
     }
-    if (ctx->pad == RSA_PKCS1_PSS_PADDING) {
-        int salt = sig_salt(ctx, dlen);
-        if (salt < 0) {
-            SK_RAISE(ctx->pc, SK_R_UNSUPPORTED_PARAM, "PSS salt length %d", ctx->saltlen);
-            return 0;
-        }
-        p[0] = SHMKEY_PAD_PSS;
-        p[2] = ctx->mgf1_code ? ctx->mgf1_code : ctx->md_code;
-        p[3] = (uint32_t)salt;
-    }
-    if (!sk_oracle_call(k, SHMKEY_OP_SIGN, p, dgst, (uint32_t)dlen, reply, sizeof(reply), &got))
+    if (!sk_oracle_call(k, SHMKEY_OP_SIGN, p, in, (uint32_t)inlen, reply, sizeof(reply), &got))
         return 0;
-    if (got != k->bytes) {
+    if (k->pub.type == SK_EC ? got < 8 || got > k->pub.size : got != k->pub.size) {
         SK_RAISE(ctx->pc, -SHMKEY_EPROTO, "oracle '%s' sent a %u-byte signature",
                  k->oracle->name, got);
         return 0;
@@ -1184,29 +1534,32 @@ static int sig_digest_sign_final(void *vctx, unsigned char *sig, size_t *siglen,
     if (!ctx->key || !ctx->mdctx)
         return 0;
     if (sig == NULL) {
-        *siglen = ctx->key->bytes;
+        *siglen = ctx->key->pub.size;
         return 1;
     }
     if (!EVP_DigestFinal_ex(ctx->mdctx, dgst, &dlen))
         return 0;
-    return sig_sign_digest(ctx, dgst, dlen, sig, siglen, sigsize);
+    return sig_oracle_sign(ctx, dgst, dlen, sig, siglen, sigsize);
 }
 
+/* One-shot digest-sign; for Ed25519 the only way to sign. */
 static int sig_digest_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsize,
                            const unsigned char *tbs, size_t tbslen)
 {
     struct sk_sig *ctx = vctx;
     unsigned char dgst[EVP_MAX_MD_SIZE];
     unsigned int dlen = 0;
-    if (!ctx->key || !ctx->md)
+    if (!ctx->key || (ctx->type != SK_ED25519 && !ctx->md))
         return 0;
     if (sig == NULL) {
-        *siglen = ctx->key->bytes;
+        *siglen = ctx->key->pub.size;
         return 1;
     }
+    if (ctx->type == SK_ED25519)
+        return sig_oracle_sign(ctx, tbs, tbslen, sig, siglen, sigsize);
     if (!EVP_Digest(tbs, tbslen, dgst, &dlen, ctx->md, NULL))
         return 0;
-    return sig_sign_digest(ctx, dgst, dlen, sig, siglen, sigsize);
+    return sig_oracle_sign(ctx, dgst, dlen, sig, siglen, sigsize);
 }
 
 /* EVP_PKEY_sign: tbs is already a digest; its length names the hash if unset. */
@@ -1217,7 +1570,7 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsi
     if (!ctx->key)
         return 0;
     if (sig == NULL) {
-        *siglen = ctx->key->bytes;
+        *siglen = ctx->key->pub.size;
         return 1;
     }
     if (!ctx->md) {
@@ -1226,9 +1579,10 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsi
         if (!sig_set_md(ctx, name, NULL))
             return 0;
     }
-    return sig_sign_digest(ctx, tbs, tbslen, sig, siglen, sigsize);
+    return sig_oracle_sign(ctx, tbs, tbslen, sig, siglen, sigsize);
 }
 
+/* RSA padding parameters only for RSA; Ed25519 takes no digest either. */
 static int sig_set_ctx_params(void *vctx, const OSSL_PARAM params[])
 {
     struct sk_sig *ctx = vctx;
@@ -1236,6 +1590,14 @@ static int sig_set_ctx_params(void *vctx, const OSSL_PARAM params[])
     char name[64], props[256];
     if (params == NULL)
         return 1;
+    if (ctx->type != SK_RSA &&
+        (OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_PAD_MODE) ||
+         OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_PSS_SALTLEN) ||
+         OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_MGF1_DIGEST) ||
+         (ctx->type == SK_ED25519 && OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_DIGEST)))) {
+        SK_RAISE(ctx->pc, SK_R_UNSUPPORTED_PARAM, "parameter for another kind of key");
+        return 0;
+    }
     if ((p = OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_DIGEST)) != NULL) {
         const OSSL_PARAM *pp = OSSL_PARAM_locate_const(params, OSSL_SIGNATURE_PARAM_PROPERTIES);
         if (!sk_get_utf8(p, name, sizeof(name)) ||
@@ -1277,26 +1639,17 @@ static int sig_set_ctx_params(void *vctx, const OSSL_PARAM params[])
     return 1;
 }
 
-static const OSSL_PARAM *sig_settable_ctx_params(void *vctx, void *provctx)
-{
-    static const OSSL_PARAM settable[] = {
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PROPERTIES, NULL, 0),
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL, 0),
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
-        OSSL_PARAM_END,
-    };
-    return settable;
-}
-
 static int sig_get_ctx_params(void *vctx, OSSL_PARAM params[])
 {
     struct sk_sig *ctx = vctx;
     OSSL_PARAM *p;
+    if (ctx->type == SK_ED25519)
+        return 1;
     if ((p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_DIGEST)) != NULL &&
         !OSSL_PARAM_set_utf8_string(p, ctx->md ? EVP_MD_get0_name(ctx->md) : ""))
         return 0;
+    if (ctx->type != SK_RSA)
+        return 1;
     if ((p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_PAD_MODE)) != NULL) {
         int ok = p->data_type == OSSL_PARAM_INTEGER
                  ? OSSL_PARAM_set_int(p, ctx->pad)
@@ -1312,32 +1665,84 @@ static int sig_get_ctx_params(void *vctx, OSSL_PARAM params[])
     return 1;
 }
 
-static const OSSL_PARAM *sig_gettable_ctx_params(void *vctx, void *provctx)
-{
-    static const OSSL_PARAM gettable[] = {
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
-        OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
-        OSSL_PARAM_int(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL),
-        OSSL_PARAM_END,
-    };
-    return gettable;
-}
+static const OSSL_PARAM sk_rsa_sig_settable[] = {
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PROPERTIES, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
+    OSSL_PARAM_END,
+};
 
-static const OSSL_DISPATCH sk_signature_functions[] = {
-    {OSSL_FUNC_SIGNATURE_NEWCTX, (void (*)(void))sig_newctx},
-    {OSSL_FUNC_SIGNATURE_FREECTX, (void (*)(void))sig_freectx},
-    {OSSL_FUNC_SIGNATURE_DUPCTX, (void (*)(void))sig_dupctx},
-    {OSSL_FUNC_SIGNATURE_SIGN_INIT, (void (*)(void))sig_sign_init},
-    {OSSL_FUNC_SIGNATURE_SIGN, (void (*)(void))sig_sign},
-    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, (void (*)(void))sig_digest_sign_init},
-    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, (void (*)(void))sig_digest_sign_update},
-    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, (void (*)(void))sig_digest_sign_final},
-    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN, (void (*)(void))sig_digest_sign},
-    {OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, (void (*)(void))sig_get_ctx_params},
-    {OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, (void (*)(void))sig_gettable_ctx_params},
-    {OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, (void (*)(void))sig_set_ctx_params},
-    {OSSL_FUNC_SIGNATURE_SETTABLE_CTX_PARAMS, (void (*)(void))sig_settable_ctx_params},
-    {0, NULL},
+static const OSSL_PARAM sk_rsa_sig_gettable[] = {
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
+    OSSL_PARAM_int(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM sk_ec_sig_settable[] = {
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PROPERTIES, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM sk_ec_sig_gettable[] = {
+    OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM sk_ed25519_sig_settable[] = {OSSL_PARAM_END};
+static const OSSL_PARAM *const sk_ed25519_sig_gettable = sk_ed25519_sig_settable;
+
+/*
+ * The per-kind functions of signature t, and the dispatch entries every
+ * kind has. RSA and ECDSA add streaming digest-sign and EVP_PKEY_sign of a
+ * digest; Ed25519 signs in one shot only, as OpenSSL's own does.
+ */
+#define SK_SIGNATURE(t, TYPE)                                                          \
+    static void *sig_newctx_##t(void *provctx, const char *propq)                     \
+    {                                                                                   \
+        return sig_newctx_of(TYPE, provctx, propq);                                    \
+    }                                                                                   \
+    static const OSSL_PARAM *sig_settable_##t(void *vctx, void *provctx)              \
+    {                                                                                   \
+        return sk_##t##_sig_settable;                                                  \
+    }                                                                                   \
+    static const OSSL_PARAM *sig_gettable_##t(void *vctx, void *provctx)              \
+    {                                                                                   \
+        return sk_##t##_sig_gettable;                                                  \
+    }
+#define SK_SIGNATURE_ENTRIES(t)                                                        \
+    {OSSL_FUNC_SIGNATURE_NEWCTX, (void (*)(void))sig_newctx_##t},                      \
+    {OSSL_FUNC_SIGNATURE_FREECTX, (void (*)(void))sig_freectx},                        \
+    {OSSL_FUNC_SIGNATURE_DUPCTX, (void (*)(void))sig_dupctx},                          \
+    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, (void (*)(void))sig_digest_sign_init},      \
+    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN, (void (*)(void))sig_digest_sign},                \
+    {OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, (void (*)(void))sig_get_ctx_params},          \
+    {OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, (void (*)(void))sig_gettable_##t},       \
+    {OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, (void (*)(void))sig_set_ctx_params},          \
+    {OSSL_FUNC_SIGNATURE_SETTABLE_CTX_PARAMS, (void (*)(void))sig_settable_##t}
+#define SK_SIGNATURE_DIGEST_ENTRIES                                                    \
+    {OSSL_FUNC_SIGNATURE_SIGN_INIT, (void (*)(void))sig_sign_init},                    \
+    {OSSL_FUNC_SIGNATURE_SIGN, (void (*)(void))sig_sign},                              \
+    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, (void (*)(void))sig_digest_sign_update},  \
+    {OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, (void (*)(void))sig_digest_sign_final}
+
+SK_SIGNATURE(rsa, SK_RSA)
+SK_SIGNATURE(ec, SK_EC)
+SK_SIGNATURE(ed25519, SK_ED25519)
+
+static const OSSL_DISPATCH sk_rsa_signature_functions[] = {
+    SK_SIGNATURE_ENTRIES(rsa), SK_SIGNATURE_DIGEST_ENTRIES, {0, NULL},
+};
+
+static const OSSL_DISPATCH sk_ec_signature_functions[] = {
+    SK_SIGNATURE_ENTRIES(ec), SK_SIGNATURE_DIGEST_ENTRIES, {0, NULL},
+};
+
+static const OSSL_DISPATCH sk_ed25519_signature_functions[] = {
+    SK_SIGNATURE_ENTRIES(ed25519), {0, NULL},
 };
 
 /* ===================================================================== */
@@ -1414,6 +1819,8 @@ static int enc_decrypt_init(void *vctx, void *provkey, const OSSL_PARAM params[]
         SK_RAISE(ctx->pc, SK_R_PUBLIC_ONLY, "");
         return 0;
     }
+    if (k->pub.type != SK_RSA)
+        return 0;
     sk_key_ref(k);
     sk_key_free(ctx->key);
     ctx->key = k;
@@ -1484,14 +1891,14 @@ static int enc_decrypt(void *vctx, unsigned char *out, size_t *outlen, size_t ou
     int ok;
     if (!k)
         return 0;
-    size_t need = ctx->pad == RSA_PKCS1_WITH_TLS_PADDING ? SK_TLS_PMS_LEN : k->bytes;
+    size_t need = ctx->pad == RSA_PKCS1_WITH_TLS_PADDING ? SK_TLS_PMS_LEN : k->pub.size;
     if (out == NULL) {
         *outlen = need;
         return 1;
     }
-    if (inlen != k->bytes) {
+    if (inlen != k->pub.size) {
         SK_RAISE(ctx->pc, -SHMKEY_EINVAL, "ciphertext is %zu bytes; the key needs %u",
-                 inlen, k->bytes);
+                 inlen, k->pub.size);
         return 0;
     }
     if (ctx->pad == RSA_PKCS1_WITH_TLS_PADDING) {
@@ -1724,11 +2131,14 @@ static int pem_export_object(void *vctx, const void *objref, size_t objref_sz,
 }
 
 /*
- * DER -> key. DER that is not a key reference is someone else's (return 1
- * empty-handed); a reference we cannot use is an error (return 0).
+ * DER -> key, for the decoder of one kind of key. DER that is not a key
+ * reference, or one for another kind, is someone else's (return 1
+ * empty-handed); a reference of this kind that we cannot use is an error
+ * (return 0). A key of a kind none of them takes is the RSA decoder's error,
+ * so that it is reported once.
  */
-static int ref_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBACK *data_cb,
-                      void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+static int ref_decode_of(enum sk_type type, const char *data_type, void *vctx,
+                         OSSL_CORE_BIO *cin, OSSL_CALLBACK *data_cb, void *data_cbarg)
 {
     struct sk_provctx *pc = vctx;
     size_t len = 0;
@@ -1739,14 +2149,17 @@ static int ref_decode(void *vctx, OSSL_CORE_BIO *cin, int selection, OSSL_CALLBA
     if (!buf)
         return 1;
     if ((ref = sk_ref_parse(buf, len)) != NULL) {
-        if ((k = sk_key_from_ref(pc, ref)) == NULL) {
+        enum sk_type found = sk_spki_type(ref->spki);
+        if (found != type && !(found == 0 && type == SK_RSA)) {
+            /* another decoder's */
+        } else if ((k = sk_key_from_ref(pc, ref)) == NULL) {
             ok = 0;
         } else {
             int objtype = OSSL_OBJECT_PKEY;
             OSSL_PARAM params[4];
             params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &objtype);
             params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
-                                                         (char *)"RSA", 0);
+                                                         (char *)data_type, 0);
             params[2] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE,
                                                           &k, sizeof(k));
             params[3] = OSSL_PARAM_construct_end();
@@ -1775,14 +2188,26 @@ static const OSSL_DISPATCH sk_pem_decoder_functions[] = {
     {0, NULL},
 };
 
-static const OSSL_DISPATCH sk_ref_decoder_functions[] = {
-    {OSSL_FUNC_DECODER_NEWCTX, (void (*)(void))dec_newctx},
-    {OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx},
-    {OSSL_FUNC_DECODER_DOES_SELECTION, (void (*)(void))dec_does_selection},
-    {OSSL_FUNC_DECODER_DECODE, (void (*)(void))ref_decode},
-    {OSSL_FUNC_DECODER_EXPORT_OBJECT, (void (*)(void))ref_export_object},
-    {0, NULL},
-};
+/* The reference decoder of kind t, which hands OpenSSL keys of DATA_TYPE. */
+#define SK_REF_DECODER_FUNCTIONS(t, TYPE, DATA_TYPE)                                   \
+    static int ref_decode_##t(void *vctx, OSSL_CORE_BIO *cin, int selection,          \
+                              OSSL_CALLBACK *data_cb, void *data_cbarg,                \
+                              OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)         \
+    {                                                                                   \
+        return ref_decode_of(TYPE, DATA_TYPE, vctx, cin, data_cb, data_cbarg);         \
+    }                                                                                   \
+    static const OSSL_DISPATCH sk_##t##_ref_decoder_functions[] = {                    \
+        {OSSL_FUNC_DECODER_NEWCTX, (void (*)(void))dec_newctx},                        \
+        {OSSL_FUNC_DECODER_FREECTX, (void (*)(void))dec_freectx},                      \
+        {OSSL_FUNC_DECODER_DOES_SELECTION, (void (*)(void))dec_does_selection},        \
+        {OSSL_FUNC_DECODER_DECODE, (void (*)(void))ref_decode_##t},                    \
+        {OSSL_FUNC_DECODER_EXPORT_OBJECT, (void (*)(void))ref_export_object},          \
+        {0, NULL},                                                                      \
+    };
+
+SK_REF_DECODER_FUNCTIONS(rsa, SK_RSA, "RSA")
+SK_REF_DECODER_FUNCTIONS(ec, SK_EC, "EC")
+SK_REF_DECODER_FUNCTIONS(ed25519, SK_ED25519, "ED25519")
 
 /* ===================================================================== */
 /* the provider                                                          */
@@ -1791,12 +2216,18 @@ static const OSSL_DISPATCH sk_ref_decoder_functions[] = {
 #define SK_PROPS "provider=" SK_PROVIDER_NAME
 
 static const OSSL_ALGORITHM sk_keymgmts[] = {
-    {SK_RSA_NAMES, SK_PROPS, sk_keymgmt_functions, "RSA key held by a shmkey oracle"},
+    {SK_RSA_NAMES, SK_PROPS, sk_rsa_keymgmt_functions, "RSA key held by a shmkey oracle"},
+    {SK_EC_NAMES, SK_PROPS, sk_ec_keymgmt_functions, "EC key held by a shmkey oracle"},
+    {SK_ED25519_NAMES, SK_PROPS, sk_ed25519_keymgmt_functions,
+     "Ed25519 key held by a shmkey oracle"},
     {NULL, NULL, NULL, NULL},
 };
 
 static const OSSL_ALGORITHM sk_signatures[] = {
-    {SK_SIG_NAME, SK_PROPS, sk_signature_functions, "RSA signing in a shmkey oracle"},
+    {SK_RSA_SIG_NAME, SK_PROPS, sk_rsa_signature_functions, "RSA signing in a shmkey oracle"},
+    {SK_EC_SIG_NAME, SK_PROPS, sk_ec_signature_functions, "ECDSA signing in a shmkey oracle"},
+    {SK_ED25519_SIG_NAME, SK_PROPS, sk_ed25519_signature_functions,
+     "Ed25519 signing in a shmkey oracle"},
     {NULL, NULL, NULL, NULL},
 };
 
@@ -1807,8 +2238,12 @@ static const OSSL_ALGORITHM sk_asym_ciphers[] = {
 
 static const OSSL_ALGORITHM sk_decoders[] = {
     {"DER", SK_PROPS ",input=pem", sk_pem_decoder_functions, "PEM " SK_PEM_LABEL " to DER"},
-    {SK_RSA_NAMES, SK_PROPS ",input=der,structure=shmkey-key-reference",
-     sk_ref_decoder_functions, "shmkey key reference to key"},
+#define SK_REF_DECODER(NAMES, t)                                                       \
+    {NAMES, SK_PROPS ",input=der,structure=shmkey-key-reference",                       \
+     sk_##t##_ref_decoder_functions, "shmkey key reference to key"}
+    SK_REF_DECODER(SK_RSA_NAMES, rsa),
+    SK_REF_DECODER(SK_EC_NAMES, ec),
+    SK_REF_DECODER(SK_ED25519_NAMES, ed25519),
     {NULL, NULL, NULL, NULL},
 };
 
@@ -1867,8 +2302,7 @@ static void sk_teardown(void *provctx)
         struct sk_oracle *o = pc->oracles;
         pc->oracles = o->next;
         sk_conn_close(sk_conn_unref_locked(o->conn));
-        BN_free(o->n);
-        BN_free(o->e);
+        sk_pub_clear(&o->pub);
         free(o);
     }
     OSSL_LIB_CTX_free(pc->libctx);
@@ -1985,9 +2419,10 @@ int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_
 /*
  * Register the provider as a builtin of the default library context and load
  * it, with "default" loaded explicitly: once any provider is loaded, OpenSSL
- * no longer falls back to "default" by itself. Our keymgmt answers to "RSA",
- * so "default" is made the preferred provider (unless a FIPS policy is in
- * force) to keep RSA key generation and import with it. Idempotent.
+ * no longer falls back to "default" by itself. Our keymgmts answer to "RSA",
+ * "EC" and "ED25519", so "default" is made the preferred provider (unless a
+ * FIPS policy is in force) to keep key generation (libssl's ECDHE keys among
+ * them) and import with it. Idempotent.
  */
 int shmkey_openssl_enable(char *detail, uint32_t cap)
 {

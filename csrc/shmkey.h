@@ -101,7 +101,8 @@ struct shmkey_ring_hdr {
     uint32_t spin_us;       /* how long either side spins before sleeping */
     uint32_t ncpu;
     uint32_t active;        /* threads spinning or computing for this ring */
-    uint32_t reserved[5];
+    uint32_t spinners;      /* workers spinning for requests: no need to post "req" */
+    uint32_t reserved[4];
 };
 
 /*

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
-# (nginx, haproxy: the OpenSSL provider tests serve TLS from them).
+# (nginx, haproxy: the OpenSSL provider tests serve TLS from them; strace: the
+# proxy test that only the oracle opens the key file).
 APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux binutils clang libclang-rt-14-dev
-              nginx haproxy)
+              nginx haproxy strace)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

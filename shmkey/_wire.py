@@ -171,13 +171,15 @@ def decode_sign(p: Params, key_bits: int) -> Optional[SignSpec]:
     return None
 
 
-def decode_ecdsa(p: Params, digest: bytes) -> Optional[ec.ECDSA]:
-    """The ECDSA algorithm of a decoded sign request; None if invalid."""
-    scheme, h, mgf, extra = p
-    if scheme != lib.SHMKEY_SIG_ECDSA or h not in SIGN_HASHES or mgf or extra:
-        return None
-    alg = HASHES[h]()
-    return ec.ECDSA(Prehashed(alg)) if len(digest) == alg.digest_size else None
+def ecdsa_algorithms() -> dict[Params, ec.ECDSA]:
+    """The ECDSA algorithm for each valid sign request's parameters (oracle side).
+
+    Built in one go when the oracle starts: constructing an ``ec.ECDSA``
+    imports a module of cryptography's on first use, which an oracle that has
+    dropped root (``--user``) may no longer be allowed to read.
+    """
+    return {(lib.SHMKEY_SIG_ECDSA, code, 0, 0): ec.ECDSA(Prehashed(HASHES[code]()))
+            for code in sorted(SIGN_HASHES)}
 
 
 def decode_decrypt(p: Params) -> Optional[tuple[int, Optional[apad.AsymmetricPadding], int]]:

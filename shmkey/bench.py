@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .errors import ShmkeyError
+from .keys import OracleKey
 from .oracle import KeyOracle
 
 MODES = ("in-process", "socketpair", "shm")
@@ -101,9 +102,11 @@ def open_target(mode: str, key_path: Path, **settings: Optional[int]) -> Target:
         return Target(mode, key.key_size, key)
     if mode not in TRANSPORTS:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    oracle = KeyOracle(key_path, transport=mode, **settings).start()
+    oracle = KeyOracle(key_path, transport=mode, **settings).start()  # type: ignore[arg-type]
     try:
         okey = oracle.private_key()
+        if not isinstance(okey, OracleKey):
+            raise ValueError("shmkey bench measures RSA keys")
     except BaseException:
         oracle.stop()
         raise
@@ -707,9 +710,8 @@ def run(opts: Options, progress: ProgressFn = _quiet, command: str = "") -> Repo
             for clients in opts.clients:
                 step += 1
                 meter = _LoadMeter(lab.oracle_pids())
-                rows_t = _throughput_round_robin(
-                    lab, opts, modes, kind, clients, settings,
-                    lambda msg, s=step: progress(f"[{s}/{steps}] {msg}"))
+                rows_t = _throughput_round_robin(lab, opts, modes, kind, clients, settings,
+                                                 _step_progress(progress, step, steps))
                 other = meter.stop(lab.oracle_pids())["other_load_cores"]
                 for t in rows_t:
                     t.other_load_cores = other
@@ -762,6 +764,13 @@ class _LoadMeter:
         return {"elapsed_s": round(elapsed, 1),
                 "other_load_cores": round(max(0.0, other / tck / elapsed), 2),
                 "steal_cores": round((steal - self._steal0) / tck / elapsed, 2)}
+
+
+def _step_progress(progress: ProgressFn, step: int, steps: int) -> ProgressFn:
+    """Progress messages prefixed with the step they belong to."""
+    def say(msg: str) -> None:
+        progress(f"[{step}/{steps}] {msg}")
+    return say
 
 
 def _throughput_round_robin(lab: Lab, opts: Options, modes: Sequence[str], kind: str,
@@ -826,16 +835,16 @@ def format_report(report: Report) -> str:
                   f"{'clients':<14} {'mode':<11} {'ops/s':>9} {'x in-proc':>9} {'shm/sock':>9} "
                   f"{'slowest/fastest':>16} {'other':>6}"]
         for t in report.throughput:
-            base = report.rate("in-process", t.kind, t.clients)
-            sock = report.rate("socketpair", t.kind, t.clients)
-            rel = f"{t.ops_per_s / base.ops_per_s:.2f}" if base else ""
-            ss = f"{t.ops_per_s / sock.ops_per_s:.2f}" if sock and t.mode == "shm" else ""
+            tbase = report.rate("in-process", t.kind, t.clients)
+            tsock = report.rate("socketpair", t.kind, t.clients)
+            rel = f"{t.ops_per_s / tbase.ops_per_s:.2f}" if tbase else ""
+            ss = f"{t.ops_per_s / tsock.ops_per_s:.2f}" if tsock and t.mode == "shm" else ""
             first = t is next(x for x in report.throughput
                               if x.kind == t.kind and x.clients == t.clients)
             label = f"{t.clients} {t.kind}" if first else ""
-            other = f"{t.other_load_cores:.2f}" if first else ""
+            tother = f"{t.other_load_cores:.2f}" if first else ""
             lines.append(f"{label:<14} {t.mode:<11} {_num(t.ops_per_s):>9} {rel:>9} {ss:>9} "
-                         f"{t.fairness:>16.2f} {other:>6}")
+                         f"{t.fairness:>16.2f} {tother:>6}")
     lines += ["", "other: cores that other processes used during that measurement "
               "(above 0.1, its ratios are suspect)", "", "Targets (issue 3)"]
     for c in report.checks():
@@ -883,9 +892,9 @@ def plot(report: Report, path: str) -> None:
         ax = axes[panels - 1]
         for kind in dict.fromkeys(t.kind for t in report.throughput):
             for mode in dict.fromkeys(t.mode for t in report.throughput):
-                rows = sorted((t for t in report.throughput if t.kind == kind and t.mode == mode),
-                              key=lambda t: t.clients)
-                ax.plot([t.clients for t in rows], [t.ops_per_s for t in rows], marker="o",
+                series = sorted((t for t in report.throughput if t.kind == kind and t.mode == mode),
+                                key=lambda t: t.clients)
+                ax.plot([t.clients for t in series], [t.ops_per_s for t in series], marker="o",
                         linestyle="-" if kind == "processes" else "--", color=colors.get(mode),
                         label=f"{mode}, {kind}")
         ax.set_title(f"{report.throughput[0].op} throughput")

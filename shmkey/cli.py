@@ -1,7 +1,8 @@
-"""The ``shmkey`` command: ``serve`` runs a key oracle, ``demo`` shows one at
-work, ``clean`` removes the names a crashed oracle left, ``settings`` lists
-the environment variables, ``keyref`` and ``openssl-conf`` set up OpenSSL,
-``bench`` compares the oracle's transports with an in-process key.
+"""The ``shmkey`` command: ``serve`` runs a key oracle, ``proxy`` terminates
+TLS with the key in one, ``demo`` shows both at work, ``clean`` removes the
+names a crashed oracle left, ``settings`` lists the environment variables,
+``keyref`` and ``openssl-conf`` set up OpenSSL, ``bench`` compares the
+oracle's transports with an in-process key.
 """
 from __future__ import annotations
 
@@ -44,8 +45,37 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(hidden, type=int, default=-1, help=argparse.SUPPRESS)
     _add_settings(serve)
 
-    demo = sub.add_parser("demo", help="start an oracle on a throwaway key and use it")
-    demo.add_argument("--requests", type=int, default=2000, help="signatures per transport")
+    proxy = sub.add_parser("proxy", help="TLS-terminating TCP proxy; the key stays in an oracle")
+    proxy.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to accept TLS")
+    proxy.add_argument("--backend", required=True, metavar="HOST:PORT",
+                       help="plain TCP service to forward to")
+    proxy.add_argument("--cert", required=True, action="append",
+                       help="PEM certificate (chain); repeat for several (say RSA and ECDSA)")
+    source = proxy.add_mutually_exclusive_group(required=True)
+    source.add_argument("--key", action="append",
+                        help="PEM private key: the proxy starts an oracle that reads it; "
+                             "repeat for several certificates, one oracle holds them all")
+    source.add_argument("--oracle", metavar="NAME", help="use a running 'shmkey serve --name NAME'")
+    proxy.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
+    proxy.add_argument("--transport", choices=["shm", "socketpair"],
+                       help="how workers reach the oracle (default: $SHMKEY_TRANSPORT or shm)")
+    proxy.add_argument("--key-mode", choices=["oracle", "inprocess"], default="oracle",
+                       help="inprocess loads the key into the workers: benchmarks only")
+    proxy.add_argument("--max-connections", type=int, default=1000,
+                       help="open connections per worker; more wait to be accepted (1000)")
+    proxy.add_argument("--handshake-timeout", type=float, default=10.0,
+                       help="seconds a client has to finish its handshake (10)")
+    proxy.add_argument("--idle-timeout", type=float, default=300.0,
+                       help="seconds without data either way before closing (300)")
+    proxy.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="seconds to connect to the backend (5)")
+    proxy.add_argument("--drain-timeout", type=float, default=10.0,
+                       help="seconds open connections may take to finish on SIGTERM (10)")
+    proxy.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    demo = sub.add_parser("demo", help="the proxy and the oracle at work on a throwaway key")
+    demo.add_argument("--seconds", type=float, default=2.0,
+                      help="load per mode and round, for handshakes/s (2)")
 
     clean = sub.add_parser("clean", help="remove what a crashed oracle left in /dev/shm")
     clean.add_argument("name")
@@ -87,6 +117,23 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(opts)
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from .proxy import Limits, ProxyOptions, configure_logging, parse_address, run_proxy
+
+    configure_logging(args.log_level)
+    limits = Limits(max_connections=args.max_connections,
+                    handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
+                    connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout)
+    opts = ProxyOptions(listen=parse_address(args.listen, "--listen"),
+                        backend=parse_address(args.backend, "--backend"),
+                        certs=tuple(args.cert), keys=tuple(args.key or ()),
+                        oracle=args.oracle, transport=args.transport,
+                        key_mode=args.key_mode, limits=limits)
+    if args.workers is not None:
+        opts.workers = args.workers
+    return run_proxy(opts)
+
+
 def _clean(name: str) -> int:
     from .client import connect
 
@@ -111,10 +158,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "proxy":
+            return _proxy(args)
         if args.command == "demo":
             from .demo import run
 
-            return run(args.requests)
+            return run(args.seconds)
         if args.command == "clean":
             return _clean(args.name)
         if args.command == "settings":
@@ -124,7 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import keyref
 
             ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport)
-            print(f"wrote {args.output}: RSA-{ref.public_key.key_size} key of oracle {ref.oracle!r}")
+            print(f"wrote {args.output}: {keyref.describe(ref.public_key)} key of oracle "
+                  f"{ref.oracle!r}")
             return 0
         if args.command == "openssl-conf":
             from .openssl import openssl_conf

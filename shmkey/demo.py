@@ -1,59 +1,94 @@
-"""``shmkey demo``: the oracle at work on a throwaway key.
+"""``shmkey demo``: the TLS proxy at work, with its key in a key oracle.
 
-A child process plays the network side: it starts an oracle per transport,
-signs and decrypts through it, and reports latencies. The parent then scans
-the child's memory and the oracle's for the key's secrets. The parent loads
-the key only to know what to search for, which is why the network side is a
-separate process.
+On a throwaway key and certificate it starts a small HTTP backend and three
+proxies in front of it (key in the proxy, in an oracle over the socket, in
+an oracle over the shm ring), drives real HTTPS requests through them, and
+prints handshakes/s, sign latency and a memory check: the key's secrets
+found in the proxy's processes (none) and in the oracle's (some).
 """
 from __future__ import annotations
 
-import json
+import asyncio
+import datetime
+import os
 import statistics
-import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import NameOID
 
-from .memscan import key_secrets, scan_process
+from . import _loadgen
+from ._proxyrun import MODES, ProxyProcess, ProxyRig
+from .client import connect
+from .memscan import ScanResult, key_secrets, scan_process
 
-_NETWORK_SIDE = r'''
-import json, os, sys, time
-import shmkey
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
+HOST = "localhost"
+LABELS = {"in-process": "key in the proxy (in-process)",
+          "oracle socketpair": "key in the oracle, socketpair",
+          "oracle shm": "key in the oracle, shm ring"}
+_REQUESTS = 200
+_SIGNS = 400
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)   # as TLS 1.3 signs
 
-key_path, n = sys.argv[1], int(sys.argv[2])
-pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-oracles = []
-for transport in ("socketpair", "shm"):
-    o = shmkey.KeyOracle(key_path, transport=transport).start()
-    oracles.append(o)
-    key = o.private_key()
-    pub = key.public_key()
-    sign_us, step = [], max(1, n // 10)
-    for i in range(n):
-        msg = os.urandom(32)
+
+KEY_KINDS = ("rsa", "p256", "p384", "ed25519")
+
+
+def write_key_and_cert(directory: Path, stem: str = "demo", kind: str = "rsa"
+                       ) -> tuple[Any, Path, Path]:
+    """A throwaway key (RSA-2048, EC P-256 or P-384, or Ed25519; see
+    KEY_KINDS) and a self-signed certificate for localhost, written as
+    ``STEM.key.pem`` (0600) and ``STEM.cert.pem``."""
+    key: Any
+    if kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif kind in ("p256", "p384"):
+        key = ec.generate_private_key(ec.SECP256R1() if kind == "p256" else ec.SECP384R1())
+    elif kind == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        raise ValueError(f"key kind {kind!r} is not one of {KEY_KINDS}")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
+            .sign(key, None if kind == "ed25519" else hashes.SHA256()))
+    key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, key_path, cert_path
+
+
+def _status(text: str) -> None:
+    """A progress line, rewritten in place on a terminal; not written elsewhere."""
+    if sys.stdout.isatty():
+        print(f"\r{text:<79}", end="", flush=True)
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def _sign_us(sign: Callable[[bytes], bytes], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        digest = os.urandom(32)
         t0 = time.perf_counter()
-        sig = key.sign(msg, pss, hashes.SHA256())
-        sign_us.append((time.perf_counter() - t0) * 1e6)
-        pub.verify(sig, msg, pss, hashes.SHA256())
-        if i % step == 0:
-            print(json.dumps({"progress": transport, "done": i, "of": n}), flush=True)
-    secret = os.urandom(32)
-    assert key.decrypt(pub.encrypt(secret, oaep), oaep) == secret
-    ping_us = [ns / 1000 for ns in o.client.ping_loop(20000)]
-    print(json.dumps({"transport": transport, "oracle_pid": o.pid, "sign_us": sign_us,
-                      "ping_us": ping_us}), flush=True)
-print(json.dumps({"ready": True}), flush=True)
-sys.stdin.readline()
-for o in oracles:
-    o.stop()
-'''
+        sign(digest)
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -61,55 +96,114 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(requests: int = 2000) -> int:
-    """Run the demo; 0 when the memory check came out as designed."""
-    with tempfile.TemporaryDirectory(prefix="shmkey-demo-") as tmp:
-        key_path = Path(tmp) / "demo.key"
-        print("shmkey demo: making a throwaway RSA-2048 key with openssl ...")
-        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
-                        "rsa_keygen_bits:2048", "-out", str(key_path)], check=True,
-                       capture_output=True)
-        child = subprocess.Popen([sys.executable, "-c", _NETWORK_SIDE, str(key_path),
-                                  str(requests)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True)
-        assert child.stdout is not None and child.stdin is not None
-        results = []
-        try:
-            for line in child.stdout:
-                msg = json.loads(line)
-                if "progress" in msg:
-                    print(f"  {msg['progress']:>10}: {msg['done']:>5}/{msg['of']} signatures",
-                          end="\r", flush=True)
-                elif "transport" in msg:
-                    results.append(msg)
-                elif msg.get("ready"):
-                    break
-            print(" " * 60, end="\r")
-            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-            assert isinstance(key, rsa.RSAPrivateKey)
-            secrets = key_secrets(key)
-            network = scan_process(child.pid, secrets)
-            oracle_scans = [scan_process(r["oracle_pid"], secrets) for r in results]
-        finally:
-            child.stdin.write("\n")
-            child.stdin.close()
-            child.wait(timeout=30)
+def _https_requests(proxy: ProxyProcess, cafile: Path) -> int:
+    """Real HTTPS requests through the proxy, half TLS 1.3, half 1.2; how many were right."""
+    ok = 0
+    for version in ("1.3", "1.2"):
+        def progress(r: _loadgen.LoadResult, version: str = version) -> None:
+            _status(f"  HTTPS requests through the proxy (TLS {version}): "
+                    f"{_bar(ok + r.ok + r.failed, _REQUESTS)}")
 
-    print("\nRSA-2048 PSS/SHA-256 signatures through the key oracle "
-          f"({requests} per transport), microseconds:")
-    print(f"  {'transport':<12}{'sign p50':>10}{'sign p99':>10}{'ping p50':>10}{'ping p99':>10}")
-    for r in results:
-        print(f"  {r['transport']:<12}{_pct(r['sign_us'], .5):>10.1f}{_pct(r['sign_us'], .99):>10.1f}"
-              f"{_pct(r['ping_us'], .5):>10.2f}{_pct(r['ping_us'], .99):>10.2f}")
-    if len(results) == 2:
-        ratio = statistics.median(results[1]["ping_us"]) / statistics.median(results[0]["ping_us"])
-        print(f"  shm ring round trip = {ratio:.3f} x socketpair")
-    print("\nMemory check (primes, private exponent, CRT values, DER and PEM of the key):")
-    print(f"  network-side process {network.pid}: {network.found} hits in "
-          f"{network.bytes_scanned / 1e6:.0f} MB")
-    for r, scan in zip(results, oracle_scans):
-        print(f"  {r['transport']:>10} oracle {scan.pid}: {scan.found} hits in "
-              f"{scan.bytes_scanned / 1e6:.0f} MB (the scanner works)")
-    ok = network.found == 0 and all(s.found > 0 for s in oracle_scans)
-    print("\n" + ("OK: the key is only in the oracle." if ok else "UNEXPECTED: see above."))
+        result = asyncio.run(_loadgen.run("127.0.0.1", proxy.port,
+                                          _loadgen.client_context(str(cafile), version),
+                                          concurrency=4, count=_REQUESTS // 2,
+                                          tag=f"demo-tls{version}", progress=progress))
+        ok += result.ok
+        for error, count in result.errors.items():
+            print(f"\n    {count} failed: {error}")
+    _status("")
+    print(f"\r  HTTPS requests through the proxy: {ok} of {_REQUESTS} answered correctly, "
+          "each checked against its request")
+    return ok
+
+
+def _memory_check(proxy: ProxyProcess, key: rsa.RSAPrivateKey) -> bool:
+    print("\nMemory check: the key's primes, private exponent, CRT values, DER and PEM "
+          "searched in /proc/PID/mem")
+    secrets = key_secrets(key)
+    ok = True
+    targets = [("proxy supervisor", proxy.pid)] + [("proxy worker", p) for p in proxy.workers()]
+    targets += [("key oracle", p) for p in proxy.oracles()]
+    for role, pid in targets:
+        try:
+            scan: Optional[ScanResult] = scan_process(pid, secrets)
+        except PermissionError:
+            scan = None
+        if scan is None:
+            print(f"  {role:<17} pid {pid:<7} not readable (run as root to scan it)")
+            ok = ok and role == "key oracle"
+            continue
+        note = ""
+        if role == "key oracle":
+            note = "  (found: the scanner works)" if scan.found else "  (UNEXPECTED: not found)"
+            ok = ok and scan.found > 0
+        else:
+            ok = ok and scan.found == 0
+        print(f"  {role:<17} pid {pid:<7} {scan.found:>3} hits in "
+              f"{scan.bytes_scanned / 1e6:5.0f} MB{note}")
+    return ok
+
+
+def run(seconds: float = 2.0, rounds: int = 2, workers: Optional[int] = None) -> int:
+    """Run the demo; 0 when every request was answered and the memory check came out right."""
+    workers = workers or min(os.cpu_count() or 1, 4)
+    print("shmkey demo: a TLS proxy whose private key lives in a separate key oracle\n")
+    with ProxyRig(workers, loaders=2) as rig:
+        main = rig.proxies["oracle shm"]
+        print(f"  throwaway RSA-2048 key and certificate for {HOST} in {rig.dir}")
+        print(f"  HTTP backend on 127.0.0.1:{rig.backend.port}")
+        print(f"  `shmkey proxy` on https://{HOST}:{main.port}/ -> backend: pid {main.pid}, "
+              f"{workers} workers, key in oracle {main.oracle_name!r} (pid {main.oracle_pid})\n"
+              "  (and two more like it: key in-process, and in an oracle over socketpair)\n")
+        answered = _https_requests(main, rig.cert_path)
+        memory_ok = _memory_check(main, rig.key)
+
+        print(f"\nFull TLS 1.3 handshakes per second through each proxy ({workers} workers; "
+              f"load: {rig.loaders} client processes x {16 // rig.loaders} connections, a new "
+              f"connection and checked request each; {rounds} rounds of {seconds:g} s, "
+              "interleaved):")
+        rates: dict[str, list[float]] = {label: [] for label in MODES}
+        failed = 0
+        for r in range(rounds):
+            for label in MODES:
+                _status(f"  round {r + 1}/{rounds}: {LABELS[label]}")
+                result = rig.measure(label, seconds=seconds)
+                rates[label].append(result.rate)
+                failed += result.failed
+        _status("")
+        print("\r", end="")
+        signs = {label: _sign_latencies(rig, label) for label in MODES}
+
+    base = statistics.median(rates["in-process"])
+    print(f"  {'':<32}{'handshakes/s':>13}{'vs in-process':>15}{'sign p50':>11}{'sign p99':>11}")
+    for label in MODES:
+        rate = statistics.median(rates[label])
+        print(f"  {LABELS[label]:<32}{rate:>13.0f}{rate / base:>14.2f}x"
+              f"{_pct(signs[label], .5):>9.0f}us{_pct(signs[label], .99):>9.0f}us")
+    print(f"  (sign: RSA-2048 PSS, {_SIGNS} one at a time from this process, through the "
+          f"proxy's oracle; {failed} handshakes failed under load)")
+    ok = memory_ok and answered == _REQUESTS and failed == 0
+    print("\n" + ("OK: real HTTPS through the proxy, and the key is only in the oracle."
+                  if ok else "UNEXPECTED: see above."))
+    print("Everything the demo started has stopped; its files and shared memory are removed.")
     return 0 if ok else 1
+
+
+def _sign_latencies(rig: ProxyRig, label: str) -> list[float]:
+    """Signing latency with the key as that proxy holds it."""
+    if label == "in-process":
+        return _sign_us(lambda d: rig.key.sign(d, _PSS, hashes.SHA256()), _SIGNS)
+    name = rig.proxies[label].oracle_name
+    assert name is not None
+    client = connect(name, transport=label.split()[1])
+    try:
+        key = client.private_key()
+        assert isinstance(key, rsa.RSAPrivateKey)
+        _sign_us(lambda d: key.sign(d, _PSS, hashes.SHA256()), 20)      # connect, warm up
+        return _sign_us(lambda d: key.sign(d, _PSS, hashes.SHA256()), _SIGNS)
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -10,7 +10,7 @@ The body is DER (``SHMKEY_KEYREF_VERSION`` 1)::
         transport  INTEGER,              -- 0 ring, else socket; 1 ring; 2 socket
         keyId      OCTET STRING,         -- SHA-256 of publicKey's DER: the key's
                                          -- name in requests to the oracle
-        publicKey  SubjectPublicKeyInfo }
+        publicKey  SubjectPublicKeyInfo }   -- RSA, EC P-256/P-384 or Ed25519
 """
 from __future__ import annotations
 
@@ -24,13 +24,16 @@ from typing import Optional, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from . import _wire, ring
 from ._binding import lib
 from .errors import KeyMismatchError, KeyReferenceError
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: The public keys a reference may carry: what the provider can sign for.
+PublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
+_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 LABEL = "SHMKEY KEY REFERENCE"
 VERSION: int = lib.SHMKEY_KEYREF_VERSION
@@ -55,15 +58,14 @@ class KeyReference:
     """
 
     oracle: str
-    public_key: rsa.RSAPublicKey
+    public_key: PublicKey
     transport: Optional[str] = None
 
     def __post_init__(self) -> None:
         ring.check_name(self.oracle)
         if self.transport not in _TRANSPORTS:
             raise KeyReferenceError(f"transport {self.transport!r} is not 'shm' or 'socketpair'")
-        if not isinstance(self.public_key, rsa.RSAPublicKey):
-            raise KeyReferenceError("the OpenSSL provider supports RSA keys only")
+        check_supported(self.public_key)
 
     @property
     def key_id(self) -> bytes:
@@ -168,7 +170,7 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
             held = [serialization.load_der_public_key(d) for d in client.public_keys()]
             matching = [k for k in held if _wire.key_id(k) == _wire.key_id(cert_key)]
             if not matching:
-                names = ", ".join(_describe(k) for k in held)
+                names = ", ".join(describe(k) for k in held)
                 raise KeyMismatchError(f"certificate {cert} is not for any key that oracle "
                                        f"{oracle!r} holds ({names})")
             public_key = matching[0]  # type: ignore[assignment]
@@ -178,6 +180,26 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
                         transport=transport)
 
 
+def check_supported(public_key: object) -> None:
+    """Raise KeyReferenceError unless the OpenSSL provider can use this kind of key.
+
+    It handles RSA (1024 to 16384 bits), EC on P-256 and P-384, and Ed25519:
+    the keys ``shmkey serve`` holds, less RSA below 2048 bits, which the
+    oracle refuses anyway.
+    """
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if not 1024 <= public_key.key_size <= 16384:
+            raise KeyReferenceError(f"RSA-{public_key.key_size} is outside the provider's "
+                                    "1024 to 16384 bits")
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, _CURVES):
+            raise KeyReferenceError(f"curve {public_key.curve.name}: the provider signs with "
+                                    "P-256 and P-384")
+    elif not isinstance(public_key, ed25519.Ed25519PublicKey):
+        raise KeyReferenceError(f"a {type(public_key).__name__.lstrip('_')}: the provider "
+                                "handles RSA, EC (P-256, P-384) and Ed25519 keys")
+
+
 def _certificate_key(cert: PathLike) -> object:
     try:
         return x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
@@ -185,20 +207,28 @@ def _certificate_key(cert: PathLike) -> object:
         raise KeyReferenceError(f"cannot read certificate {cert}: {exc}") from None
 
 
-def _describe(key: object) -> str:
+def describe(key: object) -> str:
+    """A public key for people: its kind and the start of its key id,
+    e.g. ``RSA-2048 SHA256:1f2e...``, ``EC P-256 SHA256:...``, ``Ed25519 SHA256:...``."""
     if isinstance(key, rsa.RSAPublicKey):
-        return f"RSA-{key.key_size} {_fingerprint(key)}"
-    return f"{type(key).__name__.lstrip('_').replace('PublicKey', '')} {_wire.key_id(key)[:8].hex()}"
+        kind = f"RSA-{key.key_size}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        kind = {"secp256r1": "EC P-256", "secp384r1": "EC P-384"}.get(key.curve.name,
+                                                                      f"EC {key.curve.name}")
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        kind = "Ed25519"
+    else:
+        kind = type(key).__name__.lstrip("_").replace("PublicKey", "")
+    return f"{kind} {_fingerprint(key)}"
+
 
 
 def check_certificate(ref: KeyReference, cert: PathLike) -> None:
     """Raise KeyMismatchError unless the first certificate in ``cert`` is for ``ref``'s key."""
-    cert_key = _certificate_key(cert)
-    if not isinstance(cert_key, rsa.RSAPublicKey) or \
-            cert_key.public_numbers() != ref.public_key.public_numbers():
+    if _wire.key_id(_certificate_key(cert)) != ref.key_id:
         raise KeyMismatchError(
             f"certificate {cert} is not for the key that oracle {ref.oracle!r} holds "
-            f"(RSA-{ref.public_key.key_size}, {_fingerprint(ref.public_key)})")
+            f"({describe(ref.public_key)})")
 
 
 def write(oracle: str, output: PathLike, *, cert: Optional[PathLike] = None,
@@ -238,14 +268,9 @@ def load(path: PathLike) -> KeyReference:
     return KeyReference.from_pem(data)
 
 
-def _fingerprint(key: rsa.RSAPublicKey) -> str:
-    from cryptography.hazmat.primitives import hashes
-
-    der = key.public_bytes(serialization.Encoding.DER,
-                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    h = hashes.Hash(hashes.SHA256())
-    h.update(der)
-    return "SHA256:" + h.finalize().hex()[:16]
+def _fingerprint(key: object) -> str:
+    # The key id is the SHA-256 of the SPKI: one fingerprint for every kind of key.
+    return "SHA256:" + _wire.key_id(key).hex()[:16]
 
 
 # ---- the few DER rules the format needs (definite lengths, minimal integers) ----

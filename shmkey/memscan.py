@@ -38,10 +38,16 @@ def key_secrets(key: rsa.RSAPrivateKey) -> dict[str, bytes]:
                              serialization.PrivateFormat.TraditionalOpenSSL,
                              serialization.NoEncryption())
     out["PKCS#8 DER"] = der
-    # A PEM line from the middle of the body: distinctive, and survives re-wrapping.
-    out["PKCS#8 PEM line"] = pem.splitlines()[5]
-    out["PKCS#1 PEM line"] = trad.splitlines()[5]
+    # A PEM line from the middle of the body: distinctive, and past the modulus,
+    # which is public (the same base64 can be in a certificate or key reference).
+    out["PKCS#8 PEM line"] = _middle_line(pem)
+    out["PKCS#1 PEM line"] = _middle_line(trad)
     return out
+
+
+def _middle_line(pem: bytes) -> bytes:
+    lines = pem.splitlines()
+    return lines[len(lines) // 2]
 
 
 @dataclass

@@ -27,7 +27,7 @@ def enable() -> None:
     Loads OpenSSL's ``default`` provider explicitly too (loading any provider
     turns off OpenSSL's automatic fallback to it) and makes it the preferred
     one (``?provider=default``), unless a FIPS policy is in force, so that
-    only key references reach shmkey's RSA. Safe to call more than once; a
+    only key references reach shmkey's RSA, EC and Ed25519 key management. Safe to call more than once; a
     no-op if an openssl.cnf already loaded the module.
 
     Raises:
@@ -124,6 +124,7 @@ module = {module_path()}
 activate = 1
 {timeout}
 [algorithm_sect]
-# shmkey's key management answers to "RSA" too: keep OpenSSL's own preferred.
+# shmkey's key management answers to "RSA", "EC" and "ED25519" too: keep
+# OpenSSL's own preferred.
 default_properties = ?provider=default
 """

@@ -43,6 +43,9 @@ class KeyOracle:
         allow_pkcs1v15_decrypt: allow PKCS#1 v1.5 decryption (off by default).
         allow_oaep_decrypt: allow OAEP decryption (on by default).
         group: make the ring or socket 0660 and owned by this group.
+        by_name: let other processes ``connect(name)`` to it. The ring always
+            has a name; with ``"socketpair"`` this makes the oracle listen on
+            its named socket instead of a control socket only this process holds.
 
     Raises:
         ConfigError: a setting is invalid (before anything starts).
@@ -55,7 +58,7 @@ class KeyOracle:
                  workers: Optional[int] = None, timeout_ms: Optional[int] = None,
                  spin_us: Optional[int] = None, worker_kind: Optional[str] = None,
                  allow_pkcs1v15_decrypt: bool = False, allow_oaep_decrypt: bool = True,
-                 group: Optional[str] = None) -> None:
+                 group: Optional[str] = None, by_name: bool = False) -> None:
         self.config = Config.load(transport=transport, slots=slots, slot_size=slot_size,
                                   workers=workers, timeout_ms=timeout_ms, spin_us=spin_us,
                                   worker_kind=worker_kind)
@@ -66,6 +69,7 @@ class KeyOracle:
         self._policy_args = (["--allow-pkcs1v15-decrypt"] if allow_pkcs1v15_decrypt else []) + \
                             ([] if allow_oaep_decrypt else ["--no-oaep-decrypt"])
         self._group = group
+        self._by_name = by_name
         self._proc: Optional[subprocess.Popen] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
@@ -75,6 +79,11 @@ class KeyOracle:
     def pid(self) -> Optional[int]:
         """The key process's pid, while it runs."""
         return self._proc.pid if self._proc else None
+
+    def poll(self) -> Optional[int]:
+        """None while the key process runs (or before it started); its exit
+        status once it has exited, after which :meth:`stop` cleans up."""
+        return self._proc.poll() if self._proc else None
 
     @property
     def client(self) -> OracleClient:
@@ -110,7 +119,7 @@ class KeyOracle:
             # main thread may ask for it; the lifeline pipe covers every case.
             args += ["--parent-pid", str(os.getpid())]
         pass_fds = [status_w, life_r]
-        if cfg.transport == "socketpair":
+        if cfg.transport == "socketpair" and not self._by_name:
             ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             args += ["--socket-fd", str(ctl_child.fileno())]
             pass_fds.append(ctl_child.fileno())
@@ -135,6 +144,10 @@ class KeyOracle:
             self._created = True
             if cfg.transport == "shm":
                 self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
+            elif self._by_name:
+                self._client = OracleClient.open_socket(
+                    path=str(ring.socket_path(self.name)), max_payload=cfg.slot_size,
+                    timeout_ms=cfg.timeout_ms, name=self.name)
             else:
                 assert ctl_parent is not None
                 self._client = OracleClient.open_socket(
@@ -193,6 +206,8 @@ class KeyOracle:
             # started created nothing: what exists under its name is someone else's.
             if self._created:
                 ring.unlink(self.name)
+                if self._by_name and self.config.transport == "socketpair":
+                    ring.socket_path(self.name).unlink(missing_ok=True)
             self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)

@@ -97,6 +97,7 @@ class Handler:
         self._by_id[_wire.DEFAULT_KEY] = (keys[0], self._spki[0])
         self._key_list = b"".join(len(d).to_bytes(2, "little") + d for d in self._spki)
         self._sign_cache: dict[tuple[int, ...], Optional[_wire.SignSpec]] = {}
+        self._ecdsa = _wire.ecdsa_algorithms()     # now, while the oracle may still import
 
     def public_der(self) -> list[bytes]:
         """SubjectPublicKeyInfo of every key, first key first."""
@@ -119,8 +120,8 @@ class Handler:
                 if isinstance(key, rsa.RSAPrivateKey):
                     return self._sign_rsa(key, p, payload)
                 if isinstance(key, ec.EllipticCurvePrivateKey):
-                    algorithm = _wire.decode_ecdsa(p, payload)
-                    if algorithm is None:
+                    algorithm = self._ecdsa.get(p)
+                    if algorithm is None or len(payload) != algorithm.algorithm.digest_size:
                         return lib.SHMKEY_EUNSUPPORTED, b"bad scheme, hash or digest for ECDSA"
                     return lib.SHMKEY_OK, key.sign(payload, algorithm)
                 if p != (lib.SHMKEY_SIG_ED25519, 0, 0, 0):
@@ -171,7 +172,22 @@ class Handler:
             return lib.SHMKEY_EDECRYPT, b""
 
 
-def _serve_worker(srv: Any, handler: Handler, cap: int, stopping: threading.Event) -> None:
+class _SignalFlag:
+    """A stop flag that signal handlers may set. A threading.Event may not be
+    set from one: its set() takes a lock that the interrupted code may hold."""
+
+    def __init__(self) -> None:
+        self._value = False
+
+    def set(self, *_: object) -> None:
+        self._value = True
+
+    def is_set(self) -> bool:
+        return self._value
+
+
+def _serve_worker(srv: Any, handler: Handler, cap: int,
+                  stopping: Union[threading.Event, _SignalFlag]) -> None:
     work = ffi.gc(lib.shmkey_work_new(cap), lib.shmkey_work_free)
     if work == ffi.NULL:
         raise MemoryError("shmkey_work_new")
@@ -191,7 +207,7 @@ def _serve_worker(srv: Any, handler: Handler, cap: int, stopping: threading.Even
             return
         else:
             log.error("worker wait failed: status %d", rc)
-            stopping.wait(0.05)
+            time.sleep(0.05)        # a failing wait must not become a busy loop
 
 
 @dataclass
@@ -224,6 +240,7 @@ class Oracle:
         self.opts = opts
         self.name = opts.name or ring.random_name()
         self._stopping = threading.Event()
+        self._stop_requested = _SignalFlag()
         self._workers: list[threading.Thread] = []
         self._worker_pids: list[int] = []
         self._handler: Optional[Handler] = None
@@ -308,9 +325,9 @@ class Oracle:
             return pid
         code = 0
         try:
-            stopping = threading.Event()
+            stopping = _SignalFlag()
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+            signal.signal(signal.SIGTERM, stopping.set)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             lib.shmkey_die_with_parent(signal.SIGKILL, parent)
             if lib.shmkey_server_after_fork(self._srv) != lib.SHMKEY_OK:
@@ -384,7 +401,7 @@ class Oracle:
         try:
             ready()
             watch = [wake_fd] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self._stop_requested.is_set():
                 readable, _, _ = select.select(watch, [], [], _REAP_INTERVAL)
                 if self.opts.lifeline_fd in readable:
                     if not os.read(self.opts.lifeline_fd, 64):
@@ -400,8 +417,9 @@ class Oracle:
             self.stop()
 
     def request_stop(self, *_: object) -> None:
-        """Ask the oracle to stop (a signal handler)."""
-        self._stopping.set()
+        """Ask the oracle to stop: the SIGTERM/SIGINT handler, so it takes no
+        lock (the main thread may hold the one of an Event when it runs)."""
+        self._stop_requested.set()
 
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""

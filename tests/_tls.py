@@ -4,7 +4,7 @@ TLS server built on Python's ssl. Everything runs for real; nothing is mocked.
 """
 from __future__ import annotations
 
-import datetime
+import contextlib
 import json
 import os
 import select
@@ -16,55 +16,51 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from types import SimpleNamespace
+from typing import Iterator, Optional, Sequence, Union
 
 import shmkey.openssl
-from shmkey import ring
+from shmkey import demo, ring
 
-HOST = "localhost"
+HOST = demo.HOST
 # nginx workers drop to nobody:nogroup when started as root; the ring must let them in.
 RUN_AS_ROOT = os.geteuid() == 0
 WORKER_GROUP = "nogroup" if RUN_AS_ROOT else None
 
 
-def write_key_and_cert(directory: Path, stem: str) -> tuple[Path, Path]:
-    """A fresh RSA-2048 key and a self-signed certificate for localhost."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.cert.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+KEY_KINDS = demo.KEY_KINDS
+
+
+def write_key_and_cert(directory: Path, stem: str, kind: str = "rsa") -> tuple[Path, Path]:
+    """A fresh key (see KEY_KINDS) and a self-signed certificate for localhost."""
+    _, key_path, cert_path = demo.write_key_and_cert(directory, stem, kind)
     return key_path, cert_path
 
 
-class Serve:
-    """``shmkey serve --name NAME`` in a child process, stoppable and restartable."""
+def key_material(directory: Path) -> SimpleNamespace:
+    """Two keys with their certificates in ``directory``: ``key``/``cert`` and
+    ``other_key``/``other_cert`` (a certificate that is not for ``key``)."""
+    key, cert = write_key_and_cert(directory, "server")
+    other_key, other_cert = write_key_and_cert(directory, "other")
+    return SimpleNamespace(dir=directory, key=key, cert=cert, other_key=other_key,
+                           other_cert=other_cert)
 
-    def __init__(self, key: Path, transport: str = "shm", name: Optional[str] = None,
-                 extra: tuple[str, ...] = ()) -> None:
-        self.key, self.transport, self.extra = key, transport, extra
+
+class Serve:
+    """``shmkey serve --name NAME`` in a child process, stoppable and restartable;
+    ``key`` may be several key files, served by one oracle."""
+
+    def __init__(self, key: Union[Path, Sequence[Path]], transport: str = "shm",
+                 name: Optional[str] = None, extra: tuple[str, ...] = ()) -> None:
+        self.keys = [key] if isinstance(key, Path) else list(key)
+        self.transport, self.extra = transport, extra
         self.name = name or ring.random_name()
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Serve":
         r, w = os.pipe()
-        args = [sys.executable, "-m", "shmkey", "serve", "--key", str(self.key),
-                "--name", self.name, "--transport", self.transport, "--workers", "2",
+        keys = [arg for k in self.keys for arg in ("--key", str(k))]
+        args = [sys.executable, "-m", "shmkey", "serve", *keys, "--name", self.name, "--transport", self.transport, "--workers", "2",
                 "--status-fd", str(w), "--log-level", "warning", *self.extra]
         if RUN_AS_ROOT:
             # As deployed: read the key as root, then serve as another user,
@@ -209,3 +205,32 @@ def curl(port: int, cafile: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(cafile),
                            "--resolve", f"{HOST}:{port}:127.0.0.1", *args,
                            f"https://{HOST}:{port}/"], capture_output=True, timeout=30)
+
+
+def wait_for_errors(server: TLSServer, count: int) -> None:
+    """Until the server has recorded count failures (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while len(server.errors) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running(args: list, cnf: Path, port: int) -> Iterator[subprocess.Popen]:
+    """A server program with the module loaded from cnf, until the block ends."""
+    proc = subprocess.Popen(args, env=dict(os.environ, OPENSSL_CONF=str(cnf)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert b"unable to load" not in err.lower(), err
+
+
+def run_openssl(cnf: Path, *args: str, data: bytes = b"") -> bytes:
+    """``openssl ARGS`` with the module loaded from cnf; its stdout (it must succeed)."""
+    env = dict(os.environ, OPENSSL_CONF=str(cnf))
+    return subprocess.run(["openssl", *args], input=data, env=env, check=True,
+                          capture_output=True, timeout=30).stdout

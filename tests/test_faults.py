@@ -176,3 +176,54 @@ def test_stopped_oracle_is_unavailable_to_attached_clients(rsa2048: Path, tmp_pa
     with pytest.raises(shmkey.OracleUnavailableError):
         other.ping()
     other.close()
+
+
+def test_signals_during_shutdown_never_hang_the_oracle(rsa2048: Path) -> None:
+    """SIGTERM upon SIGTERM while the oracle stops (as when its owner dies:
+    lifeline EOF plus the parent-death signal) must not deadlock it; a stop
+    flag set from a signal handler must take no lock."""
+    code = f"""
+import shmkey, time
+o = shmkey.KeyOracle({str(rsa2048)!r}, workers=2).start()
+print(o.pid, o.name, flush=True)
+time.sleep(60)
+"""
+    for _ in range(5):
+        owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None
+        pid_s, name = owner.stdout.readline().split()
+        pid = int(pid_s)
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    break
+            time.sleep(0.001)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            ring.unlink(name)
+            raise AssertionError("the oracle hung while stopping")
+        assert wait_until(lambda: not ring.exists(name)), "it died without unlinking its ring"
+
+
+def test_stop_request_takes_no_lock() -> None:
+    """The SIGTERM handler runs on the main thread, which may be inside
+    Event.set() holding its lock: so the handler must never take a lock.
+    (It did once, and an oracle hung on its owner's death.)"""
+    from shmkey.config import Config
+    from shmkey.server import Oracle, Policy, ServeOptions
+
+    oracle = Oracle(ServeOptions(key_paths=[], name=None, config=Config.load(env={}),
+                                 policy=Policy()))
+    with oracle._stopping._cond:          # what the main thread holds inside Event.set()
+        handler = threading.Thread(target=oracle.request_stop, daemon=True)
+        handler.start()
+        handler.join(timeout=2)
+        assert not handler.is_alive(), "request_stop blocked on the Event's lock"
+    assert oracle._stop_requested.is_set()

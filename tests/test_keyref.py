@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +25,10 @@ N = (1 << 2047) + 0x1F3
 PUBLIC = rsa.RSAPublicNumbers(65537, N).public_key()
 SPKI = PUBLIC.public_bytes(serialization.Encoding.DER,
                            serialization.PublicFormat.SubjectPublicKeyInfo)
+# Fixed EC and Ed25519 public keys (from fixed scalars: nothing secret here).
+P256 = ec.derive_private_key(7, ec.SECP256R1()).public_key()
+P384 = ec.derive_private_key(7, ec.SECP384R1()).public_key()
+ED25519 = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,39 @@ def test_malformed_pem_is_refused():
                                      b"-----END SHMKEY KEY REFERENCE-----\n")
 
 
+@pytest.mark.parametrize("public, described", [
+    (P256, "EC P-256"), (P384, "EC P-384"), (ED25519, "Ed25519")], ids=["p256", "p384", "ed25519"])
+def test_ec_and_ed25519_round_trip(public, described):
+    spki = public.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    ref = keyref.KeyReference(oracle="web", public_key=public, transport="socketpair")
+    der = ref.to_der()
+    assert der.endswith(hashlib.sha256(spki).digest() + spki)
+    again = keyref.KeyReference.from_pem(ref.to_pem())
+    assert again.public_key == public and again.key_id == hashlib.sha256(spki).digest()
+    assert again.transport == "socketpair" and again.to_der() == der
+    assert keyref.describe(public) == f"{described} SHA256:{hashlib.sha256(spki).hexdigest()[:16]}"
+
+
+@pytest.mark.parametrize("public, message", [
+    (ec.derive_private_key(7, ec.SECP521R1()).public_key(), "P-256 and P-384"),
+    (ec.derive_private_key(7, ec.SECP256K1()).public_key(), "P-256 and P-384"),
+    (x25519.X25519PrivateKey.from_private_bytes(bytes(32)).public_key(),
+     r"RSA, EC \(P-256, P-384\) and Ed25519"),
+    (rsa.RSAPublicNumbers(65537, (1 << 511) + 1).public_key(), "RSA-512"),
+], ids=["p521", "secp256k1", "x25519", "rsa512"])
+def test_keys_the_provider_cannot_use_are_refused(public, message):
+    with pytest.raises(KeyReferenceError, match=message):
+        keyref.KeyReference(oracle="web", public_key=public)
+    spki = public.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    # The same, as a reference made by another tool.
+    der = keyref._tlv(0x30, bytes.fromhex("020101" "0c03776562" "020100")
+                      + keyref._tlv(0x04, hashlib.sha256(spki).digest()) + spki)
+    with pytest.raises(KeyReferenceError, match=message):
+        keyref.KeyReference.from_der(der)
+
+
 def test_bad_fields_are_refused():
     with pytest.raises(ConfigError):
         keyref.KeyReference(oracle="../etc", public_key=PUBLIC)
@@ -130,6 +167,29 @@ def test_cli(material):
                           "-o", str(material.dir / "bad.ref.pem")], capture_output=True, text=True)
     assert run.returncode == 2
     assert "is not for any key that oracle" in run.stderr
+
+
+def test_several_keys_the_certificate_picks(tmp_path):
+    rsa_key, rsa_cert = write_key_and_cert(tmp_path, "rsa")
+    ec_key, ec_cert = write_key_and_cert(tmp_path, "p256", "p256")
+    ed_key, ed_cert = write_key_and_cert(tmp_path, "ed", "ed25519")
+    serve = Serve([rsa_key, ec_key]).start()
+    try:
+        for cert, kind in ((ec_cert, ec.EllipticCurvePublicKey), (rsa_cert, rsa.RSAPublicKey)):
+            ref = keyref.write(serve.name, tmp_path / "k.ref.pem", cert=cert)
+            assert isinstance(ref.public_key, kind)
+            keyref.check_certificate(keyref.load(tmp_path / "k.ref.pem"), cert)
+        with pytest.raises(KeyMismatchError, match=r"\(RSA-2048 SHA256:\w+, EC P-256 SHA256:\w+\)"):
+            keyref.create(serve.name, cert=ed_cert)
+        with pytest.raises(KeyMismatchError, match="EC P-256"):
+            keyref.check_certificate(keyref.create(serve.name, cert=ec_cert), rsa_cert)
+        run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle", serve.name,
+                              "--cert", str(ec_cert), "-o", str(tmp_path / "cli.ref.pem")],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"wrote {tmp_path / 'cli.ref.pem'}: EC P-256 SHA256:")
+    finally:
+        serve.stop()
 
 
 def test_cli_openssl_conf():

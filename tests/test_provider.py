@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import math
-import os
 import ssl
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,18 +24,15 @@ from shmkey import keyref
 from shmkey.errors import LibcryptoMismatchError
 
 from ._tls import (HOST, RUN_AS_ROOT, Serve, TLSServer, client_context, curl, free_port,
-                   handshake, s_client, server_context, wait_for_port, write_key_and_cert)
+                   handshake, key_material, run_openssl, running, s_client, server_context,
+                   wait_for_errors)
 from .conftest import TRANSPORTS
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    directory = tmp_path_factory.mktemp("provider")
-    key, cert = write_key_and_cert(directory, "server")
-    other_key, other_cert = write_key_and_cert(directory, "other")
-    return SimpleNamespace(dir=directory, key=key, cert=cert, other_key=other_key,
-                           other_cert=other_cert)
+    return key_material(tmp_path_factory.mktemp("provider"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,12 +74,6 @@ def openssl_cnf(material: SimpleNamespace) -> Path:
     return path
 
 
-def _wait_for_errors(server: TLSServer, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(server.errors) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 # ---- Python's ssl, with the provider registered by shmkey.openssl.enable() ----
 
 @pytest.mark.parametrize("version", [TLS13, TLS12], ids=["tls1.3", "tls1.2"])
@@ -120,7 +108,7 @@ def test_digest_the_oracle_lacks_is_never_chosen(oracles, material):
     # the handshake fails cleanly before any signature is attempted.
     with TLSServer(server_context(material.cert, oracles["shm"].keyref)) as server:
         out = s_client(server.port, material.cert, "-tls1_2", "-sigalgs", "RSA+SHA224")
-        _wait_for_errors(server, 1)
+        wait_for_errors(server, 1)
     assert "handshake failure" in out, out
     exc, reason = server.errors[0]
     assert "NO_SUITABLE_SIGNATURE_ALGORITHM" in str(exc) or "no suitable" in str(exc).lower()
@@ -208,7 +196,7 @@ def test_oracle_holding_another_key_is_named(oracles, material):
     with TLSServer(server_context(material.other_cert, ref)) as server:
         with pytest.raises((ssl.SSLError, ConnectionError)):
             handshake(server.port, client_context(material.other_cert))
-        _wait_for_errors(server, 1)
+        wait_for_errors(server, 1)
     assert "holds a different key" in server.errors[0][1]
 
 
@@ -223,7 +211,7 @@ def test_oracle_down_then_back(material, transport):
             oracle.serve.stop()
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 handshake(server.port, ctx)
-            _wait_for_errors(server, 1)
+            wait_for_errors(server, 1)
             exc, reason = server.errors[0]
             assert isinstance(exc, ssl.SSLError)
             assert reason == f"the key oracle is not running: oracle '{oracle.name}'"
@@ -255,7 +243,7 @@ def test_tls12_rsa_key_exchange_refused_by_default_policy(oracles, material):
     with TLSServer(server_context(material.cert, oracles["shm"].keyref, rsa_kx)) as server:
         with pytest.raises((ssl.SSLError, ConnectionError)):
             handshake(server.port, client_context(material.cert, TLS12, rsa_kx))
-        _wait_for_errors(server, 1)
+        wait_for_errors(server, 1)
     assert server.errors[0][1].startswith("refused by the key oracle's policy: oracle ")
 
 
@@ -268,22 +256,16 @@ def test_enable_is_idempotent_and_checks_libcrypto():
 
 # ---- the loadable module, for programs that are not Python ----
 
-def _openssl(cnf: Path, *args: str, data: bytes = b"") -> bytes:
-    env = dict(os.environ, OPENSSL_CONF=str(cnf))
-    return subprocess.run(["openssl", *args], input=data, env=env, check=True,
-                          capture_output=True, timeout=30).stdout
-
-
 def test_openssl_commands_use_the_reference(oracles, material, openssl_cnf):
     ref = str(oracles["shm"].keyref)
     private = serialization.load_pem_private_key(material.key.read_bytes(), None)
     public = private.public_key()
-    pem = _openssl(openssl_cnf, "pkey", "-in", ref, "-pubout")
+    pem = run_openssl(openssl_cnf, "pkey", "-in", ref, "-pubout")
     assert serialization.load_pem_public_key(pem).public_numbers() == public.public_numbers()
 
     message = material.dir / "message"
     message.write_bytes(b"signed through the oracle")
-    sig = _openssl(openssl_cnf, "dgst", "-sha384", "-sigopt", "rsa_padding_mode:pss",
+    sig = run_openssl(openssl_cnf, "dgst", "-sha384", "-sigopt", "rsa_padding_mode:pss",
                    "-sigopt", "rsa_pss_saltlen:digest", "-sign", ref, str(message))
     public.verify(sig, message.read_bytes(),
                   padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48),
@@ -291,26 +273,11 @@ def test_openssl_commands_use_the_reference(oracles, material, openssl_cnf):
 
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
                         label=None)
-    secret = _openssl(openssl_cnf, "pkeyutl", "-decrypt", "-inkey", ref,
+    secret = run_openssl(openssl_cnf, "pkeyutl", "-decrypt", "-inkey", ref,
                       "-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256",
                       "-pkeyopt", "rsa_mgf1_md:sha256",
                       data=public.encrypt(b"a session key", oaep))
     assert secret == b"a session key"
-
-
-@contextlib.contextmanager
-def _running(args: list, cnf: Path, port: int):
-    """A server program with the module loaded from cnf, until the block ends."""
-    proc = subprocess.Popen(args, env=dict(os.environ, OPENSSL_CONF=str(cnf)),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, proc)
-        yield proc
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-    assert b"unable to load" not in err.lower(), err
 
 
 def _curl_tls13_and_tls12(port: int, cafile: Path, expected: bytes) -> None:
@@ -322,7 +289,7 @@ def _curl_tls13_and_tls12(port: int, cafile: Path, expected: bytes) -> None:
 
 def test_openssl_s_server(oracle, material, openssl_cnf):
     port = free_port()
-    with _running(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
+    with running(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
                    str(material.cert), "-key", str(oracle.keyref), "-www"], openssl_cnf, port):
         out = s_client(port, material.cert, "-tls1_3")
         assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA-PSS" in out
@@ -367,7 +334,7 @@ def test_nginx(oracles, material, openssl_cnf, tmp_path):
     conf.write_text(NGINX_CONF.format(
         user="user nobody nogroup;" if RUN_AS_ROOT else "", dir=tmp_path, port=port,
         cert=material.cert, keyref=ref))
-    with _running(["nginx", "-c", str(conf), "-e", str(tmp_path / "error.log")], openssl_cnf,
+    with running(["nginx", "-c", str(conf), "-e", str(tmp_path / "error.log")], openssl_cnf,
                   port):
         _curl_tls13_and_tls12(port, material.cert, b"hello from nginx\n")
         out = s_client(port, material.cert, "-tls1_3")
@@ -397,5 +364,5 @@ def test_haproxy(oracles, material, openssl_cnf, tmp_path):
     port = free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(port=port, combined=combined))
-    with _running(["haproxy", "-db", "-f", str(cfg)], openssl_cnf, port):
+    with running(["haproxy", "-db", "-f", str(cfg)], openssl_cnf, port):
         _curl_tls13_and_tls12(port, material.cert, b"hello from haproxy")

@@ -1,0 +1,255 @@
+"""Run ``shmkey proxy`` as a child process and watch it: its log lines as they
+come, its readiness, its workers and oracle (:class:`ProxyProcess`); and a rig
+of one proxy per key mode in front of one backend, with load clients, for
+``shmkey demo`` and the benchmark (:class:`ProxyRig`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ._backend import Backend
+from ._loadgen import LoadClients, LoadResult
+
+READY = re.compile(r"proxy ready: (\S+):(\d+) .* key (?:in oracle '([^']+)'(?: \(pid (\d+))?"
+                   r"|IN-PROCESS)")
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (all its threads) so far; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _is_oracle(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0serve\0" in f.read()
+    except OSError:
+        return False
+
+
+class ProxyProcess:
+    """``python -m shmkey proxy ARGS``, started and ready when constructed.
+
+    Attributes:
+        port: where it listens.
+        oracle_name, oracle_pid: its oracle's, if the key is in one.
+        lines: its log so far.
+
+    Raises:
+        RuntimeError: it exited or did not get ready in time (with its log).
+    """
+
+    def __init__(self, args: Sequence[str], wait: bool = True,
+                 wrapper: Sequence[str] = ()) -> None:
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "shmkey", "proxy", *args],
+                                     stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid        # the proxy's, once ready, if a wrapper (strace) runs it
+        self._wrapped = bool(wrapper)
+        self.lines: list[str] = []
+        self.port = 0
+        self.oracle_name: Optional[str] = None
+        self.oracle_pid: Optional[int] = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for its "proxy ready" line; learn its port and oracle.
+
+        Raises:
+            RuntimeError: it exited or did not get ready in time (it is killed).
+        """
+        try:
+            match = self.wait_for(READY, timeout)
+        except RuntimeError:
+            self.kill()
+            raise
+        if self._wrapped:
+            self.pid = min(children(self.proc.pid))
+        self.port = int(match.group(2))
+        self.oracle_name = match.group(3)
+        self.oracle_pid = int(match.group(4)) if match.group(4) else None
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: "re.Pattern[str]", timeout: float = 20.0,
+                 start: int = 0) -> "re.Match[str]":
+        """The first log line from ``start`` on that matches ``pattern``.
+
+        Raises:
+            RuntimeError: none within ``timeout``, or the proxy exited first.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[start:]:
+                match = pattern.search(line)
+                if match:
+                    return match
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.02)
+        raise RuntimeError(f"no log line matching {pattern.pattern!r}; log:\n" +
+                           "\n".join(self.lines))
+
+    def workers(self) -> list[int]:
+        """Pids of the worker processes."""
+        return [p for p in children(self.pid) if not _is_oracle(p)]
+
+    def oracles(self) -> list[int]:
+        """Pids of the oracles the proxy owns (one, or two during a reload)."""
+        return [p for p in children(self.pid) if _is_oracle(p)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the proxy's processes and its oracle."""
+        return sum(cpu_seconds(p) for p in [self.pid, *children(self.pid)])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal it and wait until it and every process it started have exited."""
+        pids = [self.pid, *children(self.pid)]
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._reader.join(5)
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        """SIGTERM it, then SIGKILL if it has not exited within 10 s (its workers
+        and oracle die with it; only SIGTERM lets it remove its temporary files)."""
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+            if self.proc.poll() is not None:
+                break
+            if self.pid != self.proc.pid and alive(self.pid):
+                os.kill(self.pid, sig)
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# Each key mode of the proxy: its label and its extra arguments.
+MODES: dict[str, list[str]] = {
+    "in-process": ["--key-mode", "inprocess"],
+    "oracle socketpair": ["--transport", "socketpair"],
+    "oracle shm": ["--transport", "shm"],
+}
+
+
+class ProxyRig:
+    """A throwaway key and certificate, a backend, one proxy per key mode in
+    front of it (same worker count), and a pool of load clients; a context manager.
+
+    Attributes:
+        key: the throwaway private key (to know what a memory scan looks for).
+        cert_path: its certificate, which clients trust.
+        proxies: label (see :data:`MODES`) to running proxy.
+    """
+
+    def __init__(self, workers: int, loaders: int = 2, modes: Sequence[str] = tuple(MODES)) -> None:
+        from .demo import write_key_and_cert
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="shmkey-rig-")
+        self.dir = Path(self._tmp.name)
+        self.key: rsa.RSAPrivateKey
+        self.key, self.key_path, self.cert_path = write_key_and_cert(self.dir)
+        self.workers, self.loaders, self.modes = workers, loaders, list(modes)
+        self.backend = Backend()
+        self.proxies: dict[str, ProxyProcess] = {}
+        self.clients: Optional[LoadClients] = None
+
+    def start(self) -> "ProxyRig":
+        """Start the backend, the proxies (side by side) and the load clients."""
+        try:
+            self.backend.start()
+            for label in self.modes:
+                self.proxies[label] = ProxyProcess(
+                    ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{self.backend.port}",
+                     "--cert", str(self.cert_path), "--key", str(self.key_path),
+                     "--workers", str(self.workers), *MODES[label]], wait=False)
+            for proxy in self.proxies.values():
+                proxy.wait_ready()
+            self.clients = LoadClients(self.loaders)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def measure(self, label: str, *, concurrency: int = 16, seconds: Optional[float] = None,
+                count: Optional[int] = None, tls_version: Optional[str] = "1.3") -> LoadResult:
+        """Full handshakes, each with a checked request, through one proxy,
+        and the CPU time its processes (workers, supervisor, oracle) used meanwhile."""
+        assert self.clients is not None
+        proxy = self.proxies[label]
+        before = proxy.cpu_seconds()
+        result = self.clients.run(proxy.port, str(self.cert_path), concurrency=concurrency,
+                                  seconds=seconds, count=count, tls_version=tls_version)
+        result.server_cpu = proxy.cpu_seconds() - before
+        return result
+
+    def stop(self) -> None:
+        """Stop everything the rig started and remove its files."""
+        if self.clients is not None:
+            self.clients.close()
+            self.clients = None
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies = {}
+        self.backend.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "ProxyRig":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,592 @@
+"""``shmkey proxy``: a TLS-terminating TCP proxy whose private key lives in a
+key oracle. A supervisor binds the port, starts (and restarts) the oracle,
+writes the key reference and pre-forks workers (``shmkey._relay``) that
+share the port with SO_REUSEPORT; none of them ever opens the key file.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import secrets
+import select
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from . import keyref
+from ._relay import Limits, Worker
+from .config import env_name
+from .errors import ConfigError, KeyMismatchError, ShmkeyError
+from .oracle import KeyOracle
+
+log = logging.getLogger("shmkey.proxy")
+
+KEY_MODES = ("oracle", "inprocess")
+# TLS 1.2 suites: forward secrecy and AEAD only. No RSA key exchange, which
+# would need PKCS#1 v1.5 decryption, refused by the oracle's default policy.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+INPROCESS_WARNING = ("*** --key-mode inprocess: the private key is loaded INTO THE NETWORK-FACING "
+                     "PROXY WORKERS. No isolation: for benchmarks only. ***")
+_TICK = 0.2                 # supervisor's look at its oracle and workers, seconds
+_RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)
+_FD_PER_CONNECTION = 2
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) to (host, port).
+
+    Raises:
+        ConfigError: not of that form, or the port is not 0 to 65535.
+    """
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+@dataclass
+class ProxyOptions:
+    """What ``shmkey proxy`` was asked to do.
+
+    Attributes:
+        listen, backend: (host, port) pairs.
+        certs: PEM certificate chains, each the server's certificate first;
+            several (say RSA and ECDSA) for clients to choose from.
+        keys: PEM private keys, opened only by the oracle the proxy starts
+            (or by the workers with ``key_mode="inprocess"``, paired with
+            ``certs`` in order); one oracle holds them all.
+        oracle: name of a running ``shmkey serve`` to use instead of ``key``.
+        workers: worker processes sharing the port.
+        transport: how the workers reach the oracle (``"shm"``, ``"socketpair"``).
+        key_mode: ``"oracle"``, or ``"inprocess"`` (benchmarks only: no isolation).
+        limits: connection bounds and timeouts, per worker.
+    """
+
+    listen: tuple[str, int]
+    backend: tuple[str, int]
+    certs: tuple[str, ...]
+    keys: tuple[str, ...] = ()
+    oracle: Optional[str] = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    transport: Optional[str] = None
+    key_mode: str = "oracle"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def cert(self) -> str:
+        """The first certificate, for messages."""
+        return self.certs[0]
+
+    @property
+    def key(self) -> Optional[str]:
+        """The first key file, for messages; None with ``oracle``."""
+        return self.keys[0] if self.keys else None
+
+    def check(self) -> None:
+        """Check the options and files without opening the key file.
+
+        Raises:
+            ConfigError: the first problem found, in one line.
+        """
+        if not self.certs:
+            raise ConfigError("give --cert CERT.pem")
+        if bool(self.keys) == (self.oracle is not None):
+            raise ConfigError("give either --key KEY.pem or --oracle NAME")
+        if self.key_mode == "inprocess" and len(self.keys) != len(self.certs):
+            raise ConfigError("--key-mode inprocess pairs each --cert with a --key, in order")
+        if self.key_mode not in KEY_MODES:
+            raise ConfigError(f"--key-mode {self.key_mode!r}: use oracle or inprocess")
+        if self.key_mode == "inprocess" and self.key is None:
+            raise ConfigError("--key-mode inprocess needs --key")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError(f"--workers {self.workers}: use 1 to 256")
+        lim = self.limits
+        if lim.max_connections < 1:
+            raise ConfigError("--max-connections must be at least 1")
+        for value, option in ((lim.handshake_timeout, "--handshake-timeout"),
+                              (lim.idle_timeout, "--idle-timeout"),
+                              (lim.connect_timeout, "--connect-timeout")):
+            if not value > 0:
+                raise ConfigError(f"{option} must be more than 0 seconds")
+        if not lim.drain_timeout >= 0:
+            raise ConfigError("--drain-timeout must be 0 seconds or more")
+        for path, what in [(c, "certificate") for c in self.certs] + \
+                [(k, "key") for k in self.keys]:
+            # stat, not open: the proxy never reads the key (the oracle does).
+            if not os.path.isfile(path):
+                raise ConfigError(f"{what} file {path}: no such file")
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"{what} file {path}: permission denied")
+
+
+def server_context(pairs: Sequence[tuple[str, str]]) -> ssl.SSLContext:
+    """The proxy's TLS settings: 1.2 and 1.3, forward-secret AEAD suites, no renegotiation.
+
+    ``pairs`` are (certificate, key) files; a key is a PEM private key or a key
+    reference (with the provider enabled). With several, say RSA and ECDSA,
+    OpenSSL gives each client the one its signature algorithms allow.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    for cert, key in pairs:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class _KeySource:
+    """Where one generation of workers gets its key: an oracle (owned or not)
+    behind a key reference, or the key file itself (inprocess)."""
+
+    def __init__(self, opts: ProxyOptions, workdir: Path, generation: int, base: str) -> None:
+        self.opts = opts
+        self.oracle: Optional[KeyOracle] = None
+        self.name = opts.oracle
+        # (certificate, key or key reference) for each certificate.
+        self.pairs: list[tuple[str, str]] = list(zip(opts.certs, opts.keys))
+        self.down_since = 0.0
+        self.restarts = 0
+        self.next_attempt = 0.0
+        if opts.key_mode == "inprocess":
+            return
+        if opts.keys:
+            self.name = f"{base}.{generation}"
+            self.oracle = KeyOracle(list(opts.keys), transport=opts.transport, name=self.name,
+                                    by_name=True, spin_us=_oracle_spin_us())
+            self._start_oracle()
+        self.pairs = []
+        try:
+            assert self.name is not None
+            for i, cert in enumerate(opts.certs):
+                ref = str(workdir / f"key.{generation}.{i}.ref.pem")
+                self.pairs.append((cert, ref))
+                try:
+                    # The oracle's key that matches this certificate, whatever their order.
+                    keyref.write(self.name, ref, cert=cert, transport=opts.transport)
+                except KeyMismatchError:
+                    what = (" or ".join(opts.keys) if opts.keys
+                            else f"the keys of oracle {self.name!r}")
+                    raise KeyMismatchError(f"certificate {cert} does not match {what}") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_oracle(self) -> None:
+        assert self.oracle is not None
+        self.oracle.start()
+        # The supervisor signs nothing; workers connect on their own.
+        self.oracle.client.close()
+
+    def describe(self) -> str:
+        if self.opts.key_mode == "inprocess":
+            return "key IN-PROCESS (no isolation)"
+        if self.oracle is not None:
+            return (f"key in oracle {self.name!r} (pid {self.oracle.pid}, "
+                    f"{self.oracle.config.transport})")
+        return f"key in oracle {self.name!r}"
+
+    def supervise(self) -> None:
+        """Restart an owned oracle that died, with back-off if restarting fails."""
+        if self.oracle is None:
+            return
+        now = time.monotonic()
+        if not self.down_since:
+            status = self.oracle.poll()
+            if status is None:
+                return
+            log.error("key oracle %r (pid %s) died (%s); handshakes fail until it is back",
+                      self.name, self.oracle.pid, _exit_text(status))
+            self.oracle.stop()
+            self.down_since, self.restarts, self.next_attempt = now, 0, now
+        if now < self.next_attempt:
+            return
+        try:
+            self._start_oracle()
+        except (ShmkeyError, OSError) as exc:
+            delay = _RESTART_BACKOFF[min(self.restarts + 1, len(_RESTART_BACKOFF) - 1)]
+            log.error("restarting key oracle %r failed: %s; next try in %g s", self.name, exc,
+                      delay)
+            self.restarts += 1
+            self.next_attempt = now + delay
+            return
+        log.warning("key oracle %r restarted (pid %d), %.2f s after it died", self.name,
+                    self.oracle.pid, time.monotonic() - self.down_since)
+        self.down_since = 0.0
+
+    def stop(self) -> None:
+        """Stop an owned oracle (it unlinks its names) and remove the reference."""
+        if self.oracle is not None:
+            self.oracle.stop()
+        if self.opts.key_mode != "inprocess":
+            for _, ref in self.pairs:
+                Path(ref).unlink(missing_ok=True)
+
+
+def _oracle_spin_us() -> Optional[int]:
+    """0 unless SHMKEY_SPIN_US says otherwise.
+
+    The ring spins while its own threads leave a core free, but it cannot see
+    the proxy's workers doing TLS on those cores: measured here, spinning cost
+    a third more CPU per handshake and no throughput. An RSA signature takes
+    ~0.3 ms, so a spinning waiter rarely catches its reply anyway.
+    """
+    return None if os.environ.get(env_name("spin_us"), "").strip() else 0
+
+
+def _exit_text(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
+
+
+def _bind(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port, with SO_REUSEPORT.
+
+    A first bind without SO_REUSEPORT makes a port that anything else
+    listens on an error, even another SO_REUSEPORT group of this user.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    socks: list[socket.socket] = []
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+            addr = probe.getsockname()      # a port of 0 becomes a real one
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(addr)
+            s.listen(1024)
+            s.setblocking(False)
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return socks
+
+
+def _raise_fd_limit(limits: Limits, workers: int) -> Limits:
+    """Room for every connection's two descriptors; fewer connections if the
+    hard limit says so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = limits.max_connections * _FD_PER_CONNECTION + 64 + workers
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    fit = (soft - 64 - workers) // _FD_PER_CONNECTION
+    if fit < limits.max_connections:
+        log.warning("open file limit %d allows %d connections per worker, not %d", soft, fit,
+                    limits.max_connections)
+        limits = Limits(max(1, fit), limits.handshake_timeout, limits.idle_timeout,
+                        limits.connect_timeout, limits.drain_timeout)
+    return limits
+
+
+class Proxy:
+    """The supervisor: binds, starts the key source and the workers, and
+    handles SIGTERM/SIGINT (drain and stop), SIGHUP (reload) and deaths."""
+
+    def __init__(self, opts: ProxyOptions) -> None:
+        self.opts = opts
+        self.socks: list[socket.socket] = []
+        self.workdir: Optional[Path] = None
+        self.generation = 0
+        self.source: Optional[_KeySource] = None
+        self.ctx: Optional[ssl.SSLContext] = None
+        self.workers: dict[int, tuple[int, int, float]] = {}   # pid: (slot, generation, started)
+        self.retiring: list[tuple[_KeySource, int, float]] = []  # source, its generation, deadline
+        self.base = f"proxy-{secrets.token_hex(4)}"
+        self.signals: list[int] = []
+        self.wake_fd = -1
+        self.backend_addr: tuple[str, int] = opts.backend
+
+    # ---- start ----
+
+    def start(self) -> None:
+        """Bind, start the key source, load the context and fork the workers.
+
+        Raises:
+            ConfigError, KeyMismatchError, KeyLoadError, OracleUnavailableError:
+                what is wrong, in one line; nothing is left running.
+        """
+        opts = self.opts
+        opts.check()
+        self.backend_addr = self._resolve_backend()
+        self.opts.limits = _raise_fd_limit(opts.limits, opts.workers)
+        self.socks = _bind(*opts.listen, opts.workers)
+        self.workdir = Path(tempfile.mkdtemp(prefix="shmkey-proxy-"))
+        if opts.key_mode == "oracle":
+            from . import openssl
+
+            openssl.enable()
+        self.source, self.ctx = self._load(1)
+        if opts.key_mode == "inprocess":
+            log.warning(INPROCESS_WARNING)
+        self.generation = 1
+        for slot in range(opts.workers):
+            self._spawn(slot)
+        log.info("proxy ready: %s -> %s, %d workers, %s",
+                 _address(*self.socks[0].getsockname()[:2]), _address(*self.backend_addr),
+                 opts.workers, self.source.describe())
+
+    def _resolve_backend(self) -> tuple[str, int]:
+        host, port = self.opts.backend
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise ConfigError(f"backend {host}:{port}: {exc.strerror}") from None
+        return str(info[4][0]), port
+
+    def _load(self, generation: int) -> tuple[_KeySource, ssl.SSLContext]:
+        """A key source and a context for a generation of workers."""
+        assert self.workdir is not None
+        source = _KeySource(self.opts, self.workdir, generation, self.base)
+        try:
+            return source, server_context(source.pairs)
+        except ssl.SSLError as exc:
+            source.stop()
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                raise KeyMismatchError(
+                    f"certificate {self.opts.cert} does not match {self.opts.key}") from None
+            raise ConfigError(f"cannot load certificate {self.opts.cert} and key: "
+                              f"{exc.reason or exc}") from None
+        except BaseException:
+            source.stop()
+            raise
+
+    def _spawn(self, slot: int) -> None:
+        assert self.ctx is not None
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = (slot, self.generation, time.monotonic())
+            return
+        code = 1
+        try:
+            self._become_worker(slot, parent)
+            code = 0
+        except BaseException:
+            log.exception("worker failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _become_worker(self, slot: int, parent: int) -> None:
+        from ._binding import lib
+        from .server import _close_inherited_fds
+
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)      # the supervisor handles these
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        lib.shmkey_die_with_parent(signal.SIGTERM, parent)
+        sock = self.socks[slot]
+        for other in self.socks:
+            if other is not sock:
+                other.detach()      # closed below; the object must not close a reused number
+        # Only this worker's socket: not the others', nor the oracle's lifeline.
+        _close_inherited_fds({0, 1, 2, sock.fileno()})
+        assert self.ctx is not None
+        Worker(sock, self.ctx, self.backend_addr, self.opts.limits,
+               key_in_oracle=self.opts.key_mode == "oracle").serve()
+
+    # ---- run ----
+
+    @contextlib.contextmanager
+    def signals_handled(self) -> Iterator[None]:
+        """Note TERM, INT, HUP and CHLD for :meth:`run`, which a pipe wakes."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        self.wake_fd = wake_r
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def run(self) -> int:
+        """Supervise until SIGTERM or SIGINT; the exit status."""
+        while True:
+            pending, self.signals = self.signals, []
+            if signal.SIGTERM in pending or signal.SIGINT in pending:
+                break
+            if signal.SIGHUP in pending:
+                self._reload()
+            self._reap()
+            assert self.source is not None
+            self.source.supervise()
+            self._retire()
+            select.select([self.wake_fd], [], [], _TICK)
+            try:
+                os.read(self.wake_fd, 512)
+            except BlockingIOError:
+                pass
+        return self.shutdown()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def _reap(self) -> None:
+        """Start another worker for one of the current generation that died."""
+        for pid, (slot, generation, started) in list(self.workers.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
+                continue
+            del self.workers[pid]
+            if generation != self.generation:
+                continue        # an old generation's worker, done draining
+            code = os.waitstatus_to_exitcode(status)
+            log.error("worker %d died (%s); starting another", pid, _exit_text(code))
+            if time.monotonic() - started < 1.0:
+                time.sleep(0.5)     # dying at once again and again: not a busy loop
+            self._spawn(slot)
+
+    def _reload(self) -> None:
+        """SIGHUP: new key source and context, new workers; the old ones drain."""
+        log.info("SIGHUP: reloading certificate %s and %s", self.opts.cert,
+                 self.opts.key or f"the key of oracle {self.opts.oracle!r}")
+        try:
+            self.opts.check()
+            source, ctx = self._load(self.generation + 1)
+        except (ShmkeyError, OSError) as exc:
+            log.error("reload failed; still serving the previous certificate and key: %s", exc)
+            return
+        if self.opts.key_mode == "inprocess":
+            log.warning(INPROCESS_WARNING)
+        old_source, old_generation = self.source, self.generation
+        self.source, self.ctx = source, ctx
+        self.generation += 1
+        old = [pid for pid, (_, gen, _) in self.workers.items() if gen == old_generation]
+        for slot in range(self.opts.workers):
+            self._spawn(slot)
+        for pid in old:
+            _signal(pid, signal.SIGTERM)
+        assert old_source is not None
+        # The old oracle serves the old workers' handshakes in flight.
+        deadline = time.monotonic() + self.opts.limits.handshake_timeout + 1.0
+        self.retiring.append((old_source, old_generation, deadline))
+        log.info("reloaded: %d new workers, %s", self.opts.workers, source.describe())
+
+    def _retire(self) -> None:
+        """Stop the key sources of old generations once their workers are gone."""
+        keep = []
+        for source, generation, deadline in self.retiring:
+            busy = any(gen == generation for _, gen, _ in self.workers.values())
+            if busy and time.monotonic() < deadline:
+                keep.append((source, generation, deadline))
+            else:
+                source.stop()
+        self.retiring = keep
+
+    # ---- stop ----
+
+    def shutdown(self) -> int:
+        """Drain the workers, stop the oracle, remove every file and name."""
+        log.info("stopping: no new connections; draining %d worker(s), up to %g s",
+                 len(self.workers), self.opts.limits.drain_timeout)
+        for pid in self.workers:
+            _signal(pid, signal.SIGTERM)
+        self.close_sockets()
+        deadline = time.monotonic() + self.opts.limits.drain_timeout + 5.0
+        while self.workers:
+            for pid in list(self.workers):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    del self.workers[pid]
+            if self.workers and (time.monotonic() > deadline or signal.SIGINT in self.signals
+                                 or signal.SIGTERM in self.signals):
+                # Out of time, or told twice: stop waiting.
+                for pid in self.workers:
+                    _signal(pid, signal.SIGKILL)
+                for pid in self.workers:
+                    os.waitpid(pid, 0)
+                self.workers.clear()
+            time.sleep(0.02)
+        self.stop_sources()
+        log.info("stopped")
+        return 0
+
+    def close_sockets(self) -> None:
+        """Close the supervisor's listening sockets."""
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+    def stop_sources(self) -> None:
+        """Stop every key source and remove the working directory."""
+        for source, _, _ in self.retiring:
+            source.stop()
+        self.retiring = []
+        if self.source is not None:
+            self.source.stop()
+            self.source = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_proxy(opts: ProxyOptions) -> int:
+    """Run ``shmkey proxy`` in the foreground; the exit status.
+
+    Raises:
+        ShmkeyError: start-up failed (nothing is left running).
+    """
+    proxy = Proxy(opts)
+    with proxy.signals_handled():
+        try:
+            proxy.start()
+        except BaseException:
+            for pid in proxy.workers:
+                _signal(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            proxy.close_sockets()
+            proxy.stop_sources()
+            raise
+        try:
+            return proxy.run()
+        except Exception:
+            # A bug, not an operator's error: still stop everything we started.
+            log.exception("the supervisor failed; stopping")
+            proxy.shutdown()
+            return 1
+
+
+def configure_logging(level: str) -> None:
+    """One line per event on stderr, tagged with the process id."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="shmkey-proxy[%(process)d] %(levelname)s %(message)s")
