@@ -595,10 +595,8 @@ static struct shmkey_slot *spin_for_request(struct shmkey_server *s, struct shmk
                                             uint64_t *ctl, uint32_t *idx)
 {
     struct shmkey_ring_hdr *h = hdr_of(s->base);
-    if (s->spin_us == 0 || w->woke) {
-        w->woke = 0;
+    if (s->spin_us == 0)
         return NULL;
-    }
     /* Our own count is in "active" while we were computing. */
     if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) > s->ncpu - (w->active ? 0 : 1))
         return NULL;
@@ -705,7 +703,6 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
         status = SHMKEY_EINTERNAL;
         out_len = 0;
     }
-    w->woke = 0;
     if (!ctl_cas(slot, CTL(gen, SHMKEY_SLOT_BUSY), CTL(gen, SHMKEY_SLOT_WRITING))) {
         uint64_t ctl = ctl_load(slot);
         if (ctl == CTL(gen, SHMKEY_SLOT_ABANDONED) &&
@@ -720,10 +717,8 @@ int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
     slot->resp.out_len = out_len;
     __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
     __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
-    if (__atomic_load_n(&slot->waiters, __ATOMIC_SEQ_CST)) {
+    if (__atomic_load_n(&slot->waiters, __ATOMIC_SEQ_CST))
         futex_wake_all(ctl_futex(slot));
-        w->woke = 1;
-    }
     return SHMKEY_OK;
 }
 

@@ -131,7 +131,6 @@ struct shmkey_work {
     uint32_t cursor;        /* where this worker starts its next scan */
     uint32_t active;        /* nonzero while counted in hdr->active */
     uint32_t served;        /* requests this worker answered in C (pings) */
-    uint32_t woke;          /* last reply woke a sleeping client: yield the core */
 };
 
 struct shmkey_client;
