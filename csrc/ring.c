@@ -681,7 +681,6 @@ int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
         COMPILER_BARRIER();
         if (w->req.op == SHMKEY_OP_PING) {
             shmkey_shm_server_reply(s, w, SHMKEY_OK, w->payload, n);
-            w->served++;
             continue;
         }
         return SHMKEY_OK;

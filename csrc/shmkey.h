@@ -130,7 +130,6 @@ struct shmkey_work {
     int fd;                 /* socket: connection the request came on */
     uint32_t cursor;        /* where this worker starts its next scan */
     uint32_t active;        /* nonzero while counted in hdr->active */
-    uint32_t served;        /* requests this worker answered in C (pings) */
 };
 
 struct shmkey_client;

@@ -472,7 +472,6 @@ int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
         w->fd = fd;
         if (w->req.op == SHMKEY_OP_PING) {
             shmkey_sock_server_reply(s, w, SHMKEY_OK, w->payload, w->req.in_len);
-            w->served++;
             continue;
         }
         return SHMKEY_OK;
