@@ -1,4 +1,4 @@
-"""Session fixtures for the benchmarks: one :class:`shmkey.bench.Lab` (throwaway
+"""Session fixtures for the benchmarks: one :class:`shmkey.tools.bench.Lab` (throwaway
 keys in a private temporary directory, oracles started on first use and all
 stopped at the end), how much work a measurement does (tiny under
 ``--benchmark-disable``, so CI only checks that every path still works), and a
@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from shmkey import bench
+from shmkey.tools import bench
 
 SHM = Path("/dev/shm")
 _THROUGHPUT: list[tuple[str, str, bench.Throughput]] = []   # (group, label, result)

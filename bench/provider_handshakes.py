@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _tls import Serve, free_port, wait_for_port, write_key_and_cert  # noqa: E402
 
 import shmkey.openssl  # noqa: E402
-from shmkey import keyref  # noqa: E402
+from shmkey.openssl import keyref  # noqa: E402
 
 
 def s_time(port: int, seconds: int, *args: str) -> float:

@@ -3,7 +3,7 @@ the proxy's workers (in-process), in its oracle over the shm ring, and in its
 oracle over the socket: same worker count, same backend, same load.
 
 The load generator is not the proxy: a pool of Python client processes
-(``shmkey._loadgen``), each connection new (no session reuse), one HTTP
+(``shmkey.tools.loadgen``), each connection new (no session reuse), one HTTP
 request each, every response checked; or, with ``--client s_time``, parallel
 ``openssl s_time -new -tls1_3 -www /``. Modes are interleaved round by round,
 and the ratio to in-process is taken per round, then the median of those.
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shmkey._proxyrun import MODES, ProxyRig  # noqa: E402
+from shmkey.tools.rig import MODES, ProxyRig  # noqa: E402
 
 
 def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[float, float]:

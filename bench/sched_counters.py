@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from shmkey import bench
+from shmkey.tools import bench
 
 _FIELDS = {"nr_voluntary_switches": "vol", "nr_involuntary_switches": "invol",
            "se.sum_exec_runtime": "cpu_ms"}

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from shmkey import bench
+from shmkey.tools import bench
 
 
 def test_shmkey_bench_runs_and_writes_json(tmp_path: Path) -> None:

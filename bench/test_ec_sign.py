@@ -40,7 +40,7 @@ from _tls import Serve  # noqa: E402
 
 import shmkey  # noqa: E402
 import shmkey.openssl  # noqa: E402
-from shmkey import keyref  # noqa: E402
+from shmkey.openssl import keyref  # noqa: E402
 
 #: What a TLS 1.3 server signs in its CertificateVerify (RFC 8446 4.4.3).
 MESSAGE = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00" + bytes(range(32))

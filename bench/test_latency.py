@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from shmkey import bench
+from shmkey.tools import bench
 
 
 @pytest.mark.benchmark(group="ping round trip, Python API")

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from shmkey._proxyrun import MODES, ProxyRig
+from shmkey.tools.rig import MODES, ProxyRig
 
 WORKERS = 2
 HANDSHAKES = 2000

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from shmkey import bench
+from shmkey.tools import bench
 
 
 @pytest.mark.parametrize("mode", bench.MODES)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import pytest
 
-from shmkey import bench
+from shmkey.tools import bench
 
 CLIENTS = 4
 REFERENCES = [("in-process", None), ("socketpair", None)]

@@ -6,19 +6,20 @@ reached over a shared-memory ring (or a socket, to compare).
         sig = key.sign(data, padding.PSS(...), hashes.SHA256())
 """
 from ._wire import key_id
-from .client import OracleClient, connect
-from .keys import OracleECKey, OracleEd25519Key, OracleKey
+from .client import OracleClient, OracleECKey, OracleEd25519Key, OracleKey, connect
 from .config import Config
 from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsolatedError,
-                     KeyLoadError, OracleAccessError, OracleInternalError, OracleTimeoutError,
+                     KeyLoadError, KeyMismatchError, KeyReferenceError, LibcryptoMismatchError,
+                     OracleAccessError, OracleInternalError, OracleTimeoutError,
                      OracleUnavailableError, PolicyError, ProtocolError, ShmkeyError,
                      SystemCallError, UnsupportedOperationError)
-from .oracle import KeyOracle
+from .launcher import KeyOracle
 
 __all__ = [
     "Config", "ConfigError", "DecryptionError", "InvalidArgumentError", "KeyIsolatedError",
-    "KeyLoadError", "KeyOracle", "OracleAccessError", "OracleClient", "OracleInternalError",
-    "OracleECKey", "OracleEd25519Key", "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError",
-    "ProtocolError", "ShmkeyError", "SystemCallError", "UnsupportedOperationError", "connect", "key_id",
+    "KeyLoadError", "KeyMismatchError", "KeyOracle", "KeyReferenceError", "LibcryptoMismatchError",
+    "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleInternalError",
+    "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError", "ProtocolError",
+    "ShmkeyError", "SystemCallError", "UnsupportedOperationError", "connect", "key_id",
 ]
 __version__ = "0.1.0"

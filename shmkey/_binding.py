@@ -1,14 +1,56 @@
-"""The compiled C layer (``ffi``, ``lib``) and the check that turns its statuses
-into exceptions. Private: the public API wraps it in ``client`` and ``server``.
+"""The compiled C layer (``ffi``, ``lib``) and the one place its statuses become
+typed exceptions. Private: the public API wraps it in ``client``, ``oracle``
+and ``openssl``.
 """
 from __future__ import annotations
 
-from ._native import ffi, lib  # noqa: F401  (re-exported)
+import os
+from typing import NoReturn
+
+from ._native import ffi, lib
+from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleInternalError,
+                     OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
+                     ShmkeyError, SystemCallError, UnsupportedOperationError)
+
+__all__ = ["ensure", "ffi", "lib", "raise_for_status"]
+
+_STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
+    lib.SHMKEY_EINVAL: InvalidArgumentError,
+    lib.SHMKEY_ETOOBIG: InvalidArgumentError,
+    lib.SHMKEY_ETIMEDOUT: OracleTimeoutError,
+    lib.SHMKEY_EUNAVAIL: OracleUnavailableError,
+    lib.SHMKEY_EPOLICY: PolicyError,
+    lib.SHMKEY_EPROTO: ProtocolError,
+    lib.SHMKEY_EDECRYPT: DecryptionError,
+    lib.SHMKEY_EUNSUPPORTED: UnsupportedOperationError,
+    lib.SHMKEY_ESYSTEM: SystemCallError,
+    lib.SHMKEY_ENOKEY: InvalidArgumentError,
+    lib.SHMKEY_EINTERNAL: OracleInternalError,
+    lib.SHMKEY_EACCESS: OracleAccessError,
+}
+
+
+def raise_for_status(status: int, detail: str = "") -> NoReturn:
+    """Raise the exception for a negative C status.
+
+    Args:
+        status: a ``SHMKEY_E*`` code from ``shmkey.h``.
+        detail: the oracle's reason, if it sent one.
+
+    Raises:
+        ShmkeyError: always, as the subclass that ``status`` maps to.
+    """
+    message = ffi.string(lib.shmkey_strerror(status)).decode()
+    if detail:
+        message = f"{message}: {detail}"
+    cls = _STATUS_ERRORS.get(status, ShmkeyError)
+    if cls is SystemCallError:
+        err = ffi.errno
+        raise SystemCallError(err, f"{message}: {os.strerror(err)}")
+    raise cls(message)
 
 
 def ensure(status: int, detail: str = "") -> None:
     """Return if ``status`` is ``SHMKEY_OK``, else raise its typed exception."""
     if status != lib.SHMKEY_OK:
-        from .errors import raise_for_status
-
         raise_for_status(status, detail)

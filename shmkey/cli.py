@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from . import config, ring
+from . import config, names
 from .errors import ShmkeyError
 
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import Policy, ServeOptions, serve
+    from .oracle.server import Policy, ServeOptions, serve
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="shmkey[%(process)d] %(levelname)s %(message)s")
@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = config.Config.load(**overrides)
     password = sys.stdin.buffer.read().rstrip(b"\r\n") if args.password_stdin else None
     opts = ServeOptions(
-        key_paths=args.key, name=args.name and ring.check_name(args.name), config=cfg,
+        key_paths=args.key, name=args.name and names.check_name(args.name), config=cfg,
         policy=Policy(allow_oaep_decrypt=not args.no_oaep_decrypt,
                       allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
         password=password, group=args.group, socket_fd=args.socket_fd,
@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from .proxy import Limits, ProxyOptions, configure_logging, parse_address, run_proxy
+    from .proxy.supervisor import Limits, ProxyOptions, configure_logging, parse_address, run_proxy
 
     configure_logging(args.log_level)
     limits = Limits(max_connections=args.max_connections,
@@ -140,7 +140,7 @@ def _clean(name: str) -> int:
     try:
         connect(name, transport="shm").close()
     except ShmkeyError:
-        ring.unlink(name)
+        names.unlink(name)
         print(f"removed what was left of oracle {name!r}")
         return 0
     print(f"oracle {name!r} is running; stop it instead", file=sys.stderr)
@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``shmkey`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from .tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "proxy":
             return _proxy(args)
         if args.command == "demo":
-            from .demo import run
+            from .tools.demo import run
 
             return run(args.seconds)
         if args.command == "clean":
@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(config.markdown_table())
             return 0
         if args.command == "keyref":
-            from . import keyref
+            from .openssl import keyref
 
             ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport)
             print(f"wrote {args.output}: {keyref.describe(ref.public_key)} key of oracle "

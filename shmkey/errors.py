@@ -1,4 +1,5 @@
-"""Exceptions raised by shmkey, and the one place C statuses become them.
+"""Exceptions raised by shmkey. This module imports nothing of shmkey; the
+binding (``_binding``) maps C statuses to these classes in one place.
 
 Every exception derives from :class:`ShmkeyError`; the ones that mean what a
 builtin means also derive from it (``TimeoutError``, ``ValueError``,
@@ -7,8 +8,6 @@ builtin means also derive from it (``TimeoutError``, ``ValueError``,
 from __future__ import annotations
 
 import builtins
-import os
-from typing import NoReturn
 
 
 class ShmkeyError(Exception):
@@ -77,47 +76,3 @@ class KeyMismatchError(ShmkeyError, builtins.ValueError):
 
 class LibcryptoMismatchError(ShmkeyError):
     """Python's ssl module uses another libcrypto than shmkey's provider was built for."""
-
-
-def raise_for_status(status: int, detail: str = "") -> NoReturn:
-    """Raise the exception for a negative C status.
-
-    Args:
-        status: a ``SHMKEY_E*`` code from ``shmkey.h``.
-        detail: the oracle's reason, if it sent one.
-
-    Raises:
-        ShmkeyError: always, as the subclass that ``status`` maps to.
-    """
-    from ._binding import ffi, lib  # the native module loads lazily
-
-    message = ffi.string(lib.shmkey_strerror(status)).decode()
-    if detail:
-        message = f"{message}: {detail}"
-    cls = _STATUS_ERRORS.get(status, ShmkeyError)
-    if cls is SystemCallError:
-        err = ffi.errno
-        raise SystemCallError(err, f"{message}: {os.strerror(err)}")
-    raise cls(message)
-
-
-def _status_map() -> dict[int, type[ShmkeyError]]:
-    from ._binding import lib
-
-    return {
-        lib.SHMKEY_EINVAL: InvalidArgumentError,
-        lib.SHMKEY_ETOOBIG: InvalidArgumentError,
-        lib.SHMKEY_ETIMEDOUT: OracleTimeoutError,
-        lib.SHMKEY_EUNAVAIL: OracleUnavailableError,
-        lib.SHMKEY_EPOLICY: PolicyError,
-        lib.SHMKEY_EPROTO: ProtocolError,
-        lib.SHMKEY_EDECRYPT: DecryptionError,
-        lib.SHMKEY_EUNSUPPORTED: UnsupportedOperationError,
-        lib.SHMKEY_ESYSTEM: SystemCallError,
-        lib.SHMKEY_ENOKEY: InvalidArgumentError,
-        lib.SHMKEY_EINTERNAL: OracleInternalError,
-        lib.SHMKEY_EACCESS: OracleAccessError,
-    }
-
-
-_STATUS_ERRORS = _status_map()

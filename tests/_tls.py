@@ -20,20 +20,21 @@ from types import SimpleNamespace
 from typing import Iterator, Optional, Sequence, Union
 
 import shmkey.openssl
-from shmkey import demo, ring
+from shmkey import names
+from shmkey.tools import certs
 
-HOST = demo.HOST
+HOST = certs.HOST
 # nginx workers drop to nobody:nogroup when started as root; the ring must let them in.
 RUN_AS_ROOT = os.geteuid() == 0
 WORKER_GROUP = "nogroup" if RUN_AS_ROOT else None
 
 
-KEY_KINDS = demo.KEY_KINDS
+KEY_KINDS = certs.KEY_KINDS
 
 
 def write_key_and_cert(directory: Path, stem: str, kind: str = "rsa") -> tuple[Path, Path]:
     """A fresh key (see KEY_KINDS) and a self-signed certificate for localhost."""
-    _, key_path, cert_path = demo.write_key_and_cert(directory, stem, kind)
+    _, key_path, cert_path = certs.write_key_and_cert(directory, stem, kind)
     return key_path, cert_path
 
 
@@ -54,7 +55,7 @@ class Serve:
                  name: Optional[str] = None, extra: tuple[str, ...] = ()) -> None:
         self.keys = [key] if isinstance(key, Path) else list(key)
         self.transport, self.extra = transport, extra
-        self.name = name or ring.random_name()
+        self.name = name or names.random_name()
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Serve":
@@ -90,10 +91,10 @@ class Serve:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        ring.unlink(self.name)
+        names.unlink(self.name)
         if self.transport == "socketpair":
             # An oracle that dropped root cannot unlink its socket in root's directory.
-            ring.socket_path(self.name).unlink(missing_ok=True)
+            names.socket_path(self.name).unlink(missing_ok=True)
 
 
 class TLSServer:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
-from shmkey import ring
+from shmkey import names
 
 from .conftest import TRANSPORTS, unique
 
@@ -38,7 +38,7 @@ def test_kill_oracle_mid_load(rsa4096: Path, transport: str) -> None:
     """Every caller gets OracleUnavailableError, long before its 60 s timeout."""
     with shmkey.KeyOracle(rsa4096, transport=transport, workers=2, timeout_ms=60000) as oracle:
         _kill_oracle_mid_load(oracle)
-    assert not ring.exists(oracle.name)
+    assert not names.exists(oracle.name)
 
 
 def _kill_oracle_mid_load(oracle: shmkey.KeyOracle) -> None:
@@ -151,7 +151,7 @@ time.sleep(60)
     assert owner.stdout is not None
     pid_s, name = owner.stdout.readline().split()
     pid = int(pid_s)
-    assert ring.exists(name)
+    assert names.exists(name)
     owner.kill()
     owner.wait()
 
@@ -165,7 +165,7 @@ time.sleep(60)
             return True
 
     assert wait_until(gone, timeout=15), "the oracle outlived its owner"
-    assert not ring.exists(name), "an orphaned oracle left its ring behind"
+    assert not names.exists(name), "an orphaned oracle left its ring behind"
 
 
 def test_stopped_oracle_is_unavailable_to_attached_clients(rsa2048: Path, tmp_path: Path) -> None:
@@ -207,9 +207,9 @@ time.sleep(60)
             time.sleep(0.001)
         else:
             os.kill(pid, signal.SIGKILL)
-            ring.unlink(name)
+            names.unlink(name)
             raise AssertionError("the oracle hung while stopping")
-        assert wait_until(lambda: not ring.exists(name)), "it died without unlinking its ring"
+        assert wait_until(lambda: not names.exists(name)), "it died without unlinking its ring"
 
 
 def test_stop_request_takes_no_lock() -> None:
@@ -217,7 +217,7 @@ def test_stop_request_takes_no_lock() -> None:
     Event.set() holding its lock: so the handler must never take a lock.
     (It did once, and an oracle hung on its owner's death.)"""
     from shmkey.config import Config
-    from shmkey.server import Oracle, Policy, ServeOptions
+    from shmkey.oracle.server import Oracle, Policy, ServeOptions
 
     oracle = Oracle(ServeOptions(key_paths=[], name=None, config=Config.load(env={}),
                                  policy=Policy()))

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
-from shmkey import ring
+from shmkey import names
 
 from .conftest import unique
 from .test_serve import wait_for_oracle
@@ -91,8 +91,8 @@ def test_root_oracle_drops_to_user(rsa2048: Path, tmp_path: Path, transport: str
         assert st["Gid"].split()[0] == "65534"
         # Not dumpable: /proc files of such a process belong to root, not to it.
         assert os.stat(f"/proc/{serve.pid}/environ").st_uid == 0
-        owned = ([ring.shm_path(name, p) for p in ("shm", "req", "free")] if transport == "shm"
-                 else [str(ring.socket_path(name))])
+        owned = ([names.shm_path(name, p) for p in ("shm", "req", "free")] if transport == "shm"
+                 else [str(names.socket_path(name))])
         assert all(os.stat(p).st_uid == 65534 for p in owned)
         key = client.private_key()
         sig = key.sign(b"m", padding.PKCS1v15(), hashes.SHA256())
@@ -107,5 +107,5 @@ def test_root_oracle_drops_to_user(rsa2048: Path, tmp_path: Path, transport: str
         if serve.poll() is None:
             serve.kill()
             serve.wait()
-        ring.unlink(name)
+        names.unlink(name)
         shutil.rmtree(rundir)

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from shmkey import ring
+from shmkey import names
 
 from .conftest import unique
 from .ctools import asan_env, build_asan_package, build_tool
@@ -51,7 +51,7 @@ def test_hostile_client_cannot_hurt_oracle_or_honest_clients(tools: dict[str, Pa
         client = wait_for_oracle(name, "shm")
         key = client.private_key()
         pub = key.public_key()
-        hostile = subprocess.Popen([str(tools["hostile"]), ring.ring_id(name), "3", str(seed)],
+        hostile = subprocess.Popen([str(tools["hostile"]), names.ring_id(name), "3", str(seed)],
                                    stdout=subprocess.PIPE, text=True)
         verified: list[int] = []
         failures: list[BaseException] = []
@@ -91,7 +91,7 @@ def test_hostile_client_cannot_hurt_oracle_or_honest_clients(tools: dict[str, Pa
     finally:
         oracle.send_signal(signal.SIGTERM)
         oracle.wait(timeout=15)
-        ring.unlink(name)
+        names.unlink(name)
     report = log.read_text()
     assert "AddressSanitizer" not in report, report[-3000:]
     assert oracle.returncode == 0, report[-3000:]

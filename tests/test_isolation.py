@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shmkey.memscan import key_secrets, scan_process
+from shmkey.tools.memscan import key_secrets, scan_process
 
 from .conftest import TRANSPORTS
 
@@ -77,7 +77,7 @@ def test_tls_server_memory_holds_no_key_after_handshakes(tmp_path: Path) -> None
     import socket
     import ssl
 
-    from shmkey import keyref
+    from shmkey.openssl import keyref
 
     from ._tls import Serve, client_context, write_key_and_cert
 

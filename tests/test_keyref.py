@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmkey import keyref
+from shmkey.openssl import keyref
 from shmkey.errors import (ConfigError, KeyMismatchError, KeyReferenceError,
                            OracleUnavailableError)
 

@@ -17,7 +17,7 @@ import posix_ipc
 import pytest
 
 import shmkey
-from shmkey import ring
+from shmkey import names
 
 from .conftest import unique
 from .ctools import build_tool
@@ -48,11 +48,11 @@ def as_nobody(probe: Path, target: str, *groups: int) -> subprocess.CompletedPro
 def test_other_user_cannot_open_a_private_ring(probe: Path, rsa2048: Path) -> None:
     with shmkey.KeyOracle(rsa2048, workers=1) as oracle:
         for part in ("shm", "req", "free"):
-            assert stat.S_IMODE(os.stat(ring.shm_path(oracle.name, part)).st_mode) == 0o600
-        mine = subprocess.run([str(probe), ring.ring_id(oracle.name)], capture_output=True,
+            assert stat.S_IMODE(os.stat(names.shm_path(oracle.name, part)).st_mode) == 0o600
+        mine = subprocess.run([str(probe), names.ring_id(oracle.name)], capture_output=True,
                               text=True, timeout=30)
         assert mine.returncode == 0 and "echoed" in mine.stdout
-        theirs = as_nobody(probe, ring.ring_id(oracle.name))
+        theirs = as_nobody(probe, names.ring_id(oracle.name))
         assert theirs.returncode == 1 and "open: permission denied" in theirs.stdout
 
 
@@ -60,11 +60,11 @@ def test_group_members_can_attach(probe: Path, rsa2048: Path) -> None:
     gid = grp.getgrnam(GROUP).gr_gid
     with shmkey.KeyOracle(rsa2048, workers=1, group=GROUP) as oracle:
         for part in ("shm", "req", "free"):
-            st = os.stat(ring.shm_path(oracle.name, part))
+            st = os.stat(names.shm_path(oracle.name, part))
             assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
-        member = as_nobody(probe, ring.ring_id(oracle.name), gid)
+        member = as_nobody(probe, names.ring_id(oracle.name), gid)
         assert member.returncode == 0 and "echoed" in member.stdout, member.stdout
-        stranger = as_nobody(probe, ring.ring_id(oracle.name))
+        stranger = as_nobody(probe, names.ring_id(oracle.name))
         assert "permission denied" in stranger.stdout
 
 
@@ -78,7 +78,7 @@ def test_socket_peers_are_checked_even_when_the_path_is_open(probe: Path, rsa204
                               "--transport", "socketpair", "--workers", "1", "--allow-root"],
                              env=env, stderr=subprocess.PIPE, text=True)
     try:
-        sock = rundir / "shmkey" / f"{ring.ring_id(name)}.sock"
+        sock = rundir / "shmkey" / f"{names.ring_id(name)}.sock"
         assert wait_until(sock.exists), serve.stderr
         # Open every door on the way, as a careless operator might.
         os.chmod(rundir, 0o755)
@@ -99,7 +99,7 @@ def test_socket_peers_are_checked_even_when_the_path_is_open(probe: Path, rsa204
 def test_planted_name_stops_start_up(rsa2048: Path, tmp_path: Path, planted: str) -> None:
     """An object an attacker created first is never used: start-up fails, clearly."""
     name = unique(f"planted-{planted}")
-    base = ring.ring_id(name)
+    base = names.ring_id(name)
     if planted == "shm":
         obj = posix_ipc.SharedMemory(f"/{base}", posix_ipc.O_CREX, mode=0o666, size=4096)
         obj.close_fd()
@@ -109,6 +109,6 @@ def test_planted_name_stops_start_up(rsa2048: Path, tmp_path: Path, planted: str
         with pytest.raises(shmkey.ShmkeyError, match=f"an oracle named '{name}' already exists"):
             shmkey.KeyOracle(rsa2048, name=name, workers=1).start()
         # The planted object is still the attacker's: we did not adopt or remove it.
-        assert os.path.exists(ring.shm_path(name, planted))
+        assert os.path.exists(names.shm_path(name, planted))
     finally:
-        ring.unlink(name)
+        names.unlink(name)

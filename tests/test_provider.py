@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey.openssl
-from shmkey import keyref
+from shmkey.openssl import keyref
 from shmkey.errors import LibcryptoMismatchError
 
 from ._tls import (HOST, RUN_AS_ROOT, Serve, TLSServer, client_context, curl, free_port,

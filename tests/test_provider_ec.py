@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 import shmkey.openssl
-from shmkey import keyref
+from shmkey.openssl import keyref
 
 from ._tls import (RUN_AS_ROOT, Serve, TLSServer, client_context, free_port, handshake,
                    run_openssl, running, s_client, server_context, wait_for_errors,

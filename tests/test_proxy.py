@@ -22,10 +22,12 @@ from typing import Iterator, Optional
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from shmkey import _loadgen, ring
-from shmkey._backend import Backend, body_for
-from shmkey._proxyrun import ProxyProcess, alive, children
-from shmkey.memscan import key_secrets, scan_process
+from shmkey import names
+from shmkey.tools import loadgen as _loadgen
+from shmkey.tools.backend import Backend, body_for
+from shmkey.tools import certs
+from shmkey.tools.rig import ProxyProcess, alive, children
+from shmkey.tools.memscan import key_secrets, scan_process
 
 from ._tls import HOST, Serve, curl, free_port, key_material, s_client
 from .conftest import ours_in_shm
@@ -69,7 +71,7 @@ class RunningProxy(ProxyProcess):
             assert self.oracle_name is not None
             base = f"shmkey-{self.oracle_name.split('.')[0]}"
             assert not [e for e in ours_in_shm() if base in e]
-            assert not ring.socket_path(self.oracle_name).exists()
+            assert not names.socket_path(self.oracle_name).exists()
         assert not [line for line in self.lines if "Traceback" in line], "\n".join(self.lines)
         return 0
 
@@ -137,9 +139,9 @@ def test_dual_certificates(start, material: SimpleNamespace, tmp_path: Path,
                            version: str) -> None:
     """RSA and ECDSA certificates, both keys in the proxy's one oracle: each
     client gets the certificate its signature algorithms allow."""
-    from shmkey import demo
 
-    _, ec_key, ec_cert = demo.write_key_and_cert(tmp_path, "ec", "p256")
+
+    _, ec_key, ec_cert = certs.write_key_and_cert(tmp_path, "ec", "p256")
     proxy = start("--cert", str(ec_cert), "--key", str(ec_key))
     cafile = tmp_path / "both.pem"
     cafile.write_bytes(material.cert.read_bytes() + ec_cert.read_bytes())
@@ -278,8 +280,8 @@ def test_kill_oracle_during_load(start) -> None:
 
 def test_kill_oracle_socketpair(start) -> None:
     proxy = start("--workers", "2", "--transport", "socketpair")
-    assert ring.socket_path(proxy.oracle_name).exists()
-    assert not ring.exists(proxy.oracle_name)
+    assert names.socket_path(proxy.oracle_name).exists()
+    assert not names.exists(proxy.oracle_name)
     _kill_oracle_under_load(proxy)
 
 
@@ -354,7 +356,7 @@ def test_sighup_reloads_certificate_and_key(start, material: SimpleNamespace,
     while len(proxy.oracles()) != 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(proxy.oracles()) == 1 and len(proxy.workers()) == 2
-    assert not ring.exists(first)
+    assert not names.exists(first)
 
 
 def test_reloads_under_load_fail_nothing(start) -> None:
@@ -414,7 +416,7 @@ def test_external_oracle(start, material: SimpleNamespace) -> None:
         proxy.wait_for(re.compile(r"reloaded: 1 new workers"), start=mark)
         proxy.get("/reloaded")
         proxy.stop()
-        assert ring.exists(serve.name), "the proxy stopped an oracle it does not own"
+        assert names.exists(serve.name), "the proxy stopped an oracle it does not own"
     finally:
         serve.stop()
 

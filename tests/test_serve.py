@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
-from shmkey import ring
+from shmkey import names
 
 from .conftest import TRANSPORTS, ours_in_shm, unique
 
@@ -49,16 +49,16 @@ def test_serve_attach_sign_and_stop(rsa2048: Path, tmp_path: Path, transport: st
         sig_bytes = key.sign(b"m", padding.PKCS1v15(), hashes.SHA256())
         key.public_key().verify(sig_bytes, b"m", padding.PKCS1v15(), hashes.SHA256())
         if transport == "shm":
-            assert ring.exists(name)
-            mode = (Path("/dev/shm") / ring.ring_id(name)).stat().st_mode & 0o777
+            assert names.exists(name)
+            mode = (Path("/dev/shm") / names.ring_id(name)).stat().st_mode & 0o777
             assert mode == 0o600
         else:
-            assert ring.socket_path(name).stat().st_mode & 0o777 == 0o600
+            assert names.socket_path(name).stat().st_mode & 0o777 == 0o600
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
         assert "stopped" in err
-        assert not ring.exists(name) and not ring.socket_path(name).exists()
+        assert not names.exists(name) and not names.socket_path(name).exists()
         with pytest.raises(shmkey.OracleUnavailableError):
             key.sign(b"m", padding.PKCS1v15(), hashes.SHA256())
         client.close()
@@ -68,7 +68,7 @@ def test_serve_attach_sign_and_stop(rsa2048: Path, tmp_path: Path, transport: st
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        ring.unlink(name)
+        names.unlink(name)
 
 
 def test_name_in_use_is_refused_and_clean_removes_a_crashed_oracle(rsa2048: Path,
@@ -86,16 +86,16 @@ def test_name_in_use_is_refused_and_clean_removes_a_crashed_oracle(rsa2048: Path
         assert busy.returncode == 1 and "is running" in busy.stderr
         first.kill()                       # a crash: nothing unlinks its names
         first.wait()
-        assert ring.exists(name)
+        assert names.exists(name)
         cleaned = subprocess.run([sys.executable, "-m", "shmkey", "clean", name],
                                  capture_output=True, text=True)
         assert cleaned.returncode == 0, cleaned.stderr
-        assert not any(ring.ring_id(name) in entry for entry in ours_in_shm())
+        assert not any(names.ring_id(name) in entry for entry in ours_in_shm())
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
-        ring.unlink(name)
+        names.unlink(name)
 
 
 def test_connect_to_nothing() -> None:

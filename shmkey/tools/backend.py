@@ -97,7 +97,7 @@ class Backend:
 
 
 def main() -> None:
-    """``python -m shmkey._backend [PORT]``: print the port, serve until killed."""
+    """``python -m shmkey.tools.backend [PORT]``: print the port, serve until killed."""
     import sys
 
     async def run() -> None:

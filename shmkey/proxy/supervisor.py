@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from . import keyref
-from ._relay import Limits, Worker
-from .config import env_name
-from .errors import ConfigError, KeyMismatchError, ShmkeyError
-from .oracle import KeyOracle
+from ..openssl import keyref
+from .worker import Limits, Worker
+from ..config import env_name
+from ..errors import ConfigError, KeyMismatchError, ShmkeyError
+from ..launcher import KeyOracle
 
 log = logging.getLogger("shmkey.proxy")
 
@@ -334,7 +334,7 @@ class Proxy:
         self.socks = _bind(*opts.listen, opts.workers)
         self.workdir = Path(tempfile.mkdtemp(prefix="shmkey-proxy-"))
         if opts.key_mode == "oracle":
-            from . import openssl
+            from .. import openssl
 
             openssl.enable()
         self.source, self.ctx = self._load(1)
@@ -390,8 +390,8 @@ class Proxy:
             os._exit(code)
 
     def _become_worker(self, slot: int, parent: int) -> None:
-        from ._binding import lib
-        from .server import _close_inherited_fds
+        from .._binding import lib
+        from ..oracle.server import _close_inherited_fds
 
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGHUP):

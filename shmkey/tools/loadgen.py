@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ._backend import body_for
+from .backend import body_for
 
 
 @dataclass
@@ -141,7 +141,7 @@ class LoadClients:
     """
 
     def __init__(self, processes: int) -> None:
-        self.procs = [subprocess.Popen([sys.executable, "-m", "shmkey._loadgen"],
+        self.procs = [subprocess.Popen([sys.executable, "-m", "shmkey.tools.loadgen"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for _ in range(processes)]
 

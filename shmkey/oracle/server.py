@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional, Union
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from . import _wire, ring
-from ._binding import ffi, lib
-from .config import Config, env_name
-from .errors import ConfigError, KeyLoadError, ShmkeyError, raise_for_status
+from .. import _wire, names
+from .._binding import ffi, lib, raise_for_status
+from ..config import Config, env_name
+from ..errors import ConfigError, KeyLoadError, ShmkeyError
 
 log = logging.getLogger("shmkey.oracle")
 
@@ -238,14 +238,14 @@ class Oracle:
 
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
-        self.name = opts.name or ring.random_name()
+        self.name = opts.name or names.random_name()
         self._stopping = threading.Event()
         self._stop_requested = _SignalFlag()
         self._workers: list[threading.Thread] = []
         self._worker_pids: list[int] = []
         self._handler: Optional[Handler] = None
         self._srv: Any = None
-        self._ring: Optional[ring.RingObjects] = None
+        self._ring: Optional[names.RingObjects] = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
 
@@ -279,8 +279,8 @@ class Oracle:
         self._check_slot_size(keys, handler)
         out = ffi.new("struct shmkey_server **")
         if cfg.transport == "shm":
-            self._ring = ring.create(self.name, cfg.slots, cfg.slot_size,
-                                     ring.group_id(opts.group))
+            self._ring = names.create(self.name, cfg.slots, cfg.slot_size,
+                                     names.group_id(opts.group))
             rc = lib.shmkey_server_open_shm(self._ring.fd, cfg.slots, cfg.slot_size, cfg.spin_us,
                                             self._ring.req_sem.encode(),
                                             self._ring.free_sem.encode(), out)
@@ -295,7 +295,7 @@ class Oracle:
         if rc != lib.SHMKEY_OK:
             raise_for_status(rc, "opening the oracle's transport")
         self._srv = out[0]
-        gid = ring.group_id(opts.group)
+        gid = names.group_id(opts.group)
         if opts.user:
             self._drop_privileges(opts.user, gid)
         lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
@@ -360,7 +360,7 @@ class Oracle:
             pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
         except KeyError:
             raise ConfigError(f"user {user!r} does not exist") from None
-        owned = [ring.shm_path(self.name, part) for part in ("shm", "req", "free")] \
+        owned = [names.shm_path(self.name, part) for part in ("shm", "req", "free")] \
             if self._ring else []
         if self._sock_path:
             owned.append(self._sock_path)
@@ -374,7 +374,7 @@ class Oracle:
         log.info("dropped privileges to %s (uid %d)", pw.pw_name, pw.pw_uid)
 
     def _listen(self) -> None:
-        path = ring.socket_path(self.name)
+        path = names.socket_path(self.name)
         if path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -386,7 +386,7 @@ class Oracle:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))
-        gid = ring.group_id(self.opts.group)
+        gid = names.group_id(self.opts.group)
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, 0o660 if gid is not None else 0o600)
@@ -455,7 +455,7 @@ class Oracle:
 
     def _cleanup(self) -> None:
         if self._ring is not None:
-            ring.unlink(self.name)
+            names.unlink(self.name)
         if self._listener is not None:
             self._listener.close()
             if self._sock_path:

@@ -26,9 +26,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from . import _wire, ring
-from ._binding import lib
-from .errors import KeyMismatchError, KeyReferenceError
+from .. import _wire, names
+from .._binding import lib
+from ..errors import KeyMismatchError, KeyReferenceError
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: The public keys a reference may carry: what the provider can sign for.
@@ -62,7 +62,7 @@ class KeyReference:
     transport: Optional[str] = None
 
     def __post_init__(self) -> None:
-        ring.check_name(self.oracle)
+        names.check_name(self.oracle)
         if self.transport not in _TRANSPORTS:
             raise KeyReferenceError(f"transport {self.transport!r} is not 'shm' or 'socketpair'")
         check_supported(self.public_key)
@@ -159,7 +159,7 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
         OracleUnavailableError: no oracle of that name is running.
         KeyMismatchError: no key in the oracle matches the certificate.
     """
-    from .client import connect
+    from ..client import connect
 
     client = connect(oracle, transport=transport, timeout_ms=timeout_ms)
     try:

@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._binding import ensure, ffi, lib
-from .errors import LibcryptoMismatchError
+from .._binding import ensure, ffi, lib
+from ..errors import LibcryptoMismatchError
 
 PROVIDER_NAME = "shmkey"
 
@@ -83,7 +83,7 @@ def last_error() -> Optional[str]:
 
 def module_dir() -> Path:
     """Directory of the loadable module, for ``openssl ... -provider-path``."""
-    return Path(__file__).resolve().parent / "ossl-modules"
+    return Path(__file__).resolve().parent.parent / "ossl-modules"
 
 
 def module_path() -> Path:

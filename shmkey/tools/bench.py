@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .errors import ShmkeyError
-from .keys import OracleKey
-from .oracle import KeyOracle
+from ..errors import ShmkeyError
+from ..client.keys import OracleKey
+from ..launcher import KeyOracle
 
 MODES = ("in-process", "socketpair", "shm")
 TRANSPORTS = ("socketpair", "shm")
@@ -547,7 +547,7 @@ def machine() -> dict:
     from cryptography import __version__ as crypto_version
     from cryptography.hazmat.backends.openssl.backend import backend
 
-    from . import __version__
+    from .. import __version__
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cores": os.cpu_count(),
@@ -682,7 +682,7 @@ def run(opts: Options, progress: ProgressFn = _quiet, command: str = "") -> Repo
     """
     modes = ["in-process"] + [t for t in TRANSPORTS if t in opts.transports]
     settings = {k: v for k, v in opts.settings().items() if v is not None}
-    from .config import Config
+    from ..config import Config
     meta = machine()
     meta.update(bits=opts.bits, seconds=opts.seconds, rounds=opts.rounds,
                 workers=Config.load(**settings).workers, settings=settings,

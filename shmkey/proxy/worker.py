@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Optional
 
-from . import openssl as shmkey_openssl
+from .. import openssl as shmkey_openssl
 
 log = logging.getLogger("shmkey.proxy")
 

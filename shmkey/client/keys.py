@@ -12,12 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 
-from . import _wire
-from ._binding import lib
-from .errors import KeyIsolatedError, ProtocolError, UnsupportedOperationError
+from .. import _wire
+from .._binding import lib
+from ..errors import KeyIsolatedError, ProtocolError, UnsupportedOperationError
 
 if TYPE_CHECKING:
-    from .client import OracleClient
+    from .connection import OracleClient
 
 Buffer = Union[bytes, bytearray, memoryview]
 

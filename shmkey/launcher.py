@@ -18,9 +18,9 @@ import threading
 import time
 from typing import Optional, Sequence, Union
 
-from . import ring
+from . import names
 from .client import OracleClient
-from .keys import AnyOracleKey
+from .client.keys import AnyOracleKey
 from .config import Config
 from .errors import (ConfigError, KeyLoadError, OracleUnavailableError, ShmkeyError)
 
@@ -62,7 +62,7 @@ class KeyOracle:
         self.config = Config.load(transport=transport, slots=slots, slot_size=slot_size,
                                   workers=workers, timeout_ms=timeout_ms, spin_us=spin_us,
                                   worker_kind=worker_kind)
-        self.name = ring.check_name(name) if name else ring.random_name()
+        self.name = names.check_name(name) if name else names.random_name()
         paths = [key_path] if isinstance(key_path, (str, os.PathLike)) else list(key_path)
         self._key_paths = [os.fspath(p) for p in paths]
         self._password = password
@@ -146,7 +146,7 @@ class KeyOracle:
                 self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
             elif self._by_name:
                 self._client = OracleClient.open_socket(
-                    path=str(ring.socket_path(self.name)), max_payload=cfg.slot_size,
+                    path=str(names.socket_path(self.name)), max_payload=cfg.slot_size,
                     timeout_ms=cfg.timeout_ms, name=self.name)
             else:
                 assert ctl_parent is not None
@@ -205,9 +205,9 @@ class KeyOracle:
             # An oracle killed hard cannot clean up after itself. One that never
             # started created nothing: what exists under its name is someone else's.
             if self._created:
-                ring.unlink(self.name)
+                names.unlink(self.name)
                 if self._by_name and self.config.transport == "socketpair":
-                    ring.socket_path(self.name).unlink(missing_ok=True)
+                    names.socket_path(self.name).unlink(missing_ok=True)
             self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)

@@ -16,6 +16,7 @@ from typing import Optional
 import posix_ipc
 
 from ._binding import lib
+from .config import Config
 from .errors import ConfigError, OracleAccessError, ShmkeyError
 
 PREFIX = "shmkey-"
@@ -49,8 +50,6 @@ def runtime_dir() -> Path:
     (0700, ours), created if missing; anything else there is refused, so
     nobody can plant a socket for us to talk to.
     """
-    from .config import Config
-
     configured = Config.load().runtime_dir
     if configured:
         path = Path(configured)

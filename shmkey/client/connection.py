@@ -7,10 +7,10 @@ import struct
 import threading
 from typing import Any, Optional, Union
 
-from . import _wire, ring
-from ._binding import ensure, ffi, lib
-from .config import Config
-from .errors import InvalidArgumentError, OracleUnavailableError, ProtocolError, raise_for_status
+from .. import _wire, names
+from .._binding import ensure, ffi, lib, raise_for_status
+from ..config import Config
+from ..errors import InvalidArgumentError, OracleUnavailableError, ProtocolError
 from .keys import AnyOracleKey, from_spki
 
 _NO_PARAMS = (0, 0, 0, 0)
@@ -35,8 +35,8 @@ class OracleClient:
     def open_shm(cls, name: str, timeout_ms: int) -> "OracleClient":
         """Attach to the shared-memory ring of oracle ``name``."""
         out = ffi.new("struct shmkey_client **")
-        ensure(lib.shmkey_client_open_shm(ring.ring_id(name).encode(), out),
-               f"ring {ring.ring_id(name)!r}")
+        ensure(lib.shmkey_client_open_shm(names.ring_id(name).encode(), out),
+               f"ring {names.ring_id(name)!r}")
         return cls(out[0], timeout_ms, name)
 
     @classmethod
@@ -172,10 +172,10 @@ def connect(name: str, *, transport: Optional[str] = None,
         OracleUnavailableError: no oracle of that name is running.
     """
     cfg = Config.load(timeout_ms=timeout_ms)
-    if transport in (None, "shm") and (transport == "shm" or ring.exists(name)):
+    if transport in (None, "shm") and (transport == "shm" or names.exists(name)):
         return OracleClient.open_shm(name, cfg.timeout_ms)
     if transport in (None, "socketpair"):
-        path = ring.socket_path(name)
+        path = names.socket_path(name)
         if transport == "socketpair" or path.exists():
             return OracleClient.open_socket(path=str(path), max_payload=cfg.slot_size,
                                             timeout_ms=cfg.timeout_ms, name=name)

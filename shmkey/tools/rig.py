@@ -18,8 +18,9 @@ from typing import Optional, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._backend import Backend
-from ._loadgen import LoadClients, LoadResult
+from .backend import Backend
+from .certs import write_key_and_cert
+from .loadgen import LoadClients, LoadResult
 
 READY = re.compile(r"proxy ready: (\S+):(\d+) .* key (?:in oracle '([^']+)'(?: \(pid (\d+))?"
                    r"|IN-PROCESS)")
@@ -197,7 +198,6 @@ class ProxyRig:
     """
 
     def __init__(self, workers: int, loaders: int = 2, modes: Sequence[str] = tuple(MODES)) -> None:
-        from .demo import write_key_and_cert
 
         self._tmp = tempfile.TemporaryDirectory(prefix="shmkey-rig-")
         self.dir = Path(self._tmp.name)
