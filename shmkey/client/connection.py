@@ -26,7 +26,7 @@ class OracleClient:
     def __init__(self, handle: Any, timeout_ms: int, name: Optional[str] = None) -> None:
         self._handle = ffi.gc(handle, lib.shmkey_client_close)
         self._timeout_ms = timeout_ms
-        self._max = lib.shmkey_client_max_payload(handle)
+        self._max: int = lib.shmkey_client_max_payload(handle)
         self._local = threading.local()
         self._ping_req = ffi.new("struct shmkey_req *", {"op": lib.SHMKEY_OP_PING})
         self.name = name
@@ -90,7 +90,7 @@ class OracleClient:
 
     def _result(self, rc: int, resp: Any, out: Any) -> bytes:
         ensure(rc)
-        data = ffi.buffer(out, resp.out_len)[:]
+        data: bytes = ffi.buffer(out, resp.out_len)[:]
         if resp.status != lib.SHMKEY_OK:
             raise_for_status(resp.status, data.decode("utf-8", "replace")[:500])
         return data
@@ -114,7 +114,7 @@ class OracleClient:
 
     def free_slots(self) -> int:
         """Ring slots free right now (shared-memory transport only)."""
-        n = lib.shmkey_client_free_slots(self._handle)
+        n: int = lib.shmkey_client_free_slots(self._handle)
         ensure(min(n, 0))
         return n
 

@@ -55,7 +55,7 @@ class _OracleHeld:
     def __copy__(self) -> Any:
         return self
 
-    def __deepcopy__(self, memo: dict) -> Any:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return self
 
     def __repr__(self) -> str:

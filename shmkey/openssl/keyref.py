@@ -173,7 +173,7 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
                 names = ", ".join(describe(k) for k in held)
                 raise KeyMismatchError(f"certificate {cert} is not for any key that oracle "
                                        f"{oracle!r} holds ({names})")
-            public_key = matching[0]  # type: ignore[assignment]
+            public_key = matching[0]
     finally:
         client.close()
     return KeyReference(oracle=oracle, public_key=public_key,  # type: ignore[arg-type]

@@ -491,7 +491,7 @@ def _close_inherited_fds(keep: set[int]) -> None:
                 pass    # the listing's own descriptor, already closed
 
 
-def _report(fd: int, message: dict) -> None:
+def _report(fd: int, message: dict[str, Any]) -> None:
     if fd >= 0:
         os.write(fd, (json.dumps(message) + "\n").encode())
         os.close(fd)

@@ -50,7 +50,7 @@ class _Client(asyncio.Protocol):
         self.tls = worker.ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.transport: Optional[asyncio.Transport] = None
         self.backend: Optional[asyncio.Transport] = None
-        self.connect_task: Optional[asyncio.Task] = None
+        self.connect_task: Optional[asyncio.Task[None]] = None
         self.pending: list[bytes] = []      # plaintext that came before the backend was there
         self.client_eof = False
         self.started = self.last = worker.loop.time()
