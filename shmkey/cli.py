@@ -3,6 +3,9 @@ TLS with the key in one, ``demo`` shows both at work, ``clean`` removes the
 names a crashed oracle left, ``settings`` lists the environment variables,
 ``keyref`` and ``openssl-conf`` set up OpenSSL, ``bench`` compares the
 oracle's transports with an in-process key.
+
+Each command imports its module when it runs, so that the key process
+(``serve``) never loads the proxy, asyncio or the tools.
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from .proxy.supervisor import Limits, ProxyOptions, configure_logging, parse_address, run_proxy
+    from .proxy.supervisor import ProxyOptions, configure_logging, parse_address, run_proxy
+    from .proxy.worker import Limits
 
     configure_logging(args.log_level)
     limits = Limits(max_connections=args.max_connections,

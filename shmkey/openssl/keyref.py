@@ -20,13 +20,14 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .. import _wire, names
+from ..client import connect
 from .._binding import lib
 from ..errors import KeyMismatchError, KeyReferenceError
 
@@ -159,10 +160,9 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
         OracleUnavailableError: no oracle of that name is running.
         KeyMismatchError: no key in the oracle matches the certificate.
     """
-    from ..client import connect
-
     client = connect(oracle, transport=transport, timeout_ms=timeout_ms)
     try:
+        public_key: object
         if cert is None:
             public_key = client.private_key(key).public_key()
         else:
@@ -176,8 +176,8 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
             public_key = matching[0]
     finally:
         client.close()
-    return KeyReference(oracle=oracle, public_key=public_key,  # type: ignore[arg-type]
-                        transport=transport)
+    # The constructor checks that the oracle's key is a kind references carry.
+    return KeyReference(oracle=oracle, public_key=cast(PublicKey, public_key), transport=transport)
 
 
 def check_supported(public_key: object) -> None:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .. import _wire, names
 from .._binding import ffi, lib, raise_for_status
+from .._process import close_inherited_fds
 from ..config import Config, env_name
 from ..errors import ConfigError, KeyLoadError, ShmkeyError
 
@@ -480,17 +481,6 @@ def _describe(key: PrivateKey) -> str:
     return "Ed25519"
 
 
-def _close_inherited_fds(keep: set[int]) -> None:
-    """Close every descriptor an operator's shell or supervisor leaked to us."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass    # the listing's own descriptor, already closed
-
-
 def _report(fd: int, message: dict[str, Any]) -> None:
     if fd >= 0:
         os.write(fd, (json.dumps(message) + "\n").encode())
@@ -499,7 +489,7 @@ def _report(fd: int, message: dict[str, Any]) -> None:
 
 def serve(opts: ServeOptions) -> int:
     """Run an oracle until it is stopped; the exit status for ``shmkey serve``."""
-    _close_inherited_fds(opts.keep_fds())
+    close_inherited_fds(opts.keep_fds())
     oracle = Oracle(opts)
     # Signals are ours before anything exists that a signal could orphan.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

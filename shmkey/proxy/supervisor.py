@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from .. import openssl
+from .._binding import lib
+from .._process import close_inherited_fds
 from ..openssl import keyref
 from .worker import Limits, Worker
 from ..config import env_name
@@ -334,8 +337,6 @@ class Proxy:
         self.socks = _bind(*opts.listen, opts.workers)
         self.workdir = Path(tempfile.mkdtemp(prefix="shmkey-proxy-"))
         if opts.key_mode == "oracle":
-            from .. import openssl
-
             openssl.enable()
         self.source, self.ctx = self._load(1)
         if opts.key_mode == "inprocess":
@@ -390,9 +391,6 @@ class Proxy:
             os._exit(code)
 
     def _become_worker(self, slot: int, parent: int) -> None:
-        from .._binding import lib
-        from ..oracle.server import _close_inherited_fds
-
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)      # the supervisor handles these
@@ -404,7 +402,7 @@ class Proxy:
             if other is not sock:
                 other.detach()      # closed below; the object must not close a reused number
         # Only this worker's socket: not the others', nor the oracle's lifeline.
-        _close_inherited_fds({0, 1, 2, sock.fileno()})
+        close_inherited_fds({0, 1, 2, sock.fileno()})
         assert self.ctx is not None
         Worker(sock, self.ctx, self.backend_addr, self.opts.limits,
                key_in_oracle=self.opts.key_mode == "oracle").serve()
