@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .oracle.server import Policy, ServeOptions, serve
+    from .oracle.handler import Policy
+    from .oracle.server import ServeOptions, serve
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="shmkey[%(process)d] %(levelname)s %(message)s")

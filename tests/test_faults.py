@@ -217,7 +217,8 @@ def test_stop_request_takes_no_lock() -> None:
     Event.set() holding its lock: so the handler must never take a lock.
     (It did once, and an oracle hung on its owner's death.)"""
     from shmkey.config import Config
-    from shmkey.oracle.server import Oracle, Policy, ServeOptions
+    from shmkey.oracle.handler import Policy
+    from shmkey.oracle.server import Oracle, ServeOptions
 
     oracle = Oracle(ServeOptions(key_paths=[], name=None, config=Config.load(env={}),
                                  policy=Policy()))

@@ -16,7 +16,7 @@ with atheris.instrument_imports():
 
     from shmkey import _wire
     from shmkey._binding import lib
-    from shmkey.oracle.server import Handler, Policy
+    from shmkey.oracle.handler import Handler, Policy
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 HANDLER = Handler([KEY], Policy(allow_pkcs1v15_decrypt=True))
