@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up a machine to build, test and demo shmkey: Debian packages (as root,
-# when missing), then shmkey itself in editable mode with its test extras.
+# Set up a developer's or CI machine to build, test and demo shmkey: Debian
+# packages (as root, when missing), including the test servers, then shmkey
+# itself in editable mode with its test extras. (Operators: scripts/install.sh.)
 # Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,11 @@ cd "$(dirname "$0")/.."
 # proxy test that only the oracle opens the key file).
 APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux binutils clang libclang-rt-14-dev
               nginx haproxy strace)
+PY=${PYTHON:-python3}
+# Debian's own Python brings pip and its headers as packages.
+"$PY" -m pip --version >/dev/null 2>&1 || APT_PACKAGES+=(python3-pip)
+[ -e "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] ||
+    APT_PACKAGES+=(python3-dev)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -27,5 +33,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-PY=${PYTHON:-python3}
-"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+PIP_FLAGS=(-q --disable-pip-version-check --root-user-action=ignore)
+# Debian's Python refuses pip (externally-managed-environment). This is a
+# build and test machine, so install beside its packages; operators use
+# scripts/install.sh, which makes a virtual environment.
+if "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    PIP_FLAGS+=(--break-system-packages)
+fi
+"$PY" -m pip install "${PIP_FLAGS[@]}" -e '.[test]'
