@@ -1,6 +1,6 @@
 /*
- * common.c - status messages, clocks, liveness and process hardening shared
- * by both transports.
+ * common.c - the version, status messages, clocks, liveness and process
+ * hardening, shared by both transports and the provider.
  */
 #include "internal.h"
 
@@ -13,6 +13,16 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
+
+#ifndef SHMKEY_PACKAGE_VERSION
+#error "build with csrc/build_native.py's VERSION_CFLAGS (the version in shmkey/_version.py)"
+#endif
+
+/* The package version this code was built from; Python refuses a stale build. */
+const char *shmkey_version(void)
+{
+    return SHMKEY_PACKAGE_VERSION;
+}
 
 /* The only place a status becomes words; Python's exception map reuses it. */
 const char *shmkey_strerror(int status)

@@ -2284,7 +2284,7 @@ static int sk_get_params(void *provctx, OSSL_PARAM params[])
         !OSSL_PARAM_set_utf8_ptr(p, "shmkey key oracle provider"))
         return 0;
     if ((p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_VERSION)) &&
-        !OSSL_PARAM_set_utf8_ptr(p, "1"))
+        !OSSL_PARAM_set_utf8_ptr(p, shmkey_version()))
         return 0;
     if ((p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_BUILDINFO)) &&
         !OSSL_PARAM_set_utf8_ptr(p, OPENSSL_VERSION_TEXT))
@@ -2455,4 +2455,50 @@ int shmkey_openssl_last_error(char *buf, uint32_t cap)
         return SHMKEY_EINVAL;
     snprintf(buf, cap, "%s", sk_last_error);
     return SHMKEY_OK;
+}
+
+/* The OpenSSL this provider was compiled against, for `shmkey --version`. */
+const char *shmkey_openssl_version(void)
+{
+    return OPENSSL_VERSION_TEXT;
+}
+
+/*
+ * The version (OSSL_PROV_PARAM_VERSION) of the loadable module at path, into
+ * out; on failure out says why. The module is loaded the way OpenSSL loads
+ * it for nginx, into a library context of its own that is freed at once, so
+ * what is checked is what OpenSSL will see, and the module needs to export
+ * nothing but OSSL_provider_init.
+ */
+int shmkey_openssl_module_version(const char *path, char *out, uint32_t cap)
+{
+    OSSL_LIB_CTX *libctx;
+    OSSL_PROVIDER *prov = NULL;
+    const char *version = NULL;
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_utf8_ptr(OSSL_PROV_PARAM_VERSION, (char **)&version, 0),
+        OSSL_PARAM_END,
+    };
+    int rc = SHMKEY_OK;
+    if (!path || !out || cap == 0)
+        return SHMKEY_EINVAL;
+    ERR_set_mark();
+    if ((libctx = OSSL_LIB_CTX_new()) == NULL ||
+        (prov = OSSL_PROVIDER_load(libctx, path)) == NULL) {
+        unsigned long err = ERR_peek_last_error();
+        const char *reason = err ? ERR_reason_error_string(err) : NULL;
+        snprintf(out, cap, "OpenSSL cannot load it as a provider (%s)",
+                 reason ? reason : "missing or unreadable");
+        rc = SHMKEY_EUNAVAIL;
+    } else if (!OSSL_PROVIDER_get_params(prov, params) || !version) {
+        snprintf(out, cap, "it reports no version");
+        rc = SHMKEY_EPROTO;
+    } else {
+        snprintf(out, cap, "%s", version);
+    }
+    if (prov)
+        OSSL_PROVIDER_unload(prov);
+    OSSL_LIB_CTX_free(libctx);
+    ERR_pop_to_mark();
+    return rc;
 }

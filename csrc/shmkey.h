@@ -168,6 +168,7 @@ struct shmkey_work *shmkey_work_new(uint32_t cap);
 void shmkey_work_free(struct shmkey_work *w);
 
 /* ---- shared helpers -------------------------------------------------- */
+const char *shmkey_version(void);       /* shmkey/_version.py's, compiled in */
 const char *shmkey_strerror(int status);
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
 int shmkey_harden_process(void);
@@ -179,3 +180,5 @@ int shmkey_die_with_parent(int sig, int expected_parent);
 int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_t cap);
 int shmkey_openssl_enable(char *detail, uint32_t cap);
 int shmkey_openssl_last_error(char *buf, uint32_t cap);
+const char *shmkey_openssl_version(void);
+int shmkey_openssl_module_version(const char *path, char *out, uint32_t cap);
