@@ -39,7 +39,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/asn1t.h>
@@ -72,7 +71,6 @@
 #define SK_RSA_NAMES "RSA:rsaEncryption:1.2.840.113549.1.1.1"
 #define SK_EC_NAMES "EC:id-ecPublicKey:1.2.840.10045.2.1"
 #define SK_ED25519_NAMES "ED25519:1.3.101.112"
-#define SK_NAME_MAX 64
 #define SK_DEFAULT_TIMEOUT_MS 5000u
 #define SK_PEM_READ_MAX (4u << 20)    /* a cert chain and a reference fit easily */
 #define SK_DER_READ_MAX (64u << 10)
@@ -404,7 +402,7 @@ struct sk_conn {
 struct sk_oracle {
     struct sk_oracle *next;
     unsigned users;             /* keys pointing here; guarded by the lock */
-    char name[SK_NAME_MAX + 1];
+    char name[SHMKEY_NAME_MAX + 1];
     int transport;
     uint8_t key_id[32];         /* how requests name the key */
     struct sk_pub pub;          /* the public key the oracle must hold */
@@ -499,15 +497,6 @@ static void sk_raise_at(struct sk_provctx *pc, const char *file, int line,
 /* oracles and connections                                               */
 /* ===================================================================== */
 
-/* The rule of shmkey/ring.py check_name: the name becomes part of paths. */
-static int sk_valid_name(const char *name)
-{
-    static const char allowed[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                  "0123456789-_.";
-    size_t n = strlen(name);
-    return n > 0 && n <= SK_NAME_MAX && name[0] != '.' && strspn(name, allowed) == n;
-}
-
 /* Take a reference on the registry entry for this oracle and key. */
 static struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name,
                                        int transport, const uint8_t key_id[32],
@@ -576,52 +565,13 @@ static void sk_oracle_put(struct sk_provctx *pc, struct sk_oracle *o)
     free(o);
 }
 
-/*
- * Where a socket-transport oracle named name listens: the same rule as
- * shmkey/ring.py (runtime_dir): SHMKEY_RUNTIME_DIR if the operator set it,
- * trusted if no group or other may write to it; else a directory that must
- * be ours alone, since whoever owns it could put a fake oracle there.
- */
-static int sk_socket_path(const char *name, char *out, size_t cap, char *why, size_t whylen)
-{
-    char dir[200];
-    struct stat st;
-    const char *configured = secure_getenv("SHMKEY_RUNTIME_DIR");
-    const char *base = secure_getenv("XDG_RUNTIME_DIR");
-    if (configured && configured[0] == '/') {
-        snprintf(dir, sizeof(dir), "%s", configured);
-        if (stat(dir, &st) != 0)
-            return SHMKEY_EUNAVAIL;
-        if (!S_ISDIR(st.st_mode) || (st.st_mode & 022)) {
-            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%.100s must be a directory that no "
-                     "group or other user can write to", dir);
-            return SHMKEY_EACCESS;
-        }
-        goto found;
-    }
-    if (base && base[0])
-        snprintf(dir, sizeof(dir), "%s/shmkey", base);
-    else
-        snprintf(dir, sizeof(dir), "/tmp/shmkey-%u", (unsigned)geteuid());
-    if (lstat(dir, &st) != 0)
-        return SHMKEY_EUNAVAIL;
-    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
-        snprintf(why, whylen, "socket directory %.100s must be owned by uid %u with mode 0700",
-                 dir, (unsigned)geteuid());
-        return SHMKEY_EACCESS;
-    }
-found:
-    if ((size_t)snprintf(out, cap, "%s/shmkey-%s.sock", dir, name) >= cap)
-        return SHMKEY_EINVAL;
-    return SHMKEY_OK;
-}
-
 static int sk_open_client(struct sk_oracle *o, struct shmkey_client **out,
                           char *why, size_t whylen)
 {
-    char id[SK_NAME_MAX + 16], path[256];
-    int rc = SHMKEY_EUNAVAIL;
-    snprintf(id, sizeof(id), "shmkey-%s", o->name);
+    char id[SHMKEY_NAME_MAX + 16], dir[256], path[256];
+    int rc = shmkey_ring_id(o->name, id, sizeof(id));
+    if (rc != SHMKEY_OK)
+        return rc;
     if (o->transport != SHMKEY_TRANSPORT_SOCKET) {
         rc = shmkey_client_open_shm(id, out);
         if (rc == SHMKEY_EACCESS)
@@ -632,7 +582,10 @@ static int sk_open_client(struct sk_oracle *o, struct shmkey_client **out,
         if (rc != SHMKEY_EUNAVAIL || o->transport == SHMKEY_TRANSPORT_SHM)
             return rc;
     }
-    rc = sk_socket_path(o->name, path, sizeof(path), why, whylen);
+    /* A missing directory is an oracle that is not running: nothing to create. */
+    rc = shmkey_runtime_dir(NULL, 0, dir, sizeof(dir), why, (uint32_t)whylen);
+    if (rc == SHMKEY_OK)
+        rc = shmkey_socket_path(dir, o->name, path, sizeof(path));
     if (rc != SHMKEY_OK)
         return rc;
     return shmkey_client_open_socket(path, -1, SHMKEY_MAX_SLOT_SIZE, out);
@@ -841,7 +794,7 @@ static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
 {
     long version = ASN1_INTEGER_get(ref->version);
     long transport = ASN1_INTEGER_get(ref->transport);
-    char name[SK_NAME_MAX + 1];
+    char name[SHMKEY_NAME_MAX + 1];
     struct sk_key *k;
 
     if (version != SHMKEY_KEYREF_VERSION) {
@@ -850,13 +803,13 @@ static struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
         return NULL;
     }
     int len = ASN1_STRING_length(ref->oracle);
-    if (len <= 0 || len > SK_NAME_MAX) {
+    if (len <= 0 || len > SHMKEY_NAME_MAX) {
         SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad oracle name");
         return NULL;
     }
     memcpy(name, ASN1_STRING_get0_data(ref->oracle), (size_t)len);
     name[len] = '\0';
-    if (strlen(name) != (size_t)len || !sk_valid_name(name)) {
+    if (strlen(name) != (size_t)len || shmkey_check_name(name) != SHMKEY_OK) {
         SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad oracle name");
         return NULL;
     }
