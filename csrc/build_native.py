@@ -14,7 +14,10 @@ from typing import Optional, Sequence
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c"]
+# The ring and the socket transport, then the OpenSSL provider (provider.h).
+SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c", "prov_decoder.c",
+           "prov_keyref.c", "prov_keymgmt.c", "prov_signature.c", "prov_cipher.c",
+           "prov_oracle.c"]
 # The extension and the module use the same flags, so an object file one of
 # them leaves in build/temp is right for the other too.
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
