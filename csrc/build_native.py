@@ -4,21 +4,43 @@ The header is handed to cffi verbatim, so the ring layout that Python sees
 is the one the C compiler laid out (cffi checks the struct sizes at build).
 ``make_ffi`` also builds sanitizer variants for the tests. The same C, with
 provider_module.c added, is also built as the OpenSSL loadable module (see
-``provider_module``, used by setup.py).
+``provider_module``, used by setup.py). Both get shmkey/_version.py's
+version as a C define (``VERSION_CFLAGS``), which ``shmkey_version()`` returns.
 """
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c"]
+# The ring and the socket transport, then the OpenSSL provider (provider.h).
+SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c", "prov_decoder.c",
+           "prov_keyref.c", "prov_keymgmt.c", "prov_signature.c", "prov_cipher.c",
+           "prov_oracle.c"]
 # The extension and the module use the same flags, so an object file one of
 # them leaves in build/temp is right for the other too.
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
 # The system libcrypto: the one Python's ssl module links, which the provider
 # registers into (shmkey.openssl checks that at run time).
 LIBRARIES = ["pthread", "crypto"]
+
+
+def package_version() -> str:
+    """shmkey/_version.py's ``__version__``, read without importing the package
+    (whose import needs the extension being built)."""
+    text = (HERE.parent / "shmkey" / "_version.py").read_text()
+    match = re.search(r'^__version__ = "([0-9A-Za-z.+-]+)"$', text, re.MULTILINE)
+    if not match:
+        raise RuntimeError("shmkey/_version.py has no __version__ = \"...\" line")
+    return match.group(1)
+
+
+# Every build of csrc/common.c needs it; common.c refuses to compile without.
+VERSION_CFLAGS = [f'-DSHMKEY_PACKAGE_VERSION="{package_version()}"']
+# A new version or header rebuilds both builds, so that they never go stale.
+DEPENDS = [str(HERE.parent / "shmkey" / "_version.py")] + \
+    [str(h) for h in sorted(HERE.glob("*.h"))]
 
 # Where the loadable module goes: "-provider-path <dir> -provider shmkey" finds it.
 MODULE_NAME = "shmkey.ossl-modules.shmkey"
@@ -40,7 +62,8 @@ def make_ffi(extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()
         sources=[str(rel / name) for name in SOURCES],
         include_dirs=[str(rel)],
         libraries=LIBRARIES,
-        extra_compile_args=CFLAGS + list(extra_cflags),
+        extra_compile_args=CFLAGS + VERSION_CFLAGS + list(extra_cflags),
+        depends=DEPENDS,
         extra_link_args=list(extra_ldflags),
     )
     return ffi
@@ -55,7 +78,8 @@ def provider_module():
 
     return Extension(MODULE_NAME,
                      sources=[f"csrc/{name}" for name in SOURCES + ["provider_module.c"]],
-                     include_dirs=["csrc"], libraries=LIBRARIES, extra_compile_args=CFLAGS,
+                     include_dirs=["csrc"], libraries=LIBRARIES,
+                     extra_compile_args=CFLAGS + VERSION_CFLAGS, depends=DEPENDS,
                      extra_link_args=["-Wl,--no-undefined"])
 
 

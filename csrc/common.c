@@ -1,18 +1,32 @@
 /*
- * common.c - status messages, clocks, liveness and process hardening shared
- * by both transports.
+ * common.c - the version, status messages, the rules for oracle names and
+ * their paths, clocks, liveness and process hardening, shared by both
+ * transports, the provider and (through cffi) Python.
  */
 #include "internal.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+#ifndef SHMKEY_PACKAGE_VERSION
+#error "build with csrc/build_native.py's VERSION_CFLAGS (the version in shmkey/_version.py)"
+#endif
+
+/* The package version this code was built from; Python refuses a stale build. */
+const char *shmkey_version(void)
+{
+    return SHMKEY_PACKAGE_VERSION;
+}
 
 /* The only place a status becomes words; Python's exception map reuses it. */
 const char *shmkey_strerror(int status)
@@ -33,6 +47,149 @@ const char *shmkey_strerror(int status)
     case SHMKEY_EACCESS: return "permission denied";
     default: return "unknown shmkey status";
     }
+}
+
+/* An OS error as the status it means to a caller. */
+int shmkey_status_from_errno(int err)
+{
+    if (err == ENOENT)
+        return SHMKEY_EUNAVAIL;
+    if (err == EACCES || err == EPERM)
+        return SHMKEY_EACCESS;
+    return SHMKEY_ESYSTEM;
+}
+
+/* ===================================================================== */
+/* oracle names and paths: every side (Python, ring, provider) uses these */
+/* ===================================================================== */
+
+/* What an oracle's objects are called: the ring segment "/shmkey-NAME", its
+ * semaphores "/shmkey-NAME-req" and "-free", the socket "shmkey-NAME.sock". */
+static const char ring_prefix[] = "shmkey-";
+
+/*
+ * SHMKEY_OK if name is a valid oracle name: 1 to SHMKEY_NAME_MAX letters,
+ * digits, '_', '.' or '-', not starting with '.'. It becomes part of
+ * /dev/shm and socket file names, so nothing else may get through.
+ */
+int shmkey_check_name(const char *name)
+{
+    static const char allowed[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                  "0123456789-_.";
+    if (!name)
+        return SHMKEY_EINVAL;
+    size_t n = strnlen(name, SHMKEY_NAME_MAX + 1);
+    return n > 0 && n <= SHMKEY_NAME_MAX && name[0] != '.' && strspn(name, allowed) == n
+           ? SHMKEY_OK : SHMKEY_EINVAL;
+}
+
+/* The IPC base name of oracle name (no leading slash), into out. */
+int shmkey_ring_id(const char *name, char *out, uint32_t cap)
+{
+    if (shmkey_check_name(name) != SHMKEY_OK || !out ||
+        (size_t)snprintf(out, cap, "%s%s", ring_prefix, name) >= cap)
+        return SHMKEY_EINVAL;
+    return SHMKEY_OK;
+}
+
+/* SHMKEY_OK if id is what shmkey_ring_id makes of a valid name. */
+int shmkey_check_ring_id(const char *id)
+{
+    size_t n = sizeof(ring_prefix) - 1;
+    return id && strncmp(id, ring_prefix, n) == 0 ? shmkey_check_name(id + n) : SHMKEY_EINVAL;
+}
+
+/*
+ * The directory of named socket oracles, into out. configured is the
+ * operator's SHMKEY_RUNTIME_DIR (NULL: read it from the environment; empty:
+ * not set). If set, it is trusted when no group or other may write to it.
+ * Otherwise $XDG_RUNTIME_DIR/shmkey or /tmp/shmkey-EUID, created 0700 if
+ * create is nonzero, which must be a directory ours alone: whoever owns it
+ * could plant a fake oracle's socket there. On failure why says what and
+ * why, the OS error included: ENOENT gives SHMKEY_EUNAVAIL (no oracle can be
+ * listening there), permission SHMKEY_EACCESS, a bad setting SHMKEY_EINVAL.
+ */
+int shmkey_runtime_dir(const char *configured, int create, char *out, uint32_t cap,
+                       char *why, uint32_t whylen)
+{
+    struct stat st;
+    uid_t me = geteuid();
+    const char *base;
+    size_t n = 0;
+    int len, err;
+
+    if (!out || cap == 0 || !why || whylen == 0)
+        return SHMKEY_EINVAL;
+    out[0] = why[0] = '\0';
+    if (!configured)
+        configured = secure_getenv("SHMKEY_RUNTIME_DIR");
+    if (configured) {
+        /* Blank is unset and spaces around it do not count, as in shmkey.config. */
+        while (isspace((unsigned char)*configured))
+            configured++;
+        n = strlen(configured);
+        while (n > 0 && isspace((unsigned char)configured[n - 1]))
+            n--;
+    }
+    if (n > 0) {
+        if (configured[0] != '/') {
+            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%.*s is not an absolute path",
+                     (int)n, configured);
+            return SHMKEY_EINVAL;
+        }
+        if (n >= cap) {
+            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR is longer than %u bytes", cap - 1);
+            return SHMKEY_EINVAL;
+        }
+        memcpy(out, configured, n);
+        out[n] = '\0';
+        if (stat(out, &st) != 0) {
+            err = errno;
+            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%s: %s", out, strerror(err));
+            return shmkey_status_from_errno(err);
+        }
+        if (!S_ISDIR(st.st_mode) || (st.st_mode & 022)) {
+            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%s must be a directory that no group "
+                     "or other user can write to", out);
+            return SHMKEY_EACCESS;
+        }
+        return SHMKEY_OK;
+    }
+    base = secure_getenv("XDG_RUNTIME_DIR");
+    if (base && base[0])
+        len = snprintf(out, cap, "%s/shmkey", base);
+    else
+        len = snprintf(out, cap, "/tmp/shmkey-%u", (unsigned)me);
+    if (len < 0 || (size_t)len >= cap) {
+        out[0] = '\0';
+        snprintf(why, whylen, "socket directory path is longer than %u bytes", cap - 1);
+        return SHMKEY_EINVAL;
+    }
+    if (create && mkdir(out, 0700) != 0 && errno != EEXIST) {
+        err = errno;
+        snprintf(why, whylen, "cannot create socket directory %s: %s", out, strerror(err));
+        return shmkey_status_from_errno(err);
+    }
+    if (lstat(out, &st) != 0) {
+        err = errno;
+        snprintf(why, whylen, "socket directory %s: %s", out, strerror(err));
+        return shmkey_status_from_errno(err);
+    }
+    if (!S_ISDIR(st.st_mode) || st.st_uid != me || (st.st_mode & 077)) {
+        snprintf(why, whylen, "socket directory %s must be a directory owned by uid %u with "
+                 "mode 0700; refusing to use it", out, (unsigned)me);
+        return SHMKEY_EACCESS;
+    }
+    return SHMKEY_OK;
+}
+
+/* Where oracle name listens in the runtime directory dir, into out. */
+int shmkey_socket_path(const char *dir, const char *name, char *out, uint32_t cap)
+{
+    if (!dir || shmkey_check_name(name) != SHMKEY_OK || !out ||
+        (size_t)snprintf(out, cap, "%s/%s%s.sock", dir, ring_prefix, name) >= cap)
+        return SHMKEY_EINVAL;
+    return SHMKEY_OK;
 }
 
 /*

@@ -74,6 +74,8 @@ struct shmkey_server {
 };
 
 /* common.c */
+int shmkey_status_from_errno(int err);
+int shmkey_check_ring_id(const char *id);
 uint64_t shmkey_now_ns(void);
 pid_t shmkey_self_pid(void);
 void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns);

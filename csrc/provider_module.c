@@ -4,12 +4,7 @@
  * provider from openssl.cnf or with -provider. It is the provider of
  * provider.c; Python registers the same code as a builtin instead.
  */
-#include "internal.h"
-
-#include <openssl/core.h>
-
-int shmkey_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
-                         const OSSL_DISPATCH **out, void **provctx);
+#include "provider.h"
 
 __attribute__((visibility("default")))
 int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,

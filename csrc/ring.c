@@ -82,36 +82,14 @@ static void futex_wake_all(uint32_t *addr)
     (void)syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-static int valid_ring_name(const char *name)
-{
-    size_t n = strlen(name);
-    if (n == 0 || n > 200)
-        return 0;
-    for (size_t i = 0; i < n; i++) {
-        char ch = name[i];
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-              (ch >= '0' && ch <= '9') || ch == '-' || ch == '_' || ch == '.'))
-            return 0;
-    }
-    return 1;
-}
-
-static int status_from_errno(int err)
-{
-    if (err == ENOENT)
-        return SHMKEY_EUNAVAIL;
-    if (err == EACCES || err == EPERM)
-        return SHMKEY_EACCESS;
-    return SHMKEY_ESYSTEM;
-}
-
 /* ===================================================================== */
 /* client                                                                */
 /* ===================================================================== */
 
 /*
- * Attach to the ring "/NAME" with semaphores "/NAME-req" and "/NAME-free".
- * The header is validated against the mapping's real size, and only the
+ * Attach to the ring "/ID" with semaphores "/ID-req" and "/ID-free", where
+ * ID is what shmkey_ring_id makes of an oracle's name (nothing else is
+ * accepted: it becomes a file name in /dev/shm). The header is validated against the mapping's real size, and only the
  * validated private copy is used afterwards.
  */
 int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
@@ -122,7 +100,7 @@ int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
     int rc = SHMKEY_ESYSTEM;
 
     *out = NULL;
-    if (!valid_ring_name(name))
+    if (shmkey_check_ring_id(name) != SHMKEY_OK)
         return SHMKEY_EINVAL;
     struct shmkey_client *c = calloc(1, sizeof(*c));
     if (!c)
@@ -135,7 +113,7 @@ int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
     snprintf(path, sizeof(path), "/%s", name);
     int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
     if (fd < 0) {
-        rc = status_from_errno(errno);
+        rc = shmkey_status_from_errno(errno);
         goto fail;
     }
     if (fstat(fd, &st) != 0 || (size_t)st.st_size < sizeof(h)) {
@@ -182,13 +160,13 @@ int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
     snprintf(path, sizeof(path), "/%s-req", name);
     c->req_sem = sem_open(path, 0);
     if (c->req_sem == SEM_FAILED) {
-        rc = status_from_errno(errno);
+        rc = shmkey_status_from_errno(errno);
         goto fail;
     }
     snprintf(path, sizeof(path), "/%s-free", name);
     c->free_sem = sem_open(path, 0);
     if (c->free_sem == SEM_FAILED) {
-        rc = status_from_errno(errno);
+        rc = shmkey_status_from_errno(errno);
         goto fail;
     }
     *out = c;
@@ -517,7 +495,7 @@ int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
     s->req_sem = sem_open(req_sem, 0);
     s->free_sem = sem_open(free_sem, 0);
     if (s->req_sem == SEM_FAILED || s->free_sem == SEM_FAILED) {
-        int rc = status_from_errno(errno);
+        int rc = shmkey_status_from_errno(errno);
         shmkey_shm_server_close(s);
         return rc;
     }

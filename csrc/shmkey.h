@@ -168,14 +168,25 @@ struct shmkey_work *shmkey_work_new(uint32_t cap);
 void shmkey_work_free(struct shmkey_work *w);
 
 /* ---- shared helpers -------------------------------------------------- */
+const char *shmkey_version(void);       /* shmkey/_version.py's, compiled in */
 const char *shmkey_strerror(int status);
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
 int shmkey_harden_process(void);
 int shmkey_lock_memory(void);
 int shmkey_die_with_parent(int sig, int expected_parent);
 
+/* ---- oracle names and where their objects live (common.c) -------------- */
+#define SHMKEY_NAME_MAX 64              /* longest oracle name */
+int shmkey_check_name(const char *name);
+int shmkey_ring_id(const char *name, char *out, uint32_t cap);
+int shmkey_runtime_dir(const char *configured, int create, char *out, uint32_t cap,
+                       char *why, uint32_t whylen);
+int shmkey_socket_path(const char *dir, const char *name, char *out, uint32_t cap);
+
 /* ---- OpenSSL 3 provider (provider.c), for shmkey.openssl ---------------- */
 #define SHMKEY_KEYREF_VERSION 1         /* version field of a key reference's DER */
 int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_t cap);
 int shmkey_openssl_enable(char *detail, uint32_t cap);
 int shmkey_openssl_last_error(char *buf, uint32_t cap);
+const char *shmkey_openssl_version(void);
+int shmkey_openssl_module_version(const char *path, char *out, uint32_t cap);

@@ -5,6 +5,7 @@ reached over a shared-memory ring (or a socket, to compare).
         key = oracle.private_key()          # duck-types RSAPrivateKey
         sig = key.sign(data, padding.PSS(...), hashes.SHA256())
 """
+from ._version import __version__
 from ._wire import key_id
 from .client import OracleClient, OracleECKey, OracleEd25519Key, OracleKey, connect
 from .config import Config
@@ -12,7 +13,7 @@ from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsol
                      KeyLoadError, KeyMismatchError, KeyReferenceError, LibcryptoMismatchError,
                      OracleAccessError, OracleInternalError, OracleTimeoutError,
                      OracleUnavailableError, PolicyError, ProtocolError, ShmkeyError,
-                     SystemCallError, UnsupportedOperationError)
+                     StaleBuildError, SystemCallError, UnsupportedOperationError)
 from .launcher import KeyOracle
 
 __all__ = [
@@ -20,6 +21,6 @@ __all__ = [
     "KeyLoadError", "KeyMismatchError", "KeyOracle", "KeyReferenceError", "LibcryptoMismatchError",
     "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleInternalError",
     "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError", "ProtocolError",
-    "ShmkeyError", "SystemCallError", "UnsupportedOperationError", "connect", "key_id",
+    "ShmkeyError", "StaleBuildError", "SystemCallError", "UnsupportedOperationError", "connect",
+    "key_id",
 ]
-__version__ = "0.1.0"

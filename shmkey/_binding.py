@@ -5,14 +5,46 @@ and ``openssl``.
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from typing import NoReturn, Optional
 
+from . import _native
 from ._native import ffi, lib
+from ._version import __version__
 from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleInternalError,
                      OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
-                     ShmkeyError, SystemCallError, UnsupportedOperationError)
+                     ShmkeyError, StaleBuildError, SystemCallError, UnsupportedOperationError)
 
-__all__ = ["ensure", "ffi", "lib", "raise_for_status"]
+__all__ = ["check_build", "ensure", "ffi", "lib", "raise_for_status"]
+
+REBUILD = ("rebuild it: 'python3 setup.py build_ext --inplace' in a source checkout, "
+           "or reinstall shmkey")
+
+
+def check_build(what: str, built: Optional[str], expected: str = __version__) -> None:
+    """Refuse a compiled part of shmkey built from another version than this code.
+
+    Args:
+        what: which part, and where, for the message.
+        built: the version compiled into it; None if it records none.
+        expected: this package's version.
+
+    Raises:
+        StaleBuildError: the versions differ.
+    """
+    if built != expected:
+        found = "records no version" if built is None else f"is version {built}"
+        raise StaleBuildError(f"stale build: {what} {found}, but the shmkey package is "
+                              f"version {expected}; {REBUILD}")
+
+
+def _extension_version() -> Optional[str]:
+    try:
+        return ffi.string(lib.shmkey_version()).decode()
+    except AttributeError:      # built before the extension recorded its version
+        return None
+
+
+check_build(f"shmkey's extension {_native.__file__}", _extension_version())
 
 _STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
     lib.SHMKEY_EINVAL: InvalidArgumentError,

@@ -15,6 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 from . import config, names
+from ._binding import ffi, lib
+from ._version import __version__
 from .errors import ShmkeyError
 
 
@@ -25,8 +27,16 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
                        metavar=s.env, help=f"{s.help} (default: ${s.env} or {s.default})")
 
 
+def version_line() -> str:
+    """``shmkey 0.1.0 (OpenSSL 3.0.13 30 Jan 2024)``: the package and the OpenSSL
+    headers its provider was compiled with."""
+    return f"shmkey {__version__} ({ffi.string(lib.shmkey_openssl_version()).decode()})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shmkey", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print shmkey's version and the OpenSSL its provider is built for")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a key oracle in the foreground")

@@ -76,3 +76,8 @@ class KeyMismatchError(ShmkeyError, builtins.ValueError):
 
 class LibcryptoMismatchError(ShmkeyError):
     """Python's ssl module uses another libcrypto than shmkey's provider was built for."""
+
+
+class StaleBuildError(ShmkeyError, builtins.ImportError):
+    """A compiled part of shmkey (the extension or the OpenSSL module) was built
+    from another version than the Python code: rebuild it."""

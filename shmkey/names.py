@@ -6,29 +6,36 @@ from __future__ import annotations
 
 import grp
 import os
-import re
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import posix_ipc
 
-from ._binding import lib
+from ._binding import ffi, lib
 from .config import Config
 from .errors import ConfigError, OracleAccessError, ShmkeyError
 
-PREFIX = "shmkey-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHM_DIR = Path("/dev/shm")
+_PATH_MAX = 4096
+_WHY_MAX = 4096 + 256
 
 
 def check_name(name: str) -> str:
-    """Validate an operator-chosen oracle name (letters, digits, ``_.-``)."""
-    if not _NAME_RE.match(name) or name.startswith("."):
+    """Validate an operator-chosen oracle name (letters, digits, ``_.-``).
+
+    The rule is C's (``shmkey_check_name``), the one the ring and the
+    OpenSSL provider apply too.
+
+    Raises:
+        ConfigError: it is not a valid name.
+    """
+    raw = name.encode("utf-8", "replace") if isinstance(name, str) else b""
+    if b"\0" in raw or lib.shmkey_check_name(raw) != lib.SHMKEY_OK:
         raise ConfigError(
-            f"oracle name {name!r} is invalid: use 1 to 64 letters, digits, '_', '.' or '-'")
+            f"oracle name {name!r} is invalid: use 1 to {lib.SHMKEY_NAME_MAX} letters, digits, "
+            "'_', '.' or '-'")
     return name
 
 
@@ -39,45 +46,44 @@ def random_name() -> str:
 
 def ring_id(name: str) -> str:
     """The POSIX IPC base name of oracle ``name`` (no leading slash)."""
-    return PREFIX + check_name(name)
+    out = ffi.new("char[]", lib.SHMKEY_NAME_MAX + 16)
+    if lib.shmkey_ring_id(check_name(name).encode(), out, len(out)) != lib.SHMKEY_OK:
+        raise ConfigError(f"oracle name {name!r} is invalid")
+    return ffi.string(out).decode()
 
 
 def runtime_dir() -> Path:
-    """Directory of named oracle sockets.
+    """Directory of named oracle sockets, created if it is the default one.
 
     ``SHMKEY_RUNTIME_DIR`` if set: the operator's choice, trusted if no group
     or other may write to it. Otherwise a directory private to this user
-    (0700, ours), created if missing; anything else there is refused, so
-    nobody can plant a socket for us to talk to.
+    (0700, ours): ``$XDG_RUNTIME_DIR/shmkey`` or ``/tmp/shmkey-UID``, created
+    if missing; anything else there is refused, so nobody can plant a socket
+    for us to talk to. The rule is C's (``shmkey_runtime_dir``), the one the
+    OpenSSL provider applies too; this side checks the variable's syntax first.
+
+    Raises:
+        ConfigError: ``SHMKEY_RUNTIME_DIR`` is not an absolute path.
+        OracleAccessError: the directory is missing, unsafe or cannot be created.
     """
     configured = Config.load().runtime_dir
-    if configured:
-        path = Path(configured)
-        try:
-            st = path.stat()
-        except OSError as exc:
-            raise OracleAccessError(f"SHMKEY_RUNTIME_DIR={path}: {exc.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022:
-            raise OracleAccessError(f"SHMKEY_RUNTIME_DIR={path} must be a directory that no "
-                                    "group or other user can write to")
-        return path
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "shmkey" if base else Path(f"/tmp/shmkey-{os.geteuid()}")
-    try:
-        path.mkdir(mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise OracleAccessError(f"cannot create socket directory {path}: {exc}") from exc
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise OracleAccessError(
-            f"socket directory {path} must be a directory owned by uid {os.geteuid()} "
-            "with mode 0700; refusing to use it")
-    return path
+    out = ffi.new("char[]", _PATH_MAX)
+    why = ffi.new("char[]", _WHY_MAX)
+    rc = lib.shmkey_runtime_dir(os.fsencode(configured), 1, out, _PATH_MAX, why, _WHY_MAX)
+    if rc != lib.SHMKEY_OK:
+        raise OracleAccessError(os.fsdecode(ffi.string(why)))
+    return Path(os.fsdecode(ffi.string(out)))
 
 
 def socket_path(name: str) -> Path:
     """Where a named socket-transport oracle listens."""
-    return runtime_dir() / f"{ring_id(name)}.sock"
+    directory = os.fsencode(runtime_dir())
+    out = ffi.new("char[]", _PATH_MAX)
+    if lib.shmkey_socket_path(directory, check_name(name).encode(), out, _PATH_MAX) \
+            != lib.SHMKEY_OK:
+        raise OracleAccessError(f"the socket path of oracle {name!r} in "
+                                f"{os.fsdecode(directory)} is too long")
+    return Path(os.fsdecode(ffi.string(out)))
 
 
 def group_id(group: Optional[str]) -> Optional[int]:

@@ -14,6 +14,7 @@ from typing import Iterator
 import pytest
 
 import shmkey
+from shmkey._binding import ffi
 
 TRANSPORTS = ("shm", "socketpair")
 SHM = Path("/dev/shm")
@@ -25,13 +26,17 @@ def ours_in_shm() -> set[str]:
 
 
 def _oracle_pid(segment: str) -> int:
-    """The oracle pid recorded in a ring header (offset 24), 0 if unreadable."""
+    """The oracle pid recorded in a ring header, 0 if unreadable."""
     try:
         with open(SHM / segment, "rb") as f:
-            header = f.read(28)
+            raw = f.read(ffi.sizeof("struct shmkey_ring_hdr"))
     except OSError:
         return 0
-    return int.from_bytes(header[24:28], "little") if len(header) == 28 else 0
+    if len(raw) != ffi.sizeof("struct shmkey_ring_hdr"):
+        return 0
+    header = ffi.new("struct shmkey_ring_hdr *")
+    ffi.memmove(header, raw, len(raw))
+    return int(header.oracle_pid)
 
 
 def _descends_from_us(pid: int) -> bool:

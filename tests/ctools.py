@@ -10,13 +10,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
+sys.path.insert(0, str(CSRC))
+try:
+    import build_native
+finally:
+    sys.path.pop(0)
 LIB_SOURCES = [CSRC / n for n in ("common.c", "ring.c", "sock.c", "api.c")]
+# What every compile of LIB_SOURCES needs: the header and the package version.
+LIB_CFLAGS = ["-std=gnu11", "-I", str(CSRC), *build_native.VERSION_CFLAGS]
 
 
 def build_tool(name: str, outdir: Path, *cflags: str) -> Path:
     """Compile tests/c/NAME.c with the ring's C sources into outdir/NAME."""
     out = outdir / name
-    subprocess.run(["gcc", "-O1", "-g", "-std=gnu11", "-I", str(CSRC), *cflags, "-o", str(out),
+    subprocess.run(["gcc", "-O1", "-g", *LIB_CFLAGS, *cflags, "-o", str(out),
                     str(ROOT / "tests" / "c" / f"{name}.c"), *map(str, LIB_SOURCES), "-lpthread"],
                    check=True, capture_output=True)
     return out
@@ -33,14 +40,9 @@ def build_asan_package(outdir: Path) -> Path:
 
     Returns the directory to put first on PYTHONPATH.
     """
-    sys.path.insert(0, str(CSRC))
-    try:
-        from build_native import make_ffi
-    finally:
-        sys.path.pop(0)
     pkg = outdir / "shmkey"
     shutil.copytree(ROOT / "shmkey", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    ffi = make_ffi(["-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-g"],
+    ffi = build_native.make_ffi(["-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-g"],
                    ["-fsanitize=address"], root=None)
     built = ffi.compile(tmpdir=str(outdir / "build"))
     shutil.copy(built, pkg / Path(built).name)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
 from shmkey import names
+from shmkey._binding import lib
 
 from .conftest import TRANSPORTS, unique
 
@@ -128,7 +129,9 @@ def test_late_reply_never_reaches_the_next_request(rsa4096: Path, transport: str
             # A 1 ms deadline on a ~2 ms signature: it times out, unless this
             # thread was descheduled long enough for the reply to land first.
             try:
-                client.call(3, (1, 2, 0, 0), os.urandom(32), timeout_ms=1)
+                client.call(lib.SHMKEY_OP_SIGN,
+                            (lib.SHMKEY_PAD_PKCS1V15, lib.SHMKEY_HASH_SHA256, 0, 0),
+                            os.urandom(32), timeout_ms=1)
             except TimeoutError as exc:      # OracleTimeoutError is a TimeoutError
                 assert isinstance(exc, shmkey.OracleTimeoutError)
                 timeouts += 1

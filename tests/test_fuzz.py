@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .ctools import CSRC, LIB_SOURCES, ROOT
+from .ctools import LIB_CFLAGS, LIB_SOURCES, ROOT
 
 SECONDS = int(os.environ.get("SHMKEY_FUZZ_SECONDS", "12"))
 FUZZ = ROOT / "tests" / "fuzz"
@@ -20,8 +20,8 @@ FUZZ = ROOT / "tests" / "fuzz"
 @pytest.mark.skipif(not shutil.which("clang"), reason="needs clang with libFuzzer")
 def test_libfuzzer_request_parsers(tmp_path: Path) -> None:
     binary = tmp_path / "fuzz_request"
-    subprocess.run(["clang", "-g", "-O1", "-std=gnu11", "-fsanitize=fuzzer,address,undefined",
-                    "-fno-sanitize-recover=undefined", "-I", str(CSRC), "-o", str(binary),
+    subprocess.run(["clang", "-g", "-O1", *LIB_CFLAGS, "-fsanitize=fuzzer,address,undefined",
+                    "-fno-sanitize-recover=undefined", "-o", str(binary),
                     str(ROOT / "tests" / "c" / "fuzz_request.c"), *map(str, LIB_SOURCES),
                     "-lpthread"], check=True, capture_output=True)
     corpus = tmp_path / "corpus"

@@ -72,10 +72,12 @@ def test_ecdsa_sign_and_verify(p256: Path, p384: Path, transport: str) -> None:
         # An EC key neither decrypts nor signs with an RSA scheme.
         kid = keys[0].key_id
         with pytest.raises(shmkey.UnsupportedOperationError, match="only RSA keys decrypt"):
-            oracle.client.call(lib.SHMKEY_OP_DECRYPT, (lib.SHMKEY_PAD_OAEP, 2, 2, 0), bytes(64),
+            oracle.client.call(lib.SHMKEY_OP_DECRYPT, (lib.SHMKEY_PAD_OAEP, lib.SHMKEY_HASH_SHA256,
+                                                        lib.SHMKEY_HASH_SHA256, 0), bytes(64),
                                key_id=kid)
         with pytest.raises(shmkey.UnsupportedOperationError, match="ECDSA"):
-            oracle.client.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_PAD_PSS, 2, 2, 32), bytes(32),
+            oracle.client.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_PAD_PSS, lib.SHMKEY_HASH_SHA256,
+                                                     lib.SHMKEY_HASH_SHA256, 32), bytes(32),
                                key_id=kid)
 
 
@@ -95,7 +97,7 @@ def test_ed25519_in_worker_processes(ed: Path, transport: str) -> None:
         with pytest.raises(shmkey.KeyIsolatedError):
             key.private_bytes_raw()
         with pytest.raises(shmkey.UnsupportedOperationError, match="ED25519"):
-            oracle.client.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_SIG_ECDSA, 2, 0, 0), bytes(32))
+            oracle.client.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_SIG_ECDSA, lib.SHMKEY_HASH_SHA256, 0, 0), bytes(32))
 
 
 def test_several_keys_named_by_public_key_hash(rsa2048: Path, p256: Path, ed: Path) -> None:

@@ -11,13 +11,15 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from .._binding import ensure, ffi, lib
-from ..errors import LibcryptoMismatchError
+from .._binding import REBUILD, check_build, ensure, ffi, lib
+from .._version import __version__
+from ..errors import LibcryptoMismatchError, StaleBuildError
 
 PROVIDER_NAME = "shmkey"
 
 _lock = threading.Lock()
 _enabled = False
+_checked: set[tuple[Path, str]] = set()   # (module, version) found good
 _DETAIL = 512
 
 
@@ -87,8 +89,38 @@ def module_dir() -> Path:
 
 
 def module_path() -> Path:
-    """The loadable module (``OSSL_provider_init``), for openssl.cnf's ``module =``."""
-    return module_dir() / f"{PROVIDER_NAME}.so"
+    """The loadable module (``OSSL_provider_init``), for openssl.cnf's ``module =``.
+
+    Raises:
+        StaleBuildError: the module is missing, or was built from another
+            version of shmkey than this code.
+    """
+    path = module_dir() / f"{PROVIDER_NAME}.so"
+    check_module(path)
+    return path
+
+
+def check_module(path: Path, expected: str = __version__) -> None:
+    """Check, once per path and process, that the module at ``path`` is this shmkey's build.
+
+    The module exports nothing but ``OSSL_provider_init``, so its version is
+    asked the way OpenSSL asks it (``OSSL_PROV_PARAM_VERSION``), in a library
+    context of its own that is freed at once: what nginx would load is what
+    is checked, without loading it into the context that ``ssl`` uses.
+
+    Raises:
+        StaleBuildError: it is missing, not loadable, or of another version.
+    """
+    if (path, expected) in _checked:
+        return
+    out = ffi.new("char[]", _DETAIL)
+    rc = lib.shmkey_openssl_module_version(os.fsencode(path), out, _DETAIL)
+    text = ffi.string(out).decode("utf-8", "replace")
+    what = f"shmkey's OpenSSL module {path}"
+    if rc != lib.SHMKEY_OK:
+        raise StaleBuildError(f"{what} is unusable: {text}; {REBUILD}")
+    check_build(what, text, expected)
+    _checked.add((path, expected))
 
 
 def openssl_conf(timeout_ms: Optional[int] = None) -> str:

@@ -1,0 +1,288 @@
+/*
+ * prov_oracle.c - the registry of oracles that key references name, their
+ * connections (opened on first use, checked to hold the key, reopened when
+ * the oracle restarted), and the one function that sends them a request.
+ */
+#include "provider.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* A connection to an oracle; closed by whoever drops the last reference. */
+struct sk_conn {
+    struct shmkey_client *client;
+    unsigned refs;              /* guarded by the provider lock */
+    pid_t pid;                  /* process that opened it */
+};
+
+/* Take a reference on the registry entry for this oracle and key. */
+struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name,
+                                int transport, const uint8_t key_id[32],
+                                const struct sk_pub *pub)
+{
+    struct sk_oracle *o;
+    pthread_mutex_lock(&pc->lock);
+    for (o = pc->oracles; o; o = o->next)
+        if (strcmp(o->name, name) == 0 && o->transport == transport &&
+            memcmp(o->key_id, key_id, sizeof(o->key_id)) == 0 && sk_pub_equal(&o->pub, pub))
+            break;
+    if (o) {
+        o->users++;
+    } else if ((o = calloc(1, sizeof(*o))) != NULL) {
+        snprintf(o->name, sizeof(o->name), "%s", name);
+        o->transport = transport;
+        memcpy(o->key_id, key_id, sizeof(o->key_id));
+        o->users = 1;
+        if (sk_pub_copy(&o->pub, pub)) {
+            o->next = pc->oracles;
+            pc->oracles = o;
+        } else {
+            free(o);
+            o = NULL;
+        }
+    }
+    pthread_mutex_unlock(&pc->lock);
+    return o;
+}
+
+/* Drop one reference; returns the connection to close, if that was its last. */
+static struct sk_conn *sk_conn_unref_locked(struct sk_conn *c)
+{
+    return (c && --c->refs == 0) ? c : NULL;
+}
+
+static void sk_conn_close(struct sk_conn *c)
+{
+    if (!c)
+        return;
+    /* A connection inherited across fork() stays with the parent. */
+    if (c->pid == getpid())
+        shmkey_client_close(c->client);
+    free(c);
+}
+
+void sk_oracle_put(struct sk_provctx *pc, struct sk_oracle *o)
+{
+    struct sk_conn *dead = NULL;
+    if (!o)
+        return;
+    pthread_mutex_lock(&pc->lock);
+    if (--o->users > 0) {
+        pthread_mutex_unlock(&pc->lock);
+        return;
+    }
+    for (struct sk_oracle **pp = &pc->oracles; *pp; pp = &(*pp)->next)
+        if (*pp == o) {
+            *pp = o->next;
+            break;
+        }
+    dead = sk_conn_unref_locked(o->conn);
+    pthread_mutex_unlock(&pc->lock);
+    sk_conn_close(dead);
+    sk_pub_clear(&o->pub);
+    free(o);
+}
+
+/* At teardown: keys are freed before their provider, so no oracle should be left. */
+void sk_oracles_free(struct sk_provctx *pc)
+{
+    while (pc->oracles) {
+        struct sk_oracle *o = pc->oracles;
+        pc->oracles = o->next;
+        sk_conn_close(sk_conn_unref_locked(o->conn));
+        sk_pub_clear(&o->pub);
+        free(o);
+    }
+}
+
+static int sk_open_client(struct sk_oracle *o, struct shmkey_client **out,
+                          char *why, size_t whylen)
+{
+    char id[SHMKEY_NAME_MAX + 16], dir[256], path[256];
+    int rc = shmkey_ring_id(o->name, id, sizeof(id));
+    if (rc != SHMKEY_OK)
+        return rc;
+    if (o->transport != SHMKEY_TRANSPORT_SOCKET) {
+        rc = shmkey_client_open_shm(id, out);
+        if (rc == SHMKEY_EACCESS)
+            snprintf(why, whylen, "uid %u gid %u may not open /dev/shm/%s; start the "
+                     "oracle with --group naming a group of this process",
+                     (unsigned)getuid(), (unsigned)getgid(), id);
+        /* "any" falls back to the socket only when there is no ring at all. */
+        if (rc != SHMKEY_EUNAVAIL || o->transport == SHMKEY_TRANSPORT_SHM)
+            return rc;
+    }
+    /* A missing directory is an oracle that is not running: nothing to create. */
+    rc = shmkey_runtime_dir(NULL, 0, dir, sizeof(dir), why, (uint32_t)whylen);
+    if (rc == SHMKEY_OK)
+        rc = shmkey_socket_path(dir, o->name, path, sizeof(path));
+    if (rc != SHMKEY_OK)
+        return rc;
+    return shmkey_client_open_socket(path, -1, SHMKEY_MAX_SLOT_SIZE, out);
+}
+
+/* The oracle must hold the key the reference describes: ask it once per connection. */
+static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
+                           struct shmkey_client *client, char *why, size_t whylen)
+{
+    struct shmkey_req req = {.op = SHMKEY_OP_PUBKEY};
+    struct shmkey_resp resp;
+    uint8_t der[SK_REPLY_MAX];
+    struct sk_pub held = {0};
+    char what[32];
+    memcpy(req.key_id, o->key_id, sizeof(req.key_id));
+    int rc = shmkey_call(client, &req, NULL, der, sizeof(der), &resp, pc->timeout_ms);
+    if (rc != SHMKEY_OK)
+        return rc;
+    if (resp.status == SHMKEY_ENOKEY) {
+        snprintf(why, whylen, "oracle '%s' does not hold this key; run 'shmkey keyref' again",
+                 o->name);
+        return -SK_R_KEY_MISMATCH;
+    }
+    if (resp.status != SHMKEY_OK)
+        return resp.status;
+    if (!sk_parse_spki(der, resp.out_len, &held))
+        return SHMKEY_EPROTO;
+    rc = sk_pub_equal(&held, &o->pub) ? SHMKEY_OK : -SK_R_KEY_MISMATCH;
+    if (rc != SHMKEY_OK)
+        snprintf(why, whylen, "oracle '%s' holds an %s key; run 'shmkey keyref' again",
+                 o->name, sk_pub_describe(&held, what, sizeof(what)));
+    sk_pub_clear(&held);
+    return rc;
+}
+
+/*
+ * A referenced connection to o, opened if there is none. *fresh says whether
+ * it was opened just now. Opening happens outside the lock, so a slow or
+ * missing oracle never blocks calls to other oracles.
+ */
+static int sk_conn_get(struct sk_provctx *pc, struct sk_oracle *o, struct sk_conn **out,
+                       int *fresh, char *why, size_t whylen)
+{
+    struct sk_conn *c, *stale = NULL;
+    struct shmkey_client *client = NULL;
+    pid_t me = getpid();
+
+    pthread_mutex_lock(&pc->lock);
+    if (o->conn && o->conn->pid != me) {
+        /* Forked: the parent's connection is not ours to use (nor to close). */
+        stale = o->conn;
+        o->conn = NULL;
+    }
+    if ((c = o->conn) != NULL)
+        c->refs++;
+    pthread_mutex_unlock(&pc->lock);
+    if (stale)
+        free(stale);
+    if (c) {
+        *out = c;
+        *fresh = 0;
+        return SHMKEY_OK;
+    }
+
+    int rc = sk_open_client(o, &client, why, whylen);
+    if (rc == SHMKEY_OK)
+        rc = sk_check_pubkey(pc, o, client, why, whylen);
+    if (rc != SHMKEY_OK) {
+        shmkey_client_close(client);
+        return rc;
+    }
+    if ((c = calloc(1, sizeof(*c))) == NULL) {
+        shmkey_client_close(client);
+        return SHMKEY_ESYSTEM;
+    }
+    c->client = client;
+    c->pid = me;
+    c->refs = 2;                /* the oracle entry's and the caller's */
+    pthread_mutex_lock(&pc->lock);
+    if (o->conn) {
+        /* Another thread got there first: use its connection. */
+        struct sk_conn *theirs = o->conn;
+        theirs->refs++;
+        pthread_mutex_unlock(&pc->lock);
+        shmkey_client_close(client);
+        free(c);
+        *out = theirs;
+        *fresh = 0;
+        return SHMKEY_OK;
+    }
+    o->conn = c;
+    pthread_mutex_unlock(&pc->lock);
+    *out = c;
+    *fresh = 1;
+    return SHMKEY_OK;
+}
+
+/* Return a connection; a dead one is also unhooked, so the next call reopens. */
+static void sk_conn_put(struct sk_provctx *pc, struct sk_oracle *o, struct sk_conn *c, int dead)
+{
+    struct sk_conn *last;
+    pthread_mutex_lock(&pc->lock);
+    if (dead && o->conn == c) {
+        o->conn = NULL;
+        c->refs--;              /* the entry's; ours keeps it above zero */
+    }
+    last = sk_conn_unref_locked(c);
+    pthread_mutex_unlock(&pc->lock);
+    sk_conn_close(last);
+}
+
+/* Keep an oracle's reason printable: it ends up in logs. */
+static void sk_reason_copy(char *dst, size_t cap, const uint8_t *src, uint32_t len)
+{
+    size_t j = 0;
+    for (uint32_t i = 0; i < len && j + 1 < cap; i++)
+        dst[j++] = (src[i] >= 0x20 && src[i] < 0x7f) ? (char)src[i] : '?';
+    dst[j] = '\0';
+}
+
+/*
+ * One request to k's oracle; out receives the reply (at most cap bytes).
+ * A connection that turns out dead is dropped and the request tried once
+ * more on a new one: the oracle may have been restarted. Returns 1, or 0
+ * with an OpenSSL error queued.
+ */
+int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],
+                   const uint8_t *in, uint32_t in_len,
+                   uint8_t *out, uint32_t cap, uint32_t *out_len)
+{
+    struct sk_provctx *pc = k->pc;
+    struct sk_oracle *o = k->oracle;
+    struct shmkey_req req = {.op = op, .in_len = in_len};
+    struct shmkey_resp resp = {0, 0};
+    char why[256] = "";
+    int rc;
+
+    if (!o) {
+        SK_RAISE(pc, SK_R_PUBLIC_ONLY, "");
+        return 0;
+    }
+    sk_last_error[0] = '\0';
+    memcpy(req.key_id, o->key_id, sizeof(req.key_id));
+    memcpy(req.p, p, sizeof(req.p));
+    for (int attempt = 0;; attempt++) {
+        struct sk_conn *c;
+        int fresh;
+        rc = sk_conn_get(pc, o, &c, &fresh, why, sizeof(why));
+        if (rc != SHMKEY_OK)
+            break;
+        rc = shmkey_call(c->client, &req, in, out, cap, &resp, pc->timeout_ms);
+        int dead = (rc == SHMKEY_EUNAVAIL);
+        sk_conn_put(pc, o, c, dead);
+        if (!(dead && !fresh && attempt == 0))
+            break;
+    }
+    if (rc == SHMKEY_OK && resp.status != SHMKEY_OK) {
+        rc = resp.status;
+        sk_reason_copy(why, sizeof(why), out, resp.out_len < cap ? resp.out_len : cap);
+    }
+    if (rc != SHMKEY_OK) {
+        int reason = (rc <= SHMKEY_EINVAL && rc >= SHMKEY_EACCESS) ? -rc
+                     : rc == -SK_R_KEY_MISMATCH ? SK_R_KEY_MISMATCH : -SHMKEY_EPROTO;
+        SK_FAIL(pc, reason, "oracle '%s'%s%s", o->name, why[0] ? ": " : "", why);
+        return 0;
+    }
+    *out_len = resp.out_len;
+    return 1;
+}
