@@ -136,8 +136,8 @@ static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
     if (rc != SHMKEY_OK)
         return rc;
     if (resp.status == SHMKEY_ENOKEY) {
-        snprintf(why, whylen, "oracle '%s' does not hold this key; run 'shmkey keyref' again",
-                 o->name);
+        /* The caller prefixes the oracle's name. */
+        snprintf(why, whylen, "it does not hold this key; run 'shmkey keyref' again");
         return -SK_R_KEY_MISMATCH;
     }
     if (resp.status != SHMKEY_OK)
@@ -146,8 +146,8 @@ static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
         return SHMKEY_EPROTO;
     rc = sk_pub_equal(&held, &o->pub) ? SHMKEY_OK : -SK_R_KEY_MISMATCH;
     if (rc != SHMKEY_OK)
-        snprintf(why, whylen, "oracle '%s' holds an %s key; run 'shmkey keyref' again",
-                 o->name, sk_pub_describe(&held, what, sizeof(what)));
+        snprintf(why, whylen, "it holds an %s key; run 'shmkey keyref' again",
+                 sk_pub_describe(&held, what, sizeof(what)));
     sk_pub_clear(&held);
     return rc;
 }
