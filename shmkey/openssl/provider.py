@@ -1,7 +1,7 @@
 """Use an oracle-held key from OpenSSL 3. :func:`enable` registers shmkey's
 provider in the libcrypto that Python's ``ssl`` module uses, after which
 ``SSLContext.load_cert_chain(cert, "key.ref.pem")`` loads a key reference
-(see ``shmkey.keyref``). For other programs (``openssl``, nginx), the same
+(see ``shmkey.openssl.keyref``). For other programs (``openssl``, nginx), the same
 provider is a loadable module: :func:`module_path` and :func:`openssl_conf`.
 """
 from __future__ import annotations
