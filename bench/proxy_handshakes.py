@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shmkey.tools.rig import MODES, ProxyRig  # noqa: E402
+from shmkey.tools.rig import MODES, ProxyRig
 
 
 def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[float, float]:

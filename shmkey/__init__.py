@@ -5,7 +5,7 @@ reached over a shared-memory ring (or a socket, to compare).
         key = oracle.private_key()          # duck-types RSAPrivateKey
         sig = key.sign(data, padding.PSS(...), hashes.SHA256())
 """
-from ._version import __version__
+from ._version import __version__ as __version__
 from ._wire import key_id
 from .client import OracleClient, OracleECKey, OracleEd25519Key, OracleKey, connect
 from .config import Config

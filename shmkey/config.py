@@ -111,7 +111,7 @@ class Config:
     runtime_dir: str
 
     @classmethod
-    def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: object) -> "Config":
+    def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: object) -> Config:
         """Resolve settings: an override (not None) wins over the environment,
         which wins over the default.
 

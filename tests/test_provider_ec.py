@@ -60,7 +60,7 @@ def oracles(material: SimpleNamespace):
                                      transport),
                       "ed25519": Serve(material.keys["ed25519"], transport)}
             refs = {}
-            for which, serve in serves.items():
+            for serve in serves.values():
                 started.append(serve.start())
             for kind, which in ORACLE_OF.items():
                 refs[kind] = material.dir / f"{transport}-{kind}.ref.pem"

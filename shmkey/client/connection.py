@@ -32,7 +32,7 @@ class OracleClient:
         self.name = name
 
     @classmethod
-    def open_shm(cls, name: str, timeout_ms: int) -> "OracleClient":
+    def open_shm(cls, name: str, timeout_ms: int) -> OracleClient:
         """Attach to the shared-memory ring of oracle ``name``."""
         out = ffi.new("struct shmkey_client **")
         ensure(lib.shmkey_client_open_shm(names.ring_id(name).encode(), out),
@@ -42,7 +42,7 @@ class OracleClient:
     @classmethod
     def open_socket(cls, *, path: Optional[str] = None, ctl_fd: int = -1,
                     max_payload: int, timeout_ms: int,
-                    name: Optional[str] = None) -> "OracleClient":
+                    name: Optional[str] = None) -> OracleClient:
         """Attach over a socket: a named oracle's path, or a forked one's control fd."""
         out = ffi.new("struct shmkey_client **")
         ensure(lib.shmkey_client_open_socket(path.encode() if path else ffi.NULL, ctl_fd,

@@ -25,10 +25,10 @@ Buffer = Union[bytes, bytearray, memoryview]
 class _OracleHeld:
     """What every oracle-held key shares: its client, id and public half."""
 
-    _client: "OracleClient"
+    _client: OracleClient
     _id: bytes
 
-    def _bind(self, client: "OracleClient", key_id: bytes) -> None:
+    def _bind(self, client: OracleClient, key_id: bytes) -> None:
         self._client = client
         self._id = key_id
 
@@ -66,7 +66,7 @@ class _OracleHeld:
 class OracleKey(_OracleHeld, rsa.RSAPrivateKey):
     """An RSA private key held by the oracle: ``sign``, ``decrypt``, ``public_key``."""
 
-    def __init__(self, client: "OracleClient", public: rsa.RSAPublicKey, key_id: bytes) -> None:
+    def __init__(self, client: OracleClient, public: rsa.RSAPublicKey, key_id: bytes) -> None:
         self._bind(client, key_id)
         self._public = public
         self._bits = public.key_size
@@ -108,7 +108,7 @@ class OracleKey(_OracleHeld, rsa.RSAPrivateKey):
 class OracleECKey(_OracleHeld, ec.EllipticCurvePrivateKey):
     """An EC private key held by the oracle: ECDSA ``sign`` with DER output."""
 
-    def __init__(self, client: "OracleClient", public: ec.EllipticCurvePublicKey,
+    def __init__(self, client: OracleClient, public: ec.EllipticCurvePublicKey,
                  key_id: bytes) -> None:
         self._bind(client, key_id)
         self._public = public
@@ -140,7 +140,7 @@ class OracleECKey(_OracleHeld, ec.EllipticCurvePrivateKey):
 class OracleEd25519Key(_OracleHeld, ed25519.Ed25519PrivateKey):
     """An Ed25519 private key held by the oracle: pure Ed25519 ``sign``."""
 
-    def __init__(self, client: "OracleClient", public: ed25519.Ed25519PublicKey,
+    def __init__(self, client: OracleClient, public: ed25519.Ed25519PublicKey,
                  key_id: bytes) -> None:
         self._bind(client, key_id)
         self._public = public
@@ -161,7 +161,7 @@ class OracleEd25519Key(_OracleHeld, ed25519.Ed25519PrivateKey):
 AnyOracleKey = Union[OracleKey, OracleECKey, OracleEd25519Key]
 
 
-def from_spki(client: "OracleClient", der: bytes) -> AnyOracleKey:
+def from_spki(client: OracleClient, der: bytes) -> AnyOracleKey:
     """The oracle-held key whose public half is ``der`` (SubjectPublicKeyInfo)."""
     try:
         public = serialization.load_der_public_key(der)

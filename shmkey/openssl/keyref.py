@@ -89,7 +89,7 @@ class KeyReference:
                 f"\n-----END {LABEL}-----\n").encode()
 
     @classmethod
-    def from_der(cls, der: bytes) -> "KeyReference":
+    def from_der(cls, der: bytes) -> KeyReference:
         """Parse a DER body.
 
         Raises:
@@ -127,7 +127,7 @@ class KeyReference:
             raise KeyReferenceError(f"malformed key reference: {exc}") from None
 
     @classmethod
-    def from_pem(cls, data: bytes) -> "KeyReference":
+    def from_pem(cls, data: bytes) -> KeyReference:
         """Find and parse the key reference block in PEM text (other blocks may surround it).
 
         Raises:

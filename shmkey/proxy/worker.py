@@ -43,7 +43,7 @@ class Limits:
 class _Client(asyncio.Protocol):
     """A client's TCP connection: TLS through memory BIOs, plaintext to the backend."""
 
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: Worker) -> None:
         self.w = worker
         self.state = _HANDSHAKE
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()

@@ -64,7 +64,7 @@ class Backend:
         self._stop: Optional[asyncio.Event] = None
         self._thread = threading.Thread(target=self._run, name="shmkey-backend", daemon=True)
 
-    def start(self) -> "Backend":
+    def start(self) -> Backend:
         """Start listening; returns once it accepts connections."""
         self._thread.start()
         self._ready.wait(10)
@@ -89,7 +89,7 @@ class Backend:
         if self._thread.ident is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
