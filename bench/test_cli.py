@@ -17,7 +17,7 @@ def test_shmkey_bench_runs_and_writes_json(tmp_path: Path) -> None:
                      "--clients", "2", "--kinds", "processes", "--json", str(path)], out, err)
     assert rc == 0, err.getvalue()
     text = out.getvalue()
-    assert "Latency" in text and "Throughput" in text and "Targets (issue 3)" in text
+    assert "Latency" in text and "Throughput" in text and "Design targets" in text
     report = json.loads(path.read_text())
     assert {r["mode"] for r in report["latency"]} == set(bench.MODES)
     assert [t["clients"] for t in report["throughput"]] == [2, 2, 2]

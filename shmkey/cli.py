@@ -161,9 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "proxy":
             return _proxy(args)
         if args.command == "demo":
-            from .tools.demo import run
+            from .tools.demo import main as demo_main
 
-            return run(args.seconds)
+            return demo_main(args.seconds)
         if args.command == "clean":
             return _clean(args.name)
         if args.command == "settings":
