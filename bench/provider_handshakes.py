@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _tls import Serve, free_port, wait_for_port, write_key_and_cert  # noqa: E402
 
 import shmkey.openssl  # noqa: E402
+from shmkey import _process  # noqa: E402
 from shmkey.openssl import keyref  # noqa: E402
 
 
@@ -81,8 +82,7 @@ def measure_s_server(cert: Path, key: Path, cnf: Path, seconds: int, tls: str) -
         wait_for_port(port, proc)
         return s_time(port, seconds, tls)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        _process.stop(proc, 10)
 
 
 def measure_python(cert: Path, key: Path, seconds: int, tls: str) -> float:

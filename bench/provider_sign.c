@@ -87,6 +87,15 @@ static int by_value(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The nearest-rank percentile p (0 to 100) of n > 0 sorted values, as
+ * shmkey.tools.stats.percentile has it: the smallest value that at least p
+ * percent of them are at or below. */
+static uint64_t percentile(const uint64_t *sorted, size_t n, unsigned p)
+{
+    size_t rank = (n * p + 99) / 100;
+    return sorted[(rank ? rank : 1) - 1];
+}
+
 int main(int argc, char **argv)
 {
     pthread_t threads[64];
@@ -130,7 +139,8 @@ int main(int argc, char **argv)
     qsort(lat_ns, total, sizeof(*lat_ns), by_value);
     /* signs/s, mean us/sign, p50 us, p99 us, the last signature */
     printf("%.0f %.1f %.2f %.2f ", (double)total / dt, dt / iters * 1e6,
-           (double)lat_ns[total / 2] / 1e3, (double)lat_ns[total * 99 / 100] / 1e3);
+           (double)percentile(lat_ns, total, 50) / 1e3,
+           (double)percentile(lat_ns, total, 99) / 1e3);
     for (size_t i = 0; i < last_siglen; i++)
         printf("%02x", last_sig[i]);
     printf("\n");

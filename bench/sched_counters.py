@@ -17,6 +17,7 @@ import sys
 import time
 
 from shmkey.tools import bench
+from shmkey.tools.stats import percentile
 
 _FIELDS = {"nr_voluntary_switches": "vol", "nr_involuntary_switches": "invol",
            "se.sum_exec_runtime": "cpu_ms"}
@@ -61,9 +62,8 @@ def main(signs: int = 1000, rounds: int = 3) -> None:
                     w.run()
                     lat.append(time.perf_counter_ns() - t0)
                 after = {t: sched(pid, t) for t in tids}
-                lat.sort()
                 workers_text = " | ".join(_per_op(before[t], after[t], signs) for t in tids)
-                print(f"workers={workers}: p50 {lat[len(lat) // 2] / 1e3:.1f} us; per sign: "
+                print(f"workers={workers}: p50 {percentile(lat, 50) / 1e3:.1f} us; per sign: "
                       f"client {_per_op(mine, sched(me, me), signs)}; "
                       f"oracle workers {workers_text}", flush=True)
 

@@ -11,7 +11,7 @@ Every mode signs what a TLS 1.3 server signs (64 spaces, the context string,
 a transcript hash), and every result is verified with the public key, so the
 groups cannot rot: under ``--benchmark-disable`` (CI) each runs once or a few
 times and checks just that. Timed, a closing table gives p50 and p99 per mode
-and the issue's target (oracle over shm p50 <= in-process p50 + 5 us).
+and the design target (oracle over shm p50 <= in-process p50 + 5 us).
 
 For numbers worth quoting, run it as a script; it interleaves the modes round
 by round, which the noisy 2-vCPU machines need:
@@ -41,6 +41,7 @@ from _tls import Serve  # noqa: E402
 import shmkey  # noqa: E402
 import shmkey.openssl  # noqa: E402
 from shmkey.openssl import keyref  # noqa: E402
+from shmkey.tools.stats import percentile  # noqa: E402
 
 #: What a TLS 1.3 server signs in its CertificateVerify (RFC 8446 4.4.3).
 MESSAGE = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00" + bytes(range(32))
@@ -166,8 +167,7 @@ _RESULTS: dict[tuple[str, str], tuple[float, float]] = {}
 
 def percentiles(values: list[float]) -> tuple[float, float]:
     """(p50, p99) of values, in their unit."""
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2], ordered[len(ordered) * 99 // 100]
+    return percentile(values, 50), percentile(values, 99)
 
 
 @pytest.mark.parametrize("mode", MODES)

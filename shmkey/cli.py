@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("openssl-conf", help="print an openssl.cnf that loads shmkey's provider")
     conf.add_argument("--timeout-ms", type=int, help="wait for the oracle this long (default 5000)")
 
-    # Listed here for --help; shmkey.bench parses its own options, so that
+    # Listed here for --help; shmkey.tools.bench parses its own options, so that
     # `serve` never imports the benchmark code.
     sub.add_parser("bench", add_help=False,
                    help="compare in-process, socketpair and shm (shmkey bench --help)")
@@ -176,9 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "proxy":
             return _proxy(args)
         if args.command == "demo":
-            from .tools.demo import run
+            from .tools.demo import main as demo_main
 
-            return run(args.seconds)
+            return demo_main(args.seconds)
         if args.command == "clean":
             return _clean(args.name)
         if args.command == "settings":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import threading
 import time
 from typing import Optional, Sequence, Union
 
-from . import names
+from . import _process, names
 from .client import OracleClient
 from .client.keys import AnyOracleKey
 from .config import Config
@@ -195,13 +194,7 @@ class KeyOracle:
             self._client = None
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _process.stop(proc, timeout)
             # An oracle killed hard cannot clean up after itself. One that never
             # started created nothing: what exists under its name is someone else's.
             if self._created:

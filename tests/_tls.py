@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import select
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 from typing import Iterator, Optional, Sequence, Union
 
 import shmkey.openssl
-from shmkey import names
+from shmkey import _process, names
 from shmkey.tools import certs
 
 HOST = certs.HOST
@@ -85,12 +84,7 @@ class Serve:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _process.stop(proc, 10)
         names.unlink(self.name)
         if self.transport == "socketpair":
             # An oracle that dropped root cannot unlink its socket in root's directory.
@@ -225,8 +219,10 @@ def running(args: list, cnf: Path, port: int) -> Iterator[subprocess.Popen]:
         wait_for_port(port, proc)
         yield proc
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+        _process.stop(proc, 10)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        proc.stderr.close()
     assert b"unable to load" not in err.lower(), err
 
 

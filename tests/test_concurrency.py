@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import shmkey
+from shmkey import _process
 
 from .conftest import TRANSPORTS, unique
 
@@ -83,8 +84,7 @@ print(json.dumps(main(key, 8, 40, "child")))
         assert mine + theirs == [120] * 16
         client.close()
     finally:
-        serve.terminate()
-        serve.wait(10)
+        _process.stop(serve, 10)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
-from shmkey import names
+from shmkey import _process, names
 from shmkey._binding import lib
 
 from .conftest import TRANSPORTS, unique
@@ -110,7 +110,7 @@ def test_kill_clients_mid_request_slots_come_back(rsa2048: Path, tmp_path: Path)
                                             hashes.SHA256())
         finally:
             zygote.stdin.close()
-            zygote.wait(timeout=10)
+            _process.stop(zygote, 10, sig=None)
         assert wait_until(lambda: oracle.client.free_slots() == slots, timeout=15), \
             f"free slots stuck at {oracle.client.free_slots()} of {slots}"
         for _ in range(slots * 3):

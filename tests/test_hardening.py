@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
-from shmkey import names
+from shmkey import _process, names
 
 from .conftest import unique
 from .test_serve import wait_for_oracle
@@ -61,8 +61,7 @@ def test_inherited_descriptors_are_closed(rsa2048: Path, tmp_path: Path) -> None
     finally:
         os.close(leaked_r)
         os.close(leaked_w)
-        serve.terminate()
-        serve.wait(15)
+        _process.stop(serve, 15)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
@@ -104,8 +103,6 @@ def test_root_oracle_drops_to_user(rsa2048: Path, tmp_path: Path, transport: str
         assert "dropped privileges to nobody" in err
         assert not any(os.path.exists(p) for p in owned)     # it could still unlink them
     finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+        _process.stop(serve, 0, signal.SIGKILL)
         names.unlink(name)
         shutil.rmtree(rundir)

@@ -4,7 +4,6 @@ outside a slot, recovers every slot, and every honest answer verifies."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from shmkey import names
+from shmkey import _process, names
 
 from .conftest import unique
 from .ctools import asan_env, build_asan_package, build_tool
@@ -89,8 +88,7 @@ def test_hostile_client_cannot_hurt_oracle_or_honest_clients(tools: dict[str, Pa
                    padding.PKCS1v15(), hashes.SHA256())
         client.close()
     finally:
-        oracle.send_signal(signal.SIGTERM)
-        oracle.wait(timeout=15)
+        _process.stop(oracle, 15)
         names.unlink(name)
     report = log.read_text()
     assert "AddressSanitizer" not in report, report[-3000:]

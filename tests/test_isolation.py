@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from shmkey import _process
 from shmkey.tools.memscan import key_secrets, scan_process
 
 from .conftest import TRANSPORTS
@@ -46,7 +47,7 @@ def test_network_side_memory_holds_no_key(rsa2048: Path) -> None:
             if proc.stdin:
                 proc.stdin.write("\n")
                 proc.stdin.close()
-            proc.wait(timeout=30)
+            _process.stop(proc, 30, sig=None)
         assert network.bytes_scanned > 10_000_000
         assert network.found == 0, {k: v for k, v in network.hits.items() if v}
         # The oracle holds the primes where OpenSSL keeps them (little-endian limbs).
@@ -107,7 +108,7 @@ def test_tls_server_memory_holds_no_key_after_handshakes(tmp_path: Path) -> None
         held = scan_process(oracle.proc.pid, secrets)
         server.stdin.write("\n")
         server.stdin.close()
-        server.wait(timeout=30)
+        _process.stop(server, 30, sig=None)
     finally:
         oracle.stop()
     assert network.found == 0, {k: v for k, v in network.hits.items() if v}

@@ -17,7 +17,7 @@ import posix_ipc
 import pytest
 
 import shmkey
-from shmkey import names
+from shmkey import _process, names
 
 from .conftest import unique
 from .ctools import build_tool
@@ -90,8 +90,7 @@ def test_socket_peers_are_checked_even_when_the_path_is_open(probe: Path, rsa204
         assert theirs.returncode == 1, theirs.stdout
         assert "call: the key oracle is not running" in theirs.stdout   # it hung up on us
     finally:
-        serve.terminate()
-        serve.wait(timeout=15)
+        _process.stop(serve, 15)
         shutil.rmtree(rundir)
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
-from shmkey import names
+from shmkey import _process, names
 
 from .conftest import TRANSPORTS, ours_in_shm, unique
 
@@ -65,9 +65,7 @@ def test_serve_attach_sign_and_stop(rsa2048: Path, tmp_path: Path, transport: st
         with pytest.raises(shmkey.OracleUnavailableError):
             shmkey.connect(name)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _process.stop(proc, 0, signal.SIGKILL)
         names.unlink(name)
 
 
@@ -92,9 +90,7 @@ def test_name_in_use_is_refused_and_clean_removes_a_crashed_oracle(rsa2048: Path
         assert cleaned.returncode == 0, cleaned.stderr
         assert not any(names.ring_id(name) in entry for entry in ours_in_shm())
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        _process.stop(first, 0, signal.SIGKILL)
         names.unlink(name)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .. import names
+from .. import _process, names
 from .._binding import ffi, lib, raise_for_status
 from .._process import close_inherited_fds
 from ..config import Config, env_name
@@ -295,25 +295,7 @@ class Oracle:
         self._cleanup()
 
     def _stop_worker_processes(self, timeout: float = 5.0) -> None:
-        for pid in self._worker_pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        for pid in self._worker_pids:
-            while True:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.01)
+        _process.stop_all(self._worker_pids, timeout)
         self._worker_pids = []
 
     def _cleanup(self) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from .. import openssl
+from .. import _process, openssl
 from .._binding import lib
 from .._process import close_inherited_fds
 from ..openssl import keyref
@@ -506,24 +506,11 @@ class Proxy:
         """Drain the workers, stop the oracle, remove every file and name."""
         log.info("stopping: no new connections; draining %d worker(s), up to %g s",
                  len(self.workers), self.opts.limits.drain_timeout)
-        for pid in self.workers:
-            _signal(pid, signal.SIGTERM)
         self.close_sockets()
-        deadline = time.monotonic() + self.opts.limits.drain_timeout + 5.0
-        while self.workers:
-            for pid in list(self.workers):
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    del self.workers[pid]
-            if self.workers and (time.monotonic() > deadline or signal.SIGINT in self.signals
-                                 or signal.SIGTERM in self.signals):
-                # Out of time, or told twice: stop waiting.
-                for pid in self.workers:
-                    _signal(pid, signal.SIGKILL)
-                for pid in self.workers:
-                    os.waitpid(pid, 0)
-                self.workers.clear()
-            time.sleep(0.02)
+        # Told twice (TERM or INT again): SIGKILL whoever is still draining.
+        _process.stop_all(list(self.workers), self.opts.limits.drain_timeout + 5.0,
+                          give_up=lambda: bool({signal.SIGINT, signal.SIGTERM} & set(self.signals)))
+        self.workers.clear()
         self.stop_sources()
         log.info("stopped")
         return 0
@@ -569,9 +556,7 @@ def run_proxy(opts: ProxyOptions) -> int:
         try:
             proxy.start()
         except BaseException:
-            for pid in proxy.workers:
-                _signal(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+            _process.stop_all(list(proxy.workers), 0, signal.SIGKILL)
             proxy.close_sockets()
             proxy.stop_sources()
             raise

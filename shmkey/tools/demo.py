@@ -1,10 +1,6 @@
-"""``shmkey demo``: the TLS proxy at work, with its key in a key oracle.
-
-On a throwaway key and certificate it starts a small HTTP backend and three
-proxies in front of it (key in the proxy, in an oracle over the socket, in
-an oracle over the shm ring), drives real HTTPS requests through them, and
-prints handshakes/s, sign latency and a memory check: the key's secrets
-found in the proxy's processes (none) and in the oracle's (some).
+"""``shmkey demo``: three ``shmkey proxy`` before one backend (key in-process, in
+an oracle over a socketpair, over the shm ring); real HTTPS through them,
+handshakes/s, sign latency, and a memory scan that finds the key only in the oracle.
 """
 from __future__ import annotations
 
@@ -19,11 +15,12 @@ from typing import Callable, Optional
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ..client import connect
 from . import loadgen as _loadgen
 from .certs import HOST
-from .rig import MODES, ProxyProcess, ProxyRig
-from ..client import connect
 from .memscan import ScanResult, key_secrets, scan_process
+from .rig import MODES, ProxyProcess, ProxyRig
+from .stats import percentile
 
 LABELS = {"in-process": "key in the proxy (in-process)",
           "oracle socketpair": "key in the oracle, socketpair",
@@ -52,11 +49,6 @@ def _sign_us(sign: Callable[[bytes], bytes], n: int) -> list[float]:
         sign(digest)
         out.append((time.perf_counter() - t0) * 1e6)
     return out
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _https_requests(proxy: ProxyProcess, cafile: Path) -> int:
@@ -142,7 +134,7 @@ def run(seconds: float = 2.0, rounds: int = 2, workers: Optional[int] = None) ->
     for label in MODES:
         rate = statistics.median(rates[label])
         print(f"  {LABELS[label]:<32}{rate:>13.0f}{rate / base:>14.2f}x"
-              f"{_pct(signs[label], .5):>9.0f}us{_pct(signs[label], .99):>9.0f}us")
+              f"{percentile(signs[label], 50):>9.0f}us{percentile(signs[label], 99):>9.0f}us")
     print(f"  (sign: RSA-2048 PSS, {_SIGNS} one at a time from this process, through the "
           f"proxy's oracle; {failed} handshakes failed under load)")
     ok = memory_ok and answered == _REQUESTS and failed == 0
@@ -168,5 +160,16 @@ def _sign_latencies(rig: ProxyRig, label: str) -> list[float]:
         client.close()
 
 
+def main(seconds: float = 2.0) -> int:
+    """``shmkey demo``: :func:`run`, and on Ctrl-C one "interrupted" line and
+    status 130, once everything the demo started has stopped."""
+    try:
+        return run(seconds)
+    except KeyboardInterrupt:
+        _status("")     # over the progress line, and the terminal's ^C
+        print(("\r" if sys.stdout.isatty() else "") + "shmkey demo: interrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

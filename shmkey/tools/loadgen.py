@@ -1,12 +1,12 @@
-"""A TLS load generator for ``shmkey demo``, the proxy tests and the benchmark:
-every request is a new connection with a full handshake (no session reuse),
-one HTTP request and a checked response. Several processes of it
-(:class:`LoadClients`) keep the load off any one interpreter's GIL.
+"""A TLS load generator: each request a new connection with a full handshake,
+one HTTP request and a checked response; :class:`LoadClients` runs it in
+several processes, so that no one interpreter's GIL limits the load.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .. import _process
 from .backend import body_for
 
 
@@ -141,9 +142,13 @@ class LoadClients:
     """
 
     def __init__(self, processes: int) -> None:
+        # Sessions of their own: a Ctrl-C at the terminal is for the caller,
+        # which ends them (:meth:`close`); were it killed, stdin's EOF does.
         self.procs = [subprocess.Popen([sys.executable, "-m", "shmkey.tools.loadgen"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       start_new_session=True)
                       for _ in range(processes)]
+        self._loading = False       # a run's commands are out, its results not all in
 
     def run(self, port: int, cafile: str, *, concurrency: int, seconds: Optional[float] = None,
             count: Optional[int] = None, tls_version: Optional[str] = "1.3",
@@ -154,6 +159,7 @@ class LoadClients:
         for a count-bound one, all successes over the longest process's time.
         """
         n = len(self.procs)
+        self._loading = True
         for i, proc in enumerate(self.procs):
             share = None if count is None else count // n + (i < count % n)
             command = {"host": host, "port": port, "cafile": cafile, "tls": tls_version,
@@ -174,21 +180,20 @@ class LoadClients:
             total.errors.update(part["errors"])
             total.elapsed = max(total.elapsed, part["elapsed"])
             rate += part["ok"] / part["elapsed"] if part["elapsed"] else 0.0
+        self._loading = False
         if seconds is not None and rate:
             total.elapsed = total.ok / rate     # so that .rate is the summed rate
         return total
 
     def close(self) -> None:
-        """End the processes."""
+        """End the processes: idle, they exit when their stdin closes; in the
+        middle of a run (an error or Ctrl-C cut it short), SIGTERM ends them.
+        SIGKILL after 10 s."""
         for proc in self.procs:
             if proc.stdin is not None:
                 proc.stdin.close()
+        _process.stop_all(self.procs, 10.0, signal.SIGTERM if self._loading else None)
         for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
 

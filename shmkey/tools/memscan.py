@@ -1,9 +1,6 @@
-"""Search a live process's memory for a private key's secrets.
-
-Used to show the design's claim: the network side's memory holds none of
-the key (primes, private exponent, CRT values, DER and PEM forms), while the
-oracle's does, which shows the scanner itself works. Reads ``/proc/PID/mem``
-(needs ptrace rights over the target: same uid with ptrace allowed, or root).
+"""Search a live process's memory (``/proc/PID/mem``: needs ptrace rights) for
+a private key's primes, private exponent, CRT values, DER and PEM: to show that
+the network side holds none of the key, and that the oracle, scanned too, does.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Run ``shmkey proxy`` as a child process and watch it: its log lines as they
-come, its readiness, its workers and oracle (:class:`ProxyProcess`); and a rig
-of one proxy per key mode in front of one backend, with load clients, for
-``shmkey demo`` and the benchmark (:class:`ProxyRig`).
+"""Run ``shmkey proxy`` as a watched child (:class:`ProxyProcess`: its log,
+readiness, workers and oracle), and one proxy per key mode before one backend,
+with load clients (:class:`ProxyRig`), for the demo and the benchmarks.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from typing import Optional, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .. import _process
 from .backend import Backend
 from .certs import write_key_and_cert
 from .loadgen import LoadClients, LoadResult
@@ -149,15 +149,10 @@ class ProxyProcess:
         return sum(cpu_seconds(p) for p in [self.pid, *children(self.pid)])
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal it and wait until it and every process it started have exited."""
+        """Signal it, SIGKILL it if it has not exited within ``timeout``, and wait
+        until it and every process it started have exited; its exit status."""
         pids = [self.pid, *children(self.pid)]
-        if self.proc.poll() is None:
-            os.kill(self.pid, sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+        code = self._end(sig, timeout)
         self._reader.join(5)
         deadline = time.monotonic() + 5
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
@@ -167,16 +162,20 @@ class ProxyProcess:
     def kill(self) -> None:
         """SIGTERM it, then SIGKILL if it has not exited within 10 s (its workers
         and oracle die with it; only SIGTERM lets it remove its temporary files)."""
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
-            if self.proc.poll() is not None:
-                break
-            if self.pid != self.proc.pid and alive(self.pid):
+        self._end(signal.SIGTERM, 10.0)
+
+    def _end(self, sig: int, timeout: float) -> int:
+        if self.pid == self.proc.pid:
+            code = _process.stop(self.proc, timeout, sig)
+        else:
+            # Under a wrapper (strace), our child: the signals are for the
+            # proxy, its child, and the wrapper exits with it.
+            if alive(self.pid):
                 os.kill(self.pid, sig)
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+            code = _process.stop(self.proc, timeout, sig=None)
+            if alive(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+        return code
 
 
 # Each key mode of the proxy: its label and its extra arguments.
