@@ -25,11 +25,11 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _tls import Serve, free_port, wait_for_port, write_key_and_cert  # noqa: E402
+from _tls import Serve, free_port, wait_for_port, write_key_and_cert
 
-import shmkey.openssl  # noqa: E402
-from shmkey import _process  # noqa: E402
-from shmkey.openssl import keyref  # noqa: E402
+import shmkey.openssl
+from shmkey import _process
+from shmkey.openssl import keyref
 
 
 def s_time(port: int, seconds: int, *args: str) -> float:

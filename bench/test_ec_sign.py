@@ -36,12 +36,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _tls import Serve  # noqa: E402
+from _tls import Serve
 
-import shmkey  # noqa: E402
-import shmkey.openssl  # noqa: E402
-from shmkey.openssl import keyref  # noqa: E402
-from shmkey.tools.stats import percentile  # noqa: E402
+import shmkey
+import shmkey.openssl
+from shmkey.openssl import keyref
+from shmkey.tools.stats import percentile
 
 #: What a TLS 1.3 server signs in its CertificateVerify (RFC 8446 4.4.3).
 MESSAGE = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00" + bytes(range(32))

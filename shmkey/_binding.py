@@ -39,7 +39,8 @@ def check_build(what: str, built: Optional[str], expected: str = __version__) ->
 
 def _extension_version() -> Optional[str]:
     try:
-        return ffi.string(lib.shmkey_version()).decode()
+        version: str = ffi.string(lib.shmkey_version()).decode()
+        return version
     except AttributeError:      # built before the extension recorded its version
         return None
 

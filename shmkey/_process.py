@@ -15,7 +15,7 @@ Child = Union["subprocess.Popen[Any]", int]
 
 
 @overload
-def stop(proc: "subprocess.Popen[Any]", timeout: float,
+def stop(proc: subprocess.Popen[Any], timeout: float,
          sig: Optional[int] = signal.SIGTERM) -> int: ...
 @overload
 def stop(proc: int, timeout: float, sig: Optional[int] = signal.SIGTERM) -> Optional[int]: ...

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from . import _process, names
 from .client import OracleClient
@@ -69,7 +69,7 @@ class KeyOracle:
                             ([] if allow_oaep_decrypt else ["--no-oaep-decrypt"])
         self._group = group
         self._by_name = by_name
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: Optional[subprocess.Popen[bytes]] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
         self._created = False       # the oracle made its ring: ours to unlink if it dies
@@ -91,7 +91,7 @@ class KeyOracle:
             raise OracleUnavailableError("the oracle is not started")
         return self._client
 
-    def start(self) -> "KeyOracle":
+    def start(self) -> KeyOracle:
         """Start the key process and wait until it serves.
 
         Raises:
@@ -161,7 +161,7 @@ class KeyOracle:
                 ctl_parent.close()
         return self
 
-    def _await_ready(self, fd: int, timeout: float) -> dict:
+    def _await_ready(self, fd: int, timeout: float) -> dict[str, Any]:
         assert self._proc is not None
         deadline = time.monotonic() + timeout
         buf = b""
@@ -176,7 +176,7 @@ class KeyOracle:
                     code = self._proc.wait(timeout=5)
                     raise OracleUnavailableError(f"the key oracle exited during start (status {code})")
                 buf += chunk
-        info = json.loads(buf.split(b"\n", 1)[0])
+        info: dict[str, Any] = json.loads(buf.split(b"\n", 1)[0])
         if not info.get("ok"):
             cls = _START_ERRORS.get(info.get("kind", ""), ShmkeyError)
             raise cls(info.get("error", "the key oracle failed to start"))
@@ -206,7 +206,7 @@ class KeyOracle:
             os.close(self._lifeline)
             self._lifeline = None
 
-    def __enter__(self) -> "KeyOracle":
+    def __enter__(self) -> KeyOracle:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

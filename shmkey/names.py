@@ -9,7 +9,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import posix_ipc
 
@@ -49,7 +49,8 @@ def ring_id(name: str) -> str:
     out = ffi.new("char[]", lib.SHMKEY_NAME_MAX + 16)
     if lib.shmkey_ring_id(check_name(name).encode(), out, len(out)) != lib.SHMKEY_OK:
         raise ConfigError(f"oracle name {name!r} is invalid")
-    return ffi.string(out).decode()
+    ring: str = ffi.string(out).decode()
+    return ring
 
 
 def runtime_dir() -> Path:
@@ -165,7 +166,7 @@ def _restrict(fd: Optional[int], path: Optional[Path], mode: int, gid: Optional[
 def unlink(name: str, only: Optional[list[str]] = None) -> None:
     """Remove the ring objects of oracle ``name`` that exist; never raises."""
     base = ring_id(name)
-    steps = {
+    steps: dict[str, Callable[[], None]] = {
         "shm": lambda: posix_ipc.unlink_shared_memory(f"/{base}"),
         "req": lambda: posix_ipc.unlink_semaphore(f"/{base}-req"),
         "free": lambda: posix_ipc.unlink_semaphore(f"/{base}-free"),

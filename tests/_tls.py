@@ -57,10 +57,11 @@ class Serve:
         self.name = name or names.random_name()
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self) -> "Serve":
+    def start(self) -> Serve:
         r, w = os.pipe()
         keys = [arg for k in self.keys for arg in ("--key", str(k))]
-        args = [sys.executable, "-m", "shmkey", "serve", *keys, "--name", self.name, "--transport", self.transport, "--workers", "2",
+        args = [sys.executable, "-m", "shmkey", "serve", *keys, "--name", self.name,
+                "--transport", self.transport, "--workers", "2",
                 "--status-fd", str(w), "--log-level", "warning", *self.extra]
         if RUN_AS_ROOT:
             # As deployed: read the key as root, then serve as another user,
@@ -134,7 +135,7 @@ class TLSServer:
         self.sock.close()
         self._thread.join(5)
 
-    def __enter__(self) -> "TLSServer":
+    def __enter__(self) -> TLSServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

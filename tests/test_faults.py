@@ -212,7 +212,7 @@ time.sleep(60)
             os.kill(pid, signal.SIGKILL)
             names.unlink(name)
             raise AssertionError("the oracle hung while stopping")
-        assert wait_until(lambda: not names.exists(name)), "it died without unlinking its ring"
+        assert wait_until(lambda name=name: not names.exists(name)), "it died without unlinking its ring"
 
 
 def test_stop_request_takes_no_lock() -> None:

@@ -55,9 +55,9 @@ def _https_requests(proxy: ProxyProcess, cafile: Path) -> int:
     """Real HTTPS requests through the proxy, half TLS 1.3, half 1.2; how many were right."""
     ok = 0
     for version in ("1.3", "1.2"):
-        def progress(r: _loadgen.LoadResult, version: str = version) -> None:
+        def progress(r: _loadgen.LoadResult, version: str = version, done: int = ok) -> None:
             _status(f"  HTTPS requests through the proxy (TLS {version}): "
-                    f"{_bar(ok + r.ok + r.failed, _REQUESTS)}")
+                    f"{_bar(done + r.ok + r.failed, _REQUESTS)}")
 
         result = asyncio.run(_loadgen.run("127.0.0.1", proxy.port,
                                           _loadgen.client_context(str(cafile), version),

@@ -34,7 +34,7 @@ class LoadResult:
     ok: int = 0
     failed: int = 0
     elapsed: float = 0.0
-    errors: Counter = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
     outcomes: list[Outcome] = field(default_factory=list)
     server_cpu: float = 0.0     # CPU seconds the server used meanwhile, where measured
 
@@ -197,7 +197,7 @@ class LoadClients:
             if proc.stdout is not None:
                 proc.stdout.close()
 
-    def __enter__(self) -> "LoadClients":
+    def __enter__(self) -> LoadClients:
         return self
 
     def __exit__(self, *exc: object) -> None:

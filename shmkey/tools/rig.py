@@ -117,8 +117,8 @@ class ProxyProcess:
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: "re.Pattern[str]", timeout: float = 20.0,
-                 start: int = 0) -> "re.Match[str]":
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 20.0,
+                 start: int = 0) -> re.Match[str]:
         """The first log line from ``start`` on that matches ``pattern``.
 
         Raises:
@@ -207,7 +207,7 @@ class ProxyRig:
         self.proxies: dict[str, ProxyProcess] = {}
         self.clients: Optional[LoadClients] = None
 
-    def start(self) -> "ProxyRig":
+    def start(self) -> ProxyRig:
         """Start the backend, the proxies (side by side) and the load clients."""
         try:
             self.backend.start()
@@ -247,7 +247,7 @@ class ProxyRig:
         self.backend.stop()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "ProxyRig":
+    def __enter__(self) -> ProxyRig:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -16,6 +16,7 @@ from ...config import Config
 from ...errors import ShmkeyError
 from .measure import (KINDS, Busy, Latency, LoadMeter, ProgressFn, Throughput, latency, quiet,
                       throughput_round_robin)
+from .plot import plot
 from .report import Report, format_report, machine
 from .workloads import OPERATIONS, TRANSPORTS, Lab
 
@@ -38,7 +39,7 @@ class Options:
     key_path: Optional[str] = None
     busy: int = 0
 
-    def settings(self) -> dict:
+    def settings(self) -> dict[str, Any]:
         """Oracle settings given on the command line (None: the default)."""
         return {"workers": self.workers, "slots": self.slots, "spin_us": self.spin_us}
 
@@ -99,7 +100,7 @@ def _step_progress(progress: ProgressFn, step: int, steps: int, what: str = "") 
     return say
 
 
-def _parse_list(text: str, conv: Callable[[str], Any], allowed: Optional[Iterable] = None) -> tuple:
+def _parse_list(text: str, conv: Callable[[str], Any], allowed: Optional[Iterable[Any]] = None) -> tuple[Any, ...]:
     items = tuple(conv(x.strip()) for x in text.split(",") if x.strip())
     if not items:
         raise ValueError("empty list")
@@ -120,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(in-process, socketpair and shm interleaved), then throughput with "
                     "concurrent clients; a table with p50, p99, ops/s and ratios.")
 
-    def listed(conv: Callable[[str], Any], allowed: Optional[Iterable] = None) -> Callable[[str], tuple]:
-        def parse(text: str) -> tuple:
+    def listed(conv: Callable[[str], Any], allowed: Optional[Iterable[Any]] = None) -> Callable[[str], tuple[Any, ...]]:
+        def parse(text: str) -> tuple[Any, ...]:
             try:
                 return _parse_list(text, conv, allowed)
             except ValueError as exc:
@@ -205,8 +206,6 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
                 json.dump(report.to_json(), f, indent=1)
             print(f"\nwrote {args.json}", file=out)
         if args.plot:
-            from .plot import plot
-
             plot(report, args.plot)
             print(f"wrote {args.plot}", file=out)
     except KeyboardInterrupt:

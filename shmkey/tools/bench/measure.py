@@ -36,12 +36,12 @@ class Busy:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
 
     # Spins until its parent is gone, were the benchmark killed before it stops them.
     _LOOP = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent: pass"
 
-    def __enter__(self) -> "Busy":
+    def __enter__(self) -> Busy:
         for _ in range(self.n):
             # A session of its own: a Ctrl-C at the terminal is the
             # benchmark's to handle, and it stops these.
@@ -70,7 +70,7 @@ class Latency:
     other_load_cores: float = 0.0     # CPU other processes used meanwhile
 
     @classmethod
-    def from_ns(cls, op: str, mode: str, bits: int, ns: list[int], keep: int = 2000) -> "Latency":
+    def from_ns(cls, op: str, mode: str, bits: int, ns: list[int], keep: int = 2000) -> Latency:
         """Summarize per-operation times in ns; keep a spread-out sample for plots."""
         s = sorted(ns)
         total = sum(s)
@@ -129,7 +129,7 @@ class Throughput:
     bits: int
     kind: str           # "threads" or "processes"
     clients: int
-    settings: dict
+    settings: dict[str, Any]
     per_client_ops: list[int]
     per_client_s: list[float]
     other_load_cores: float = 0.0     # CPU other processes used meanwhile
@@ -153,7 +153,7 @@ class Throughput:
         rates = self.rates
         return min(rates) / max(rates) if rates and max(rates) > 0 else math.nan
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the derived figures."""
         d = asdict(self)
         d.update(ops_per_s=self.ops_per_s, fairness=self.fairness, rates=self.rates)
@@ -312,7 +312,7 @@ def _processes(w: Workload, clients: int, count: Optional[int],
 
 def throughput(w: Workload, bits: int, clients: int, kind: str = "processes", *,
                count: Optional[int] = None, seconds: Optional[float] = None,
-               settings: Optional[dict] = None) -> Throughput:
+               settings: Optional[dict[str, Any]] = None) -> Throughput:
     """``clients`` threads or forked processes run ``w`` at once, each
     ``count`` times or for ``seconds``; each checks its first and last result.
 
@@ -365,7 +365,7 @@ class LoadMeter:
                 pass
         return ticks
 
-    def stop(self, oracle_pids: Sequence[int]) -> dict:
+    def stop(self, oracle_pids: Sequence[int]) -> dict[str, float]:
         """Average cores used by other processes, and stolen, since start."""
         elapsed = max(1e-9, time.monotonic() - self._t0)
         tck = os.sysconf("SC_CLK_TCK")
@@ -377,7 +377,7 @@ class LoadMeter:
 
 
 def throughput_round_robin(lab: Lab, op: str, bits: int, modes: Sequence[str], kind: str,
-                           clients: int, *, seconds: float, rounds: int, settings: dict,
+                           clients: int, *, seconds: float, rounds: int, settings: dict[str, Any],
                            progress: ProgressFn = quiet) -> list[Throughput]:
     """Throughput of ``op`` in each mode, ``seconds`` each in all, in up to
     ``rounds`` slices of at least 0.5 s, the modes taking turns to go first.

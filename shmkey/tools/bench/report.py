@@ -10,8 +10,9 @@ import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
+from ..._version import __version__
 from .measure import Latency, Throughput
 
 Row = Union[Latency, Throughput]
@@ -36,12 +37,11 @@ def _system_openssl() -> str:
         return "not installed"
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
     """What the numbers were measured on: date, cores, CPU, kernel, Python, OpenSSL."""
     from cryptography import __version__ as crypto_version
     from cryptography.hazmat.backends.openssl.backend import backend
 
-    from ... import __version__
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cores": os.cpu_count(),
@@ -67,7 +67,7 @@ class Check:
 class Report:
     """Everything one run measured, with the machine and the command."""
 
-    meta: dict
+    meta: dict[str, Any]
     latency: list[Latency]
     throughput: list[Throughput]
 
@@ -84,7 +84,7 @@ class Report:
         """Each of :data:`DESIGN_TARGETS` met, missed or not measured here."""
         return [target.check(self) for target in DESIGN_TARGETS]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """JSON-ready: meta, latency rows (with a sample of times), throughput, targets."""
         return {"meta": self.meta, "latency": [asdict(r) for r in self.latency],
                 "throughput": [t.as_dict() for t in self.throughput],

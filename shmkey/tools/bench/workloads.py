@@ -166,7 +166,7 @@ class Lab:
         self._dir = tempfile.TemporaryDirectory(prefix="shmkey-bench-")
         self._keys: dict[int, Path] = {}
         self._given = Path(key_path) if key_path else None
-        self._targets: dict[tuple, Target] = {}
+        self._targets: dict[tuple[Any, ...], Target] = {}
         self._names: list[str] = []
 
     def key_path(self, bits: int) -> Path:
@@ -179,7 +179,7 @@ class Lab:
         return self._keys[bits]
 
     @staticmethod
-    def _ident(mode: str, bits: int, settings: dict) -> tuple:
+    def _ident(mode: str, bits: int, settings: dict[str, Any]) -> tuple[Any, ...]:
         given = {k: v for k, v in settings.items() if v is not None}
         return (mode, bits) + (tuple(sorted(given.items())) if mode != "in-process" else ())
 
@@ -233,7 +233,7 @@ class Lab:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
