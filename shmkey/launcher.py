@@ -145,7 +145,7 @@ class KeyOracle:
                 self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
             elif self._by_name:
                 self._client = OracleClient.open_socket(
-                    path=str(names.socket_path(self.name)), max_payload=cfg.slot_size,
+                    path=str(names.socket_path(self.name, cfg.runtime_dir)), max_payload=cfg.slot_size,
                     timeout_ms=cfg.timeout_ms, name=self.name)
             else:
                 assert ctl_parent is not None
@@ -200,7 +200,7 @@ class KeyOracle:
             if self._created:
                 names.unlink(self.name)
                 if self._by_name and self.config.transport == "socketpair":
-                    names.socket_path(self.name).unlink(missing_ok=True)
+                    names.socket_path(self.name, self.config.runtime_dir).unlink(missing_ok=True)
             self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)

@@ -53,7 +53,7 @@ def ring_id(name: str) -> str:
     return ring
 
 
-def runtime_dir() -> Path:
+def runtime_dir(configured: Optional[str] = None) -> Path:
     """Directory of named oracle sockets, created if it is the default one.
 
     ``SHMKEY_RUNTIME_DIR`` if set: the operator's choice, trusted if no group
@@ -67,7 +67,8 @@ def runtime_dir() -> Path:
         ConfigError: ``SHMKEY_RUNTIME_DIR`` is not an absolute path.
         OracleAccessError: the directory is missing, unsafe or cannot be created.
     """
-    configured = Config.load().runtime_dir
+    if configured is None:
+        configured = Config.load().runtime_dir
     out = ffi.new("char[]", _PATH_MAX)
     why = ffi.new("char[]", _WHY_MAX)
     rc = lib.shmkey_runtime_dir(os.fsencode(configured), 1, out, _PATH_MAX, why, _WHY_MAX)
@@ -76,9 +77,10 @@ def runtime_dir() -> Path:
     return Path(os.fsdecode(ffi.string(out)))
 
 
-def socket_path(name: str) -> Path:
-    """Where a named socket-transport oracle listens."""
-    directory = os.fsencode(runtime_dir())
+def socket_path(name: str, configured_dir: Optional[str] = None) -> Path:
+    """Where a named socket-transport oracle listens; ``configured_dir`` is
+    the resolved ``runtime_dir`` setting (by default, the environment's)."""
+    directory = os.fsencode(runtime_dir(configured_dir))
     out = ffi.new("char[]", _PATH_MAX)
     if lib.shmkey_socket_path(directory, check_name(name).encode(), out, _PATH_MAX) \
             != lib.SHMKEY_OK:

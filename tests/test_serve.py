@@ -114,3 +114,21 @@ def test_serve_reports_bad_key_and_exits(tmp_path: Path) -> None:
                            str(tmp_path / "nope.pem")], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "cannot read key file" in proc.stderr
+
+
+def test_runtime_dir_option_places_the_socket(rsa2048: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--runtime-dir`` decides where the socket goes, as its variable would."""
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    name = unique("serve-rundir")
+    proc = start_serve(rsa2048, name, "--transport", "socketpair", "--runtime-dir", str(rundir))
+    try:
+        monkeypatch.setenv("SHMKEY_RUNTIME_DIR", str(rundir))
+        client = wait_for_oracle(name, "socketpair")
+        assert client.private_key().key_size == 2048
+        client.close()
+        assert names.socket_path(name).parent == rundir and names.socket_path(name).exists()
+    finally:
+        _process.stop(proc, 15)
+    assert not (rundir / names.socket_path(name).name).exists()

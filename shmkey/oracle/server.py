@@ -237,7 +237,7 @@ class Oracle:
         log.info("dropped privileges to %s (uid %d)", pw.pw_name, pw.pw_uid)
 
     def _listen(self) -> None:
-        path = names.socket_path(self.name)
+        path = names.socket_path(self.name, self.opts.config.runtime_dir)
         if path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
