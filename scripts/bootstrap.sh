@@ -17,21 +17,8 @@ PY=${PYTHON:-python3}
 [ -e "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] ||
     APT_PACKAGES+=(python3-dev)
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-        echo "bootstrap: installing ${missing[*]}" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    else
-        echo "bootstrap: please install: ${missing[*]} (apt-get, as root)" >&2
-        exit 1
-    fi
-fi
+. scripts/apt-missing.sh
+install_missing bootstrap "${APT_PACKAGES[@]}"
 
 PIP_FLAGS=(-q --disable-pip-version-check --root-user-action=ignore)
 # Debian's Python refuses pip (externally-managed-environment). This is a

@@ -14,21 +14,8 @@ VENV=${1:-/opt/shmkey}
 PY=${PYTHON:-python3}
 
 APT_PACKAGES=(gcc libssl-dev python3-dev python3-venv)
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-        echo "install: installing ${missing[*]}" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    else
-        echo "install: please install: ${missing[*]} (apt-get, as root)" >&2
-        exit 1
-    fi
-fi
+. "$SRC/scripts/apt-missing.sh"
+install_missing install "${APT_PACKAGES[@]}"
 
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
     { echo "install: shmkey needs Python 3.9 or newer" >&2; exit 1; }
