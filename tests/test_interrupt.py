@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from shmkey import _process
-from shmkey.tools.rig import alive, children
+from shmkey.tools.procfs import alive, children
 
 from .conftest import leaked, ours_in_shm
 from .test_faults import wait_until

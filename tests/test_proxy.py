@@ -26,7 +26,8 @@ from shmkey import names
 from shmkey.tools import loadgen as _loadgen
 from shmkey.tools.backend import Backend, body_for
 from shmkey.tools import certs
-from shmkey.tools.rig import ProxyProcess, alive, children
+from shmkey.tools.procfs import alive, children
+from shmkey.tools.rig import ProxyProcess
 from shmkey.tools.memscan import key_secrets, scan_process
 
 from ._tls import HOST, Serve, curl, free_port, key_material, s_client

@@ -24,6 +24,7 @@ from typing import Iterator, NamedTuple
 import pytest
 
 from shmkey import names
+from shmkey.tools.procfs import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -90,14 +91,6 @@ class QuickStart(NamedTuple):
     def pid(self, what: str) -> int:
         path = self.workdir / f"{what}.pid"
         return int(path.read_text().split()[0]) if path.exists() else 0
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:

@@ -20,44 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .. import _process
 from .backend import Backend
 from .certs import write_key_and_cert
+from .procfs import alive, children, cpu_seconds
 from .loadgen import LoadClients, LoadResult
 
 READY = re.compile(r"proxy ready: (\S+):(\d+) .* key (?:in oracle '([^']+)'(?: \(pid (\d+))?"
                    r"|IN-PROCESS)")
-
-
-def children(pid: int) -> list[int]:
-    """Live child processes of ``pid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process (all its threads) so far; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _is_oracle(pid: int) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 from ... import _process
+from ..procfs import cpu_seconds
 from ..stats import percentile
 from .workloads import Lab, Workload
 
@@ -352,27 +353,21 @@ class LoadMeter:
         return sum(v[:8]) - v[3] - v[4] - steal, steal   # all but idle, iowait, steal
 
     @staticmethod
-    def _own(pids: Sequence[int]) -> int:
-        tck = os.sysconf("SC_CLK_TCK")
-        t = os.times()      # this process and its reaped children (forked clients)
-        ticks = int((t.user + t.system + t.children_user + t.children_system) * tck)
-        for pid in pids:    # the oracles, still running
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])
-            except (OSError, ValueError, IndexError):
-                pass
-        return ticks
+    def _own(pids: Sequence[int]) -> float:
+        """CPU seconds of this process, its reaped children (forked clients)
+        and the oracles still running."""
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system + \
+            sum(cpu_seconds(pid) for pid in pids)
 
     def stop(self, oracle_pids: Sequence[int]) -> dict[str, float]:
         """Average cores used by other processes, and stolen, since start."""
         elapsed = max(1e-9, time.monotonic() - self._t0)
         tck = os.sysconf("SC_CLK_TCK")
         busy, steal = self._system()
-        other = (busy - self._busy0) - (self._own(oracle_pids) - self._own0)
+        other = (busy - self._busy0) / tck - (self._own(oracle_pids) - self._own0)
         return {"elapsed_s": round(elapsed, 1),
-                "other_load_cores": round(max(0.0, other / tck / elapsed), 2),
+                "other_load_cores": round(max(0.0, other / elapsed), 2),
                 "steal_cores": round((steal - self._steal0) / tck / elapsed, 2)}
 
 
