@@ -18,6 +18,10 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c", "prov_decoder.c",
            "prov_keyref.c", "prov_keymgmt.c", "prov_signature.c", "prov_cipher.c",
            "prov_oracle.c"]
+# The Python extension alone also has the sandbox, and so links libseccomp;
+# the OpenSSL module (loaded into nginx, haproxy) keeps its link line as it is.
+EXTENSION_SOURCES = SOURCES + ["sandbox.c"]
+EXTENSION_LIBRARIES = ["seccomp"]
 # The extension and the module use the same flags, so an object file one of
 # them leaves in build/temp is right for the other too.
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
@@ -59,9 +63,9 @@ def make_ffi(extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()
     ffi.set_source(
         "shmkey._native",
         '#include "internal.h"\n',
-        sources=[str(rel / name) for name in SOURCES],
+        sources=[str(rel / name) for name in EXTENSION_SOURCES],
         include_dirs=[str(rel)],
-        libraries=LIBRARIES,
+        libraries=LIBRARIES + EXTENSION_LIBRARIES,
         extra_compile_args=CFLAGS + VERSION_CFLAGS + list(extra_cflags),
         depends=DEPENDS,
         extra_link_args=list(extra_ldflags),

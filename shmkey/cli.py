@@ -84,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds to connect to the backend (5)")
     proxy.add_argument("--drain-timeout", type=float, default=10.0,
                        help="seconds open connections may take to finish on SIGTERM (10)")
+    proxy.add_argument("--max-per-source", type=int, default=100,
+                       help="open connections per worker from one client address (100)")
+    proxy.add_argument("--full-idle-timeout", type=float, default=10.0,
+                       help="while a worker has --max-connections open, the idle timeout (10)")
+    proxy.add_argument("--user", metavar="USER[:GROUP]",
+                       help="run the workers as this user (started as root; required then)")
+    proxy.add_argument("--oracle-user", metavar="USER",
+                       help="run the proxy's key oracle as this user once it has read the key")
+    proxy.add_argument("--allow-root", action="store_true",
+                       help="started as root without --user: let the workers keep uid 0")
+    proxy.add_argument("--allow-shared-user", action="store_true",
+                       help="let --user and --oracle-user be the same uid (not recommended)")
+    proxy.add_argument("--no-sandbox", action="store_true",
+                       help="do not confine the workers (no chroot, no seccomp): benchmarks only")
     proxy.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = sub.add_parser("demo", help="the proxy and the oracle at work on a throwaway key")
@@ -138,12 +152,16 @@ def _proxy(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     limits = Limits(max_connections=args.max_connections,
                     handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
-                    connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout)
+                    connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout,
+                    max_per_source=args.max_per_source,
+                    full_idle_timeout=args.full_idle_timeout)
     opts = ProxyOptions(listen=parse_address(args.listen, "--listen"),
                         backend=parse_address(args.backend, "--backend"),
                         certs=tuple(args.cert), keys=tuple(args.key or ()),
                         oracle=args.oracle, transport=args.transport,
-                        key_mode=args.key_mode, limits=limits)
+                        key_mode=args.key_mode, limits=limits, user=args.user,
+                        oracle_user=args.oracle_user, allow_root=args.allow_root,
+                        allow_shared_user=args.allow_shared_user, sandbox=not args.no_sandbox)
     if args.workers is not None:
         opts.workers = args.workers
     return run_proxy(opts)

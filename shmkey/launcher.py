@@ -45,6 +45,8 @@ class KeyOracle:
         by_name: let other processes ``connect(name)`` to it. The ring always
             has a name; with ``"socketpair"`` this makes the oracle listen on
             its named socket instead of a control socket only this process holds.
+        user: started by root, the user the oracle drops to once it has read
+            the key (``shmkey serve --user``); None keeps root (``--allow-root``).
 
     Raises:
         ConfigError: a setting is invalid (before anything starts).
@@ -57,7 +59,8 @@ class KeyOracle:
                  workers: Optional[int] = None, timeout_ms: Optional[int] = None,
                  spin_us: Optional[int] = None, worker_kind: Optional[str] = None,
                  allow_pkcs1v15_decrypt: bool = False, allow_oaep_decrypt: bool = True,
-                 group: Optional[str] = None, by_name: bool = False) -> None:
+                 group: Optional[str] = None, by_name: bool = False,
+                 user: Optional[str] = None) -> None:
         self.config = Config.load(transport=transport, slots=slots, slot_size=slot_size,
                                   workers=workers, timeout_ms=timeout_ms, spin_us=spin_us,
                                   worker_kind=worker_kind)
@@ -69,6 +72,7 @@ class KeyOracle:
                             ([] if allow_oaep_decrypt else ["--no-oaep-decrypt"])
         self._group = group
         self._by_name = by_name
+        self._user = user
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
@@ -111,7 +115,9 @@ class KeyOracle:
                 *cfg.as_args(), *self._policy_args]
         if self._group is not None:
             args += ["--group", str(self._group)]
-        if os.geteuid() == 0:
+        if self._user is not None:
+            args += ["--user", self._user]
+        elif os.geteuid() == 0:
             args.append("--allow-root")     # we are root already: isolation is by process
         if threading.current_thread() is threading.main_thread():
             # PR_SET_PDEATHSIG fires when the forking *thread* exits, so only the

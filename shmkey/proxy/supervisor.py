@@ -1,11 +1,13 @@
 """``shmkey proxy``: a TLS-terminating TCP proxy whose private key lives in a
 key oracle. A supervisor binds the port, starts (and restarts) the oracle,
-writes the key reference and pre-forks workers (``shmkey._relay``) that
+writes the key reference and pre-forks workers (``proxy.worker``) that
 share the port with SO_REUSEPORT; none of them ever opens the key file.
+Each worker confines itself (``shmkey.sandbox``) before its first accept.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -22,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from .. import _process, openssl
+from .. import _process, names, openssl
 from .._binding import lib
 from .._process import close_inherited_fds
 from ..openssl import keyref
-from .worker import Limits, Worker
+from ..sandbox import Sandbox, User, resolve_user
+from .worker import Limits, Worker, warm_up
 from ..config import env_name
 from ..errors import ConfigError, KeyMismatchError, ShmkeyError
 from ..launcher import KeyOracle
@@ -39,6 +42,11 @@ KEY_MODES = ("oracle", "inprocess")
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 INPROCESS_WARNING = ("*** --key-mode inprocess: the private key is loaded INTO THE NETWORK-FACING "
                      "PROXY WORKERS. No isolation: for benchmarks only. ***")
+ROOT_WARNING = ("*** --allow-root: the network-facing workers keep uid 0 (sandboxed, without "
+                "capabilities, but root owns every root-owned file they can reach); use --user "
+                "USER[:GROUP] ***")
+NO_SANDBOX_WARNING = ("*** --no-sandbox: the workers are not confined (no chroot, no seccomp): "
+                      "for benchmarks and debugging only ***")
 _TICK = 0.2                 # supervisor's look at its oracle and workers, seconds
 _RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)
 _FD_PER_CONNECTION = 2
@@ -73,6 +81,11 @@ class ProxyOptions:
         transport: how the workers reach the oracle (``"shm"``, ``"socketpair"``).
         key_mode: ``"oracle"``, or ``"inprocess"`` (benchmarks only: no isolation).
         limits: connection bounds and timeouts, per worker.
+        user: ``USER[:GROUP]`` the workers run as (the proxy must start as root).
+        oracle_user: the user the proxy's own oracle drops to once it has read the key.
+        allow_root: started as root, let the workers keep uid 0.
+        allow_shared_user: let ``user`` and ``oracle_user`` be one uid.
+        sandbox: confine each worker (``shmkey.sandbox``); off for benchmarks only.
     """
 
     listen: tuple[str, int]
@@ -84,6 +97,11 @@ class ProxyOptions:
     transport: Optional[str] = None
     key_mode: str = "oracle"
     limits: Limits = field(default_factory=Limits)
+    user: Optional[str] = None
+    oracle_user: Optional[str] = None
+    allow_root: bool = False
+    allow_shared_user: bool = False
+    sandbox: bool = True
 
     @property
     def cert(self) -> str:
@@ -116,8 +134,11 @@ class ProxyOptions:
         lim = self.limits
         if lim.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
+        if lim.max_per_source < 1:
+            raise ConfigError("--max-per-source must be at least 1")
         for value, option in ((lim.handshake_timeout, "--handshake-timeout"),
                               (lim.idle_timeout, "--idle-timeout"),
+                              (lim.full_idle_timeout, "--full-idle-timeout"),
                               (lim.connect_timeout, "--connect-timeout")):
             if not value > 0:
                 raise ConfigError(f"{option} must be more than 0 seconds")
@@ -130,6 +151,110 @@ class ProxyOptions:
                 raise ConfigError(f"{what} file {path}: no such file")
             if not os.access(path, os.R_OK):
                 raise ConfigError(f"{what} file {path}: permission denied")
+
+
+@dataclass(frozen=True)
+class Privileges:
+    """Who the proxy's processes run as: ``workers`` (None: the supervisor's
+    user) and ``oracle`` (None: root's ``--allow-root``, or the supervisor's user)."""
+
+    workers: Optional[User]
+    oracle: Optional[User]
+
+    @property
+    def ring_group(self) -> Optional[int]:
+        """The group the oracle's ring and socket are open to: the workers'."""
+        return self.workers.gid if self.workers else None
+
+
+def privileges(opts: ProxyOptions) -> Privileges:
+    """Check ``--user``, ``--oracle-user`` and friends against who we are, and
+    log what the choice means.
+
+    Raises:
+        ConfigError: a refusal, in one line that says what to pass.
+    """
+    euid = os.geteuid()
+    if euid != 0:
+        for given, option in ((opts.user, "--user"), (opts.oracle_user, "--oracle-user")):
+            if given:
+                raise ConfigError(f"{option} needs root: the proxy runs as uid {euid} and cannot "
+                                  "change user; start it as root, or leave out " + option)
+    elif not opts.user and not opts.allow_root:
+        raise ConfigError("refusing to run the network-facing workers as root: pass --user "
+                          "USER[:GROUP] (and --oracle-user USER for the key oracle), or --allow-root")
+    workers = resolve_user(opts.user) if opts.user else None
+    oracle = resolve_user(opts.oracle_user, "--oracle-user") if opts.oracle_user else None
+    if oracle is not None and opts.oracle is not None:
+        raise ConfigError("--oracle-user is for the oracle the proxy starts (--key); "
+                          f"oracle {opts.oracle!r} runs as whoever started it")
+    if workers is not None and workers.uid == 0:
+        raise ConfigError(f"--user {opts.user} is root; pass --allow-root instead")
+    worker_uid = workers.uid if workers else euid
+    oracle_uid = oracle.uid if oracle else euid
+    if opts.keys and opts.key_mode == "oracle" and worker_uid == oracle_uid:
+        if euid == 0 and oracle is not None and not opts.allow_shared_user:
+            raise ConfigError(f"--oracle-user {opts.oracle_user} has the workers' uid "
+                              f"{worker_uid}: a compromised worker could signal the oracle and "
+                              "tamper with its socket; use another user, or --allow-shared-user")
+        if euid != 0 or opts.allow_shared_user:
+            log.warning("the workers and the key oracle run as one user (uid %d): code execution "
+                        "in a worker could read what that user can read (the key file, if it "
+                        "is readable by it) and signal the oracle; start the proxy as root with "
+                        "--user and --oracle-user to separate them", worker_uid)
+    if opts.allow_root and workers is None and euid == 0:
+        log.warning(ROOT_WARNING)
+    if euid == 0 and oracle is None and opts.keys and opts.key_mode == "oracle":
+        log.info("the key oracle runs as root; --oracle-user USER runs it as a user of its own")
+    if not opts.sandbox:
+        log.warning(NO_SANDBOX_WARNING)
+    if workers is not None:
+        _warn_readable_keys(opts.keys, workers)
+    return Privileges(workers, oracle)
+
+
+def _warn_readable_keys(keys: Sequence[str], user: User) -> None:
+    """A key file the workers' user could read defeats separating them."""
+    for path in keys:
+        st = os.stat(path)
+        if st.st_mode & 0o004 or (st.st_mode & 0o040 and st.st_gid == user.gid) or \
+                (st.st_mode & 0o400 and st.st_uid == user.uid):
+            log.warning("key file %s (mode %04o) is readable by the workers' user %s; only "
+                        "the oracle needs it, and it reads it as root: chmod 600 it",
+                        path, st.st_mode & 0o7777, user.name)
+
+
+def worker_sandbox(opts: ProxyOptions, privs: Privileges, root: Optional[Path],
+                   backend: tuple[str, int], pid: int) -> Optional[Sandbox]:
+    """The sandbox each worker (``pid``) enters before its first accept: its
+    user, the root that holds only the oracles' sockets (as root), stream
+    sockets to the backend's family and to the oracle, TCP to the backend's
+    port only. None with ``opts.sandbox`` off.
+    """
+    if not opts.sandbox:
+        return None
+    chroot = root is not None and os.geteuid() == 0
+    family = "inet6" if ":" in backend[0] else "inet"
+    return Sandbox(user=privs.workers, root=str(root) if chroot else None,
+                   families=("unix", family), tcp_port=backend[1],
+                   runtime_dir="/" if chroot else (str(root) if root else None),
+                   log_prefix=f"shmkey-proxy[{pid}] WARNING ")
+
+
+def make_root(privs: Privileges) -> Path:
+    """The workers' root directory: it holds nothing but the oracles' sockets.
+    Owned by the oracle's user, who may create and remove sockets in it;
+    the workers' group may only look them up."""
+    root = Path(tempfile.mkdtemp(prefix="shmkey-proxy-root-"))
+    if os.geteuid() == 0:
+        owner = privs.oracle.uid if privs.oracle else 0
+        group = privs.ring_group if privs.ring_group is not None else 0
+        worker_uid = privs.workers.uid if privs.workers else 0
+        os.chown(root, owner, group)
+        # Sharing the owner's uid, the workers must not write either (seccomp
+        # stops them from chmod-ing it back); the oracle writes as root.
+        os.chmod(root, 0o550 if owner == worker_uid else 0o750)
+    return root
 
 
 def server_context(pairs: Sequence[tuple[str, str]]) -> ssl.SSLContext:
@@ -152,7 +277,8 @@ class _KeySource:
     """Where one generation of workers gets its key: an oracle (owned or not)
     behind a key reference, or the key file itself (inprocess)."""
 
-    def __init__(self, opts: ProxyOptions, workdir: Path, generation: int, base: str) -> None:
+    def __init__(self, opts: ProxyOptions, workdir: Path, generation: int, base: str,
+                 privs: Privileges) -> None:
         self.opts = opts
         self.oracle: Optional[KeyOracle] = None
         self.name = opts.oracle
@@ -165,8 +291,11 @@ class _KeySource:
             return
         if opts.keys:
             self.name = f"{base}.{generation}"
+            group = privs.ring_group
             self.oracle = KeyOracle(list(opts.keys), transport=opts.transport, name=self.name,
-                                    by_name=True, spin_us=_oracle_spin_us())
+                                    by_name=True, spin_us=_oracle_spin_us(),
+                                    group=None if group is None else str(group),
+                                    user=privs.oracle.name if privs.oracle else None)
             self._start_oracle()
         self.pairs = []
         try:
@@ -298,8 +427,7 @@ def _raise_fd_limit(limits: Limits, workers: int) -> Limits:
     if fit < limits.max_connections:
         log.warning("open file limit %d allows %d connections per worker, not %d", soft, fit,
                     limits.max_connections)
-        limits = Limits(max(1, fit), limits.handshake_timeout, limits.idle_timeout,
-                        limits.connect_timeout, limits.drain_timeout)
+        limits = dataclasses.replace(limits, max_connections=max(1, fit))
     return limits
 
 
@@ -320,6 +448,8 @@ class Proxy:
         self.signals: list[int] = []
         self.wake_fd = -1
         self.backend_addr: tuple[str, int] = opts.backend
+        self.privs = Privileges(None, None)
+        self.root: Optional[Path] = None        # the workers' root: the oracles' sockets
 
     # ---- start ----
 
@@ -332,10 +462,12 @@ class Proxy:
         """
         opts = self.opts
         opts.check()
+        self.privs = privileges(opts)
         self.backend_addr = self._resolve_backend()
         self.opts.limits = _raise_fd_limit(opts.limits, opts.workers)
         self.socks = _bind(*opts.listen, opts.workers)
         self.workdir = Path(tempfile.mkdtemp(prefix="shmkey-proxy-"))
+        self.root = self._root()
         if opts.key_mode == "oracle":
             openssl.enable()
         self.source, self.ctx = self._load(1)
@@ -348,6 +480,18 @@ class Proxy:
                  _address(*self.socks[0].getsockname()[:2]), _address(*self.backend_addr),
                  opts.workers, self.source.describe())
 
+    def _root(self) -> Optional[Path]:
+        """Where the oracles' sockets are, which the workers chroot into."""
+        if self.opts.key_mode == "inprocess":
+            return make_root(self.privs)      # empty: no oracle to reach
+        if self.opts.oracle is not None:
+            return names.runtime_dir()        # the running oracle's
+        root = make_root(self.privs)
+        # The oracle listens there, and every side (the supervisor's checks,
+        # the provider in each worker) finds it there: the one place it is looked up.
+        os.environ[env_name("runtime_dir")] = str(root)
+        return root
+
     def _resolve_backend(self) -> tuple[str, int]:
         host, port = self.opts.backend
         try:
@@ -359,7 +503,7 @@ class Proxy:
     def _load(self, generation: int) -> tuple[_KeySource, ssl.SSLContext]:
         """A key source and a context for a generation of workers."""
         assert self.workdir is not None
-        source = _KeySource(self.opts, self.workdir, generation, self.base)
+        source = _KeySource(self.opts, self.workdir, generation, self.base, self.privs)
         try:
             return source, server_context(source.pairs)
         except ssl.SSLError as exc:
@@ -404,8 +548,19 @@ class Proxy:
         # Only this worker's socket: not the others', nor the oracle's lifeline.
         close_inherited_fds({0, 1, 2, sock.fileno()})
         assert self.ctx is not None
-        Worker(sock, self.ctx, self.backend_addr, self.opts.limits,
-               key_in_oracle=self.opts.key_mode == "oracle").serve()
+        worker = Worker(sock, self.ctx, self.backend_addr, self.opts.limits,
+                        key_in_oracle=self.opts.key_mode == "oracle")
+        box = worker_sandbox(self.opts, self.privs, self.root, self.backend_addr, os.getpid())
+        if box is not None:
+            warm_up(self.ctx)
+            applied = box.enter()
+            missing = {"ports", "scoped"} - applied
+            if missing and slot == 0 and self.generation == 1:
+                log.warning("this kernel lacks Landlock's %s: the workers can connect to any "
+                            "TCP port%s", " and ".join(sorted(missing)),
+                            "" if "scoped" not in missing else
+                            ", abstract Unix sockets, and signal their siblings")
+        worker.serve()
 
     # ---- run ----
 
@@ -532,6 +687,9 @@ class Proxy:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+        if self.root is not None and self.opts.oracle is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.root = None
 
 
 def _address(host: str, port: int) -> str:

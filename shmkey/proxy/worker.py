@@ -27,17 +27,60 @@ _READ_SIZE = 65536
 _ACCEPT_BATCH = 32
 _DRAIN_IDLE = 1.0           # while draining, a connection this idle is done
 _KEY_FAILURES = (None, "EVP_LIB")    # what libssl says when the private-key operation failed
+# Warm-up handshakes before the sandbox: one per kind of certificate (TLS 1.2
+# suites pick RSA or ECDSA), and TLS 1.3.
+_WARM_UPS = ((ssl.TLSVersion.TLSv1_3, None), (ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256"),
+             (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256"))
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-worker bounds and timeouts, in connections and seconds."""
+    """Per-worker bounds and timeouts, in connections and seconds.
+
+    ``max_per_source`` caps the connections open from one client address;
+    ``full_idle_timeout`` replaces ``idle_timeout`` while ``max_connections``
+    are open, so that idle connections make room for new ones.
+    """
 
     max_connections: int = 1000
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     connect_timeout: float = 5.0
     drain_timeout: float = 10.0
+    max_per_source: int = 100
+    full_idle_timeout: float = 10.0
+
+
+def warm_up(ctx: ssl.SSLContext) -> int:
+    """Handshakes with itself in memory, before a sandbox: whatever a
+    handshake loads is then loaded, and the provider is connected to each
+    oracle it will sign with. A kind of certificate the context lacks, or an
+    oracle that is down, just fails its handshake; the number that succeeded."""
+    done = 0
+    for version, ciphers in _WARM_UPS:
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
+        client_ctx.minimum_version = client_ctx.maximum_version = version
+        if ciphers:
+            client_ctx.set_ciphers(ciphers)
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        client = client_ctx.wrap_bio(c_in, c_out)
+        server = ctx.wrap_bio(s_in, s_out, server_side=True)
+        try:
+            for _ in range(10):
+                for end, outgoing, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+                    try:
+                        end.do_handshake()
+                    except ssl.SSLWantReadError:
+                        pass
+                    peer_in.write(outgoing.read())
+                if client.version() and server.version():
+                    done += 1
+                    break
+        except ssl.SSLError as exc:
+            log.debug("warm-up handshake (%s, %s): %s", version.name, ciphers, exc.reason or exc)
+    return done
 
 
 class _Client(asyncio.Protocol):
@@ -55,6 +98,7 @@ class _Client(asyncio.Protocol):
         self.client_eof = False
         self.started = self.last = worker.loop.time()
         self.peer = "?"
+        self.source = ""        # the client's address, counted against max_per_source
         self.got_data = False
 
     # ---- the client side ----
@@ -280,6 +324,7 @@ class Worker:
         self.limits = limits
         self.key_in_oracle = key_in_oracle
         self.conns: set[_Client] = set()
+        self.per_source: dict[str, int] = {}
         self.loop = asyncio.new_event_loop()
         self.accepting = False
         self.draining = False
@@ -314,7 +359,7 @@ class Worker:
                 self._accepting(False)
                 return
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -324,9 +369,17 @@ class Worker:
                 self._accepting(False)
                 self.loop.call_later(0.1, self._accepting, True)
                 return
+            source = str(addr[0]) if isinstance(addr, tuple) else ""
+            if self.per_source.get(source, 0) >= self.limits.max_per_source:
+                log.info("%s:%s: %d connections already open from this address; closing",
+                         source, addr[1], self.limits.max_per_source)
+                conn.close()
+                continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client = _Client(self)
+            client.source = source
+            self.per_source[source] = self.per_source.get(source, 0) + 1
             self.conns.add(client)
             self.loop.create_task(self._attach(client, conn))
 
@@ -339,6 +392,10 @@ class Worker:
 
     def forget(self, client: _Client) -> None:
         """A connection ended: make room for another."""
+        if client in self.conns:
+            left = self.per_source.pop(client.source, 1) - 1
+            if left:
+                self.per_source[client.source] = left
         self.conns.discard(client)
         if self.stopped:
             return
@@ -361,7 +418,11 @@ class Worker:
     def _sweep(self) -> None:
         """Close connections that stalled: slow handshakes, idle ones, stuck connects."""
         now, lim = self.loop.time(), self.limits
-        idle = min(lim.idle_timeout, _DRAIN_IDLE) if self.draining else lim.idle_timeout
+        idle = lim.idle_timeout
+        if self.draining:
+            idle = min(idle, _DRAIN_IDLE)
+        elif len(self.conns) >= lim.max_connections:
+            idle = min(idle, lim.full_idle_timeout)     # full: idle ones make room
         for c in list(self.conns):
             if c.state == _HANDSHAKE and now - c.started > lim.handshake_timeout:
                 if c.got_data:
@@ -376,7 +437,8 @@ class Worker:
                 c.close()
             elif now - c.last > idle:
                 if not self.draining:
-                    log.info("%s: idle for %g s; closing", c.peer, lim.idle_timeout)
+                    full = " while the worker is full" if idle < lim.idle_timeout else ""
+                    log.info("%s: idle for %g s%s; closing", c.peer, idle, full)
                 c.close()
         if self.draining and now > self.drain_deadline:
             if self.conns:
