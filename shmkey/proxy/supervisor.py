@@ -208,8 +208,6 @@ def privileges(opts: ProxyOptions) -> Privileges:
         log.info("the key oracle runs as root; --oracle-user USER runs it as a user of its own")
     if not opts.sandbox:
         log.warning(NO_SANDBOX_WARNING)
-    if workers is not None:
-        _warn_readable_keys(opts.keys, workers)
     return Privileges(workers, oracle)
 
 
@@ -461,8 +459,10 @@ class Proxy:
                 what is wrong, in one line; nothing is left running.
         """
         opts = self.opts
-        opts.check()
         self.privs = privileges(opts)
+        opts.check()
+        if self.privs.workers is not None:
+            _warn_readable_keys(opts.keys, self.privs.workers)
         self.backend_addr = self._resolve_backend()
         self.opts.limits = _raise_fd_limit(opts.limits, opts.workers)
         self.socks = _bind(*opts.listen, opts.workers)
@@ -476,6 +476,10 @@ class Proxy:
         self.generation = 1
         for slot in range(opts.workers):
             self._spawn(slot)
+        log.info("workers: %s, %s", self.privs.workers or f"uid {os.geteuid()}",
+                 "not sandboxed" if not opts.sandbox else
+                 f"sandboxed in {self.root}" if os.geteuid() == 0 else
+                 "sandboxed without a root of their own (not started as root)")
         log.info("proxy ready: %s -> %s, %d workers, %s",
                  _address(*self.socks[0].getsockname()[:2]), _address(*self.backend_addr),
                  opts.workers, self.source.describe())

@@ -27,6 +27,17 @@ READY = re.compile(r"proxy ready: (\S+):(\d+) .* key (?:in oracle '([^']+)'(?: \
                    r"|IN-PROCESS)")
 
 
+SANDBOX_ROOT = re.compile(r"INFO workers: .*, sandboxed in (\S+)$")
+
+
+def privilege_args(own_oracle: bool = True) -> list[str]:
+    """How an operator starts ``shmkey proxy`` as root: workers as nobody, an
+    oracle of its own as daemon. Nothing when not root (it runs as is)."""
+    if os.geteuid() != 0:
+        return []
+    return ["--user", "nobody"] + (["--oracle-user", "daemon"] if own_oracle else [])
+
+
 def _is_oracle(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -107,6 +118,14 @@ class ProxyProcess:
         """Pids of the worker processes."""
         return [p for p in children(self.pid) if not _is_oracle(p)]
 
+    def root_dir(self) -> Optional[Path]:
+        """The workers' root directory (their chroot), as the log names it."""
+        for line in self.lines:
+            match = SANDBOX_ROOT.search(line)
+            if match:
+                return Path(match.group(1))
+        return None
+
     def oracles(self) -> list[int]:
         """Pids of the oracles the proxy owns (one, or two during a reload)."""
         return [p for p in children(self.pid) if _is_oracle(p)]
@@ -163,13 +182,15 @@ class ProxyRig:
         proxies: label (see :data:`MODES`) to running proxy.
     """
 
-    def __init__(self, workers: int, loaders: int = 2, modes: Sequence[str] = tuple(MODES)) -> None:
+    def __init__(self, workers: int, loaders: int = 2, modes: Sequence[str] = tuple(MODES),
+                 extra: Sequence[str] = ()) -> None:
 
         self._tmp = tempfile.TemporaryDirectory(prefix="shmkey-rig-")
         self.dir = Path(self._tmp.name)
         self.key: rsa.RSAPrivateKey
         self.key, self.key_path, self.cert_path = write_key_and_cert(self.dir)
         self.workers, self.loaders, self.modes = workers, loaders, list(modes)
+        self.extra = list(extra)        # more options for every proxy
         self.backend = Backend()
         self.proxies: dict[str, ProxyProcess] = {}
         self.clients: Optional[LoadClients] = None
@@ -182,7 +203,8 @@ class ProxyRig:
                 self.proxies[label] = ProxyProcess(
                     ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{self.backend.port}",
                      "--cert", str(self.cert_path), "--key", str(self.key_path),
-                     "--workers", str(self.workers), *MODES[label]], wait=False)
+                     "--workers", str(self.workers), *privilege_args(), *MODES[label],
+                     *self.extra], wait=False)
             for proxy in self.proxies.values():
                 proxy.wait_ready()
             self.clients = LoadClients(self.loaders)
