@@ -22,8 +22,9 @@ MAY_IMPORT = {
     "client": CORE,
     "launcher": CORE | {"client"},
     "openssl": CORE | {"client"},
-    "proxy": CORE | {"client", "openssl", "launcher"},
-    "tools": CORE | {"client", "openssl", "launcher", "proxy", "tools", "__init__"},
+    "sandbox": CORE,
+    "proxy": CORE | {"client", "openssl", "launcher", "sandbox"},
+    "tools": CORE | {"client", "openssl", "launcher", "proxy", "sandbox", "tools", "__init__"},
 }
 
 
