@@ -7,8 +7,11 @@ The load generator is not the proxy: a pool of Python client processes
 request each, every response checked; or, with ``--client s_time``, parallel
 ``openssl s_time -new -tls1_3 -www /``. Modes are interleaved round by round,
 and the ratio to in-process is taken per round, then the median of those.
+``--compare sandbox`` instead puts the ring with sandboxed workers beside the
+ring with ``--no-sandbox`` (the ratio is to the latter): what the sandbox costs.
 
     PYTHONPATH=. python3 bench/proxy_handshakes.py --seconds 3 --rounds 5 --workers 2
+    PYTHONPATH=. python3 bench/proxy_handshakes.py --compare sandbox
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shmkey.tools.rig import MODES, ProxyRig
+from shmkey.tools.rig import MODES, SANDBOX_MODES, ProxyRig
 
 
 def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[float, float]:
@@ -50,13 +53,17 @@ def main() -> int:
     parser.add_argument("--loaders", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=16, help="connections at once, in all")
     parser.add_argument("--client", choices=["python", "s_time"], default="python")
+    parser.add_argument("--compare", choices=["key", "sandbox"], default="key",
+                        help="key: in-process, socketpair, shm; sandbox: shm with and without it")
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {label: [] for label in MODES}
-    cpu: dict[str, list[float]] = {label: [] for label in MODES}
+    modes = list(MODES) if args.compare == "key" else list(SANDBOX_MODES)
+    base_label = "in-process" if args.compare == "key" else "shm, --no-sandbox"
+    rates: dict[str, list[float]] = {label: [] for label in modes}
+    cpu: dict[str, list[float]] = {label: [] for label in modes}
     failed = 0
-    with ProxyRig(args.workers, loaders=args.loaders) as rig:
+    with ProxyRig(args.workers, loaders=args.loaders, modes=modes) as rig:
         for r in range(args.rounds):
-            for label in MODES:
+            for label in modes if r % 2 == 0 else reversed(modes):
                 if args.client == "s_time":
                     rate, ms = s_time(rig, label, args.seconds, args.concurrency)
                     cpu[label].append(ms)
@@ -71,13 +78,13 @@ def main() -> int:
               else "parallel openssl s_time") + f", {args.concurrency} connections at once"
     print(f"\nFull TLS 1.3 handshakes/s through shmkey proxy, {args.workers} workers; {client}; "
           f"{args.rounds} rounds of {args.seconds} s; {failed} failed\n")
-    print("| key | handshakes/s median (min-max) | vs in-process, median of rounds (min-max) "
-          "| proxy+oracle CPU ms per handshake | handshakes per CPU-second vs in-process |")
+    print(f"| mode | handshakes/s median (min-max) | vs {base_label}, median of rounds (min-max) "
+          f"| proxy+oracle CPU ms per handshake | handshakes per CPU-second vs {base_label} |")
     print("|---|---|---|---|---|")
-    for label in MODES:
-        ratios = [a / b for a, b in zip(rates[label], rates["in-process"])]
+    for label in modes:
+        ratios = [a / b for a, b in zip(rates[label], rates[base_label])]
         ms = statistics.median(cpu[label]) if cpu[label] else float("nan")
-        base = statistics.median(cpu["in-process"]) if cpu["in-process"] else float("nan")
+        base = statistics.median(cpu[base_label]) if cpu[base_label] else float("nan")
         print(f"| {label} | {statistics.median(rates[label]):.0f} ({min(rates[label]):.0f}-"
               f"{max(rates[label]):.0f}) | {statistics.median(ratios):.3f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | {ms:.3f} | {base / ms:.3f}x |")

@@ -170,6 +170,13 @@ MODES: dict[str, list[str]] = {
     "oracle socketpair": ["--transport", "socketpair"],
     "oracle shm": ["--transport", "shm"],
 }
+# What the workers' sandbox costs: the same oracle over the ring, workers
+# confined (as root, the default) or not.
+SANDBOX_MODES: dict[str, list[str]] = {
+    "shm, sandboxed": ["--transport", "shm"],
+    "shm, --no-sandbox": ["--transport", "shm", "--no-sandbox"],
+}
+_ALL_MODES = {**MODES, **SANDBOX_MODES}
 
 
 class ProxyRig:
@@ -179,7 +186,7 @@ class ProxyRig:
     Attributes:
         key: the throwaway private key (to know what a memory scan looks for).
         cert_path: its certificate, which clients trust.
-        proxies: label (see :data:`MODES`) to running proxy.
+        proxies: label (see :data:`MODES`, :data:`SANDBOX_MODES`) to running proxy.
     """
 
     def __init__(self, workers: int, loaders: int = 2, modes: Sequence[str] = tuple(MODES),
@@ -203,7 +210,7 @@ class ProxyRig:
                 self.proxies[label] = ProxyProcess(
                     ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{self.backend.port}",
                      "--cert", str(self.cert_path), "--key", str(self.key_path),
-                     "--workers", str(self.workers), *privilege_args(), *MODES[label],
+                     "--workers", str(self.workers), *privilege_args(), *_ALL_MODES[label],
                      *self.extra], wait=False)
             for proxy in self.proxies.values():
                 proxy.wait_ready()
