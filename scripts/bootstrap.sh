@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 
 # Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
 # (nginx, haproxy: the OpenSSL provider tests serve TLS from them; strace: the
-# proxy test that only the oracle opens the key file).
-APT_PACKAGES=(gcc libssl-dev openssl curl procps util-linux binutils clang libclang-rt-14-dev
-              nginx haproxy strace)
+# proxy test that only the oracle opens the key file). libseccomp-dev: the
+# workers' seccomp filter, built into the extension.
+APT_PACKAGES=(gcc libssl-dev libseccomp-dev openssl curl procps util-linux binutils clang
+              libclang-rt-14-dev nginx haproxy strace)
 PY=${PYTHON:-python3}
 # Debian's own Python brings pip and its headers as packages.
 "$PY" -m pip --version >/dev/null 2>&1 || APT_PACKAGES+=(python3-pip)

@@ -28,7 +28,7 @@ from .. import _process, names, openssl
 from .._binding import lib
 from .._process import close_inherited_fds
 from ..openssl import keyref
-from ..sandbox import Sandbox, User, resolve_user
+from ..sandbox import Sandbox, User, check_root, resolve_user
 from .worker import Limits, Worker, warm_up
 from ..config import env_name
 from ..errors import ConfigError, KeyMismatchError, ShmkeyError
@@ -237,6 +237,15 @@ def worker_sandbox(opts: ProxyOptions, privs: Privileges, root: Optional[Path],
                    families=("unix", family), tcp_port=backend[1],
                    runtime_dir="/" if chroot else (str(root) if root else None),
                    log_prefix=f"shmkey-proxy[{pid}] WARNING ")
+
+
+def _searchable(directory: Path, user: Optional[User]) -> bool:
+    """Whether ``user`` (None: root without capabilities) may look names up in it."""
+    st = directory.stat()
+    uid, gid = (user.uid, user.gid) if user else (0, 0)
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o100)
+    return bool(st.st_mode & (0o010 if st.st_gid == gid else 0o001))
 
 
 def make_root(privs: Privileges) -> Path:
@@ -489,7 +498,15 @@ class Proxy:
         if self.opts.key_mode == "inprocess":
             return make_root(self.privs)      # empty: no oracle to reach
         if self.opts.oracle is not None:
-            return names.runtime_dir()        # the running oracle's
+            root = names.runtime_dir()        # the running oracle's sockets
+            if self.opts.sandbox and os.geteuid() == 0:
+                check_root(str(root), self.privs.workers)
+                if not _searchable(root, self.privs.workers):
+                    log.warning("the workers cannot look up sockets in %s: they keep the "
+                                "connection made before their sandbox, but cannot reconnect if "
+                                "oracle %r restarts; point SHMKEY_RUNTIME_DIR of both at a "
+                                "directory they may search but not write", root, self.opts.oracle)
+            return root
         root = make_root(self.privs)
         # The oracle listens there, and every side (the supervisor's checks,
         # the provider in each worker) finds it there: the one place it is looked up.
@@ -558,12 +575,8 @@ class Proxy:
         if box is not None:
             warm_up(self.ctx)
             applied = box.enter()
-            missing = {"ports", "scoped"} - applied
-            if missing and slot == 0 and self.generation == 1:
-                log.warning("this kernel lacks Landlock's %s: the workers can connect to any "
-                            "TCP port%s", " and ".join(sorted(missing)),
-                            "" if "scoped" not in missing else
-                            ", abstract Unix sockets, and signal their siblings")
+            if slot == 0 and self.generation == 1:
+                _log_missing(applied)
         worker.serve()
 
     # ---- run ----
@@ -694,6 +707,16 @@ class Proxy:
         if self.root is not None and self.opts.oracle is None:
             shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
+
+
+def _log_missing(applied: frozenset[str]) -> None:
+    """Once: what this kernel could not confine (Landlock is Linux 6.7+ for ports, 6.12+ for scopes)."""
+    if "ports" not in applied:
+        log.warning("this kernel has no Landlock network rules: the workers may connect to any "
+                    "TCP port, not only the backend's")
+    if "scoped" not in applied:
+        log.warning("this kernel has no Landlock scopes: the workers may reach abstract Unix "
+                    "sockets and signal one another")
 
 
 def _address(host: str, port: int) -> str:
