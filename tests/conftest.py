@@ -1,15 +1,16 @@
 """Shared fixtures: keys made by the system ``openssl`` (so no test process
 generates private keys itself), oracles per transport, and a check that the
-suite leaves nothing of ours in /dev/shm.
+suite leaves nothing of ours in /dev/shm; running a job in a forked child.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -129,3 +130,30 @@ def python_child(code: str, **kw: object) -> subprocess.Popen:
     """Run ``code`` in a fresh interpreter that imports this checkout of shmkey."""
     env = dict(os.environ)
     return subprocess.Popen([sys.executable, "-c", code], env=env, **kw)  # type: ignore[call-overload]
+
+
+def in_child(job: Callable[[], Any]) -> Any:
+    """``job()`` in a forked child (which may confine itself for good); what it
+    returned, as JSON carries it.
+
+    Raises:
+        AssertionError: the child raised, or did not exit cleanly.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            out = {"ok": job()}
+        except BaseException as exc:        # reported to the test, which fails on it
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    result = json.loads(data)
+    assert "error" not in result, result["error"]
+    return result["ok"]

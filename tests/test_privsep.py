@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
-import json
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from shmkey.tools.procfs import alive, children
 from shmkey.tools.rig import ProxyProcess
 
 from ._tls import HOST, curl, free_port, key_material, s_client
+from .conftest import in_child
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
@@ -230,27 +230,6 @@ def _attacks(key_path: Path, oracle: int, sibling: int, other_port: int, sandbox
     return results
 
 
-def _in_child(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``job`` in a forked child; its result, or its error."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            out = job()
-        except BaseException as exc:        # reported to the test, which fails on it
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, status
-    result: dict[str, Any] = json.loads(data)
-    return result
-
-
 @pytest.mark.parametrize("transport", ["socketpair", "shm"])
 def test_code_execution_in_the_workers_sandbox(material: SimpleNamespace, backend: Backend,
                                                proxies: list[ProxyProcess], tmp_path: Path,
@@ -287,8 +266,7 @@ def test_code_execution_in_the_workers_sandbox(material: SimpleNamespace, backen
         return {"applied": applied, "attacks": attacks, "tls": warm_up(ctx),
                 "uid": os.getuid(), "why": shmkey.openssl.last_error()}
 
-    out = _in_child(confined)
-    assert "error" not in out, out
+    out = in_child(confined)
     assert out["applied"] == ["chroot", "logged", "ports", "scoped", "seccomp", "user"]
     assert out["uid"] == NOBODY
     assert out["attacks"] == {
@@ -305,7 +283,7 @@ def test_code_execution_in_the_workers_sandbox(material: SimpleNamespace, backen
     }, out
     assert out["tls"] == 2, out      # TLS 1.3 and TLS 1.2 with the RSA certificate
     # Unconfined, as root (the old workers): the same code gets everything.
-    control = _in_child(lambda: {"attacks": _attacks(material.key, oracle, sibling, proxy.port,
+    control = in_child(lambda: {"attacks": _attacks(material.key, oracle, sibling, proxy.port,
                                                      sandboxed=False)})
     assert set(control["attacks"].values()) == {"succeeded"}, control
     assert proxy.stop() == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import mmap
 import os
 import signal
@@ -22,26 +21,7 @@ import pytest
 from shmkey import sandbox
 from shmkey.errors import ConfigError, ShmkeyError
 
-
-def _in_child(job: Callable[[], Any]) -> Any:
-    """``job()`` in a forked child (which the sandbox may confine for good)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            out = {"ok": job()}
-        except BaseException as exc:        # reported to the test, which fails on it
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    result = json.loads(data)
-    assert "error" not in result, result["error"]
-    return result["ok"]
+from .conftest import in_child
 
 
 def _errno(action: Callable[[], object]) -> str:
@@ -84,7 +64,7 @@ def test_unprivileged_sandbox_filters_calls() -> None:
             "chmod": _errno(lambda: os.chmod("/tmp", 0o777)),
         }
 
-    out = _in_child(job)
+    out = in_child(job)
     assert out.pop("applied") == ["logged", "ports", "scoped", "seccomp"]
     assert (out.pop("seccomp"), out.pop("nnp")) == ("2", "1")
     assert out == {
@@ -113,7 +93,7 @@ def test_tcp_port_is_the_only_one(tmp_path: Path) -> None:
                 "other": _errno(lambda: to(other.getsockname()[1]))}
 
     try:
-        assert _in_child(job) == {"allowed": "ok", "other": "EACCES"}
+        assert in_child(job) == {"allowed": "ok", "other": "EACCES"}
     finally:
         allowed.close()
         other.close()
@@ -162,4 +142,4 @@ def test_threads_are_refused() -> None:
             t.join()
         return "entered"
 
-    assert "before starting threads" in _in_child(job)
+    assert "before starting threads" in in_child(job)
