@@ -480,6 +480,13 @@ class Proxy:
         if opts.key_mode == "oracle":
             openssl.enable()
         self.source, self.ctx = self._load(1)
+        if opts.oracle is not None and opts.sandbox and os.geteuid() == 0:
+            assert self.root is not None
+            if not _searchable(self.root, self.privs.workers):
+                log.warning("the workers cannot look up sockets in %s: they keep the connection "
+                            "made before their sandbox, but cannot reconnect if oracle %r "
+                            "restarts; point SHMKEY_RUNTIME_DIR of both at a directory they may "
+                            "search but not write", self.root, opts.oracle)
         if opts.key_mode == "inprocess":
             log.warning(INPROCESS_WARNING)
         self.generation = 1
@@ -501,11 +508,6 @@ class Proxy:
             root = names.runtime_dir()        # the running oracle's sockets
             if self.opts.sandbox and os.geteuid() == 0:
                 check_root(str(root), self.privs.workers)
-                if not _searchable(root, self.privs.workers):
-                    log.warning("the workers cannot look up sockets in %s: they keep the "
-                                "connection made before their sandbox, but cannot reconnect if "
-                                "oracle %r restarts; point SHMKEY_RUNTIME_DIR of both at a "
-                                "directory they may search but not write", root, self.opts.oracle)
             return root
         root = make_root(self.privs)
         # The oracle listens there, and every side (the supervisor's checks,
