@@ -31,9 +31,9 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives import hashes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _softhsm import LABEL, MODULE, PIN, SoftHSM  # noqa: E402
+from _softhsm import LABEL, MODULE, PIN, SoftHSM
 
-from shmkey.tools.stats import percentile  # noqa: E402
+from shmkey.tools.stats import percentile
 
 DIGEST = hashes.Hash(hashes.SHA256())
 DIGEST.update(b"bench")
