@@ -436,8 +436,12 @@ class TokenRSAKey(_TokenHeld, rsa.RSAPrivateKey):
             what = "PKCS#1 v1.5 signing"
         elif isinstance(padding, apad.PSS) and isinstance(padding._mgf, apad.MGF1):
             salt = padding._salt_length
-            if not isinstance(salt, int):
-                raise InvalidArgumentError("token PSS needs an explicit salt length")
+            if salt is apad.PSS.DIGEST_LENGTH:
+                salt = alg.digest_size
+            elif salt is apad.PSS.MAX_LENGTH:
+                salt = _wire.pss_max_salt(self.key_size, alg.digest_size)
+            elif not isinstance(salt, int):
+                raise InvalidArgumentError("PSS salt length AUTO is for verifying only")
             hash_mech, _ = _hash_mechanisms(alg.name)
             _, mgf = _hash_mechanisms(padding._mgf._algorithm.name)
             message, mech, param = digest, pkcs11.Mechanism.RSA_PKCS_PSS, (hash_mech, mgf, salt)
