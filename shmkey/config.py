@@ -78,7 +78,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_kind", "SHMKEY_WORKER_KIND", "auto",
             "Workers as threads (cryptography releases the GIL for RSA and ECDSA) or "
             "processes (needed for Ed25519, which holds it); auto picks processes "
-            "when an Ed25519 key is loaded.", choices=("auto", "thread", "process")),
+            "when an Ed25519 key or a PKCS#11 token key is loaded.", choices=("auto", "thread", "process")),
     Setting("timeout_ms", "SHMKEY_TIMEOUT_MS", 5000,
             "How long a client waits for a slot and a reply before giving up.",
             low=1, high=600000),
