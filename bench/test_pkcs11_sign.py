@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import padding as apad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _softhsm import PIN, SoftHSM, available  # noqa: E402
+from _softhsm import PIN, SoftHSM, available
 
-import shmkey  # noqa: E402
-from shmkey.oracle import pkcs11 as token_keys  # noqa: E402
-from shmkey.tools.stats import percentile  # noqa: E402
+import shmkey
+from shmkey.oracle import pkcs11 as token_keys
+from shmkey.tools.stats import percentile
 
 P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 MESSAGE = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00" + bytes(range(32))
@@ -76,6 +76,7 @@ class P11KitRemote:
         return out
 
     def stop(self) -> None:
+        os.environ.pop("P11_KIT_SERVER_ADDRESS", None)
         self.proc.terminate()
         self.proc.wait(10)
 
@@ -85,8 +86,6 @@ def lab() -> Iterator[dict[str, dict[str, Any]]]:
     """mode -> label -> a key object with cryptography's sign()."""
     with tempfile.TemporaryDirectory() as tmp, SoftHSM(Path(tmp)) as token:
         uris = [token.keys[label].uri() for label in ("tls-rsa", "tls-ec")]
-        from cryptography.hazmat.primitives import serialization
-
         files = {label: serialization.load_pem_private_key(token.keys[label].key_file.read_bytes(),
                                                             None)
                  for label in ("tls-rsa", "tls-ec")}
@@ -125,7 +124,7 @@ def verify_all(modes: dict[str, dict[str, Any]]) -> None:
     """Each mode's signature checks out against the file key's public half."""
     for op, (label, sign) in OPS.items():
         public = modes["file in-process"][label].public_key()
-        for mode, keys in modes.items():
+        for keys in modes.values():
             sig = sign(keys[label])
             if label == "tls-rsa":
                 pad = PSS if "PSS" in op else apad.PKCS1v15()

@@ -360,7 +360,7 @@ def test_python_ssl_handshake_with_token_key(refs: dict[str, Path], token: SoftH
 def _dual_nginx_conf(directory: Path, port: int, token: SoftHSM, refs: dict[str, Path]) -> Path:
     conf = NGINX_CONF.format(user="user nobody nogroup;" if RUN_AS_ROOT else "", dir=directory,
                              port=port, cert=token.keys["tls-rsa"].cert, keyref=refs["tls-rsa"])
-    conf = conf.replace("daemon off;\n", "daemon off;\n", 1).replace(
+    conf = conf.replace(
         f"ssl_certificate_key {refs['tls-rsa']};",
         f"ssl_certificate_key {refs['tls-rsa']};\n"
         f"        ssl_certificate {token.keys['tls-ec'].cert};\n"
@@ -397,7 +397,11 @@ def test_nginx_two_workers_and_reload(refs: dict[str, Path], token: SoftHSM, ope
             _both_certificates(port, token)
         subprocess.run(["nginx", "-c", str(conf), "-e", str(tmp_path / "error.log"), "-s",
                         "reload"], env=env, check=True, timeout=30)
-        time.sleep(1.0)         # the old workers finish; the new ones sign
+        log = tmp_path / "error.log"
+        deadline = time.monotonic() + 15       # until the new workers run
+        while log.read_text().count("start worker process") < 4:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
         for _ in range(3):
             _both_certificates(port, token)
     log = (tmp_path / "error.log").read_text()
