@@ -45,6 +45,7 @@ const char *shmkey_strerror(int status)
     case SHMKEY_ENOKEY: return "no such key in the oracle";
     case SHMKEY_EINTERNAL: return "the key oracle's crypto library failed";
     case SHMKEY_EACCESS: return "permission denied";
+    case SHMKEY_ETOKEN: return "the key's token is unavailable";
     default: return "unknown shmkey status";
     }
 }

@@ -18,6 +18,9 @@
 
 #include "shmkey.h"
 
+/* The last SHMKEY_E* status (shmkey.h): where C range checks over them end. */
+#define SHMKEY_ELAST SHMKEY_ETOKEN
+
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "ctl packs state in the low word that futex waits on");
 _Static_assert(sizeof(struct shmkey_ring_hdr) == 64, "header is one cache line");

@@ -25,6 +25,7 @@
 #define SHMKEY_ENOKEY -10       /* no key with that index */
 #define SHMKEY_EINTERNAL -11    /* the crypto library failed */
 #define SHMKEY_EACCESS -12      /* permission denied on a ring object or socket */
+#define SHMKEY_ETOKEN -13       /* the key's PKCS#11 token failed or is absent; the oracle re-opens it */
 
 /* ---- operations and their parameters ---------------------------------- */
 #define SHMKEY_OP_PING 1        /* echo the payload; answered by the C worker loop */

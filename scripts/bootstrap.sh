@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 # workers' seccomp filter, built into the extension.
 APT_PACKAGES=(gcc libssl-dev libseccomp-dev openssl curl procps util-linux binutils clang
               libclang-rt-14-dev nginx haproxy strace)
+# PKCS#11 key sources: a software token to test against, and OpenSC's pkcs11-tool.
+APT_PACKAGES+=(softhsm2 opensc p11-kit)
 PY=${PYTHON:-python3}
 # Debian's own Python brings pip and its headers as packages.
 "$PY" -m pip --version >/dev/null 2>&1 || APT_PACKAGES+=(python3-pip)
@@ -29,4 +31,4 @@ if "$PY" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
     PIP_FLAGS+=(--break-system-packages)
 fi
-"$PY" -m pip install "${PIP_FLAGS[@]}" -e '.[test]'
+"$PY" -m pip install "${PIP_FLAGS[@]}" -e '.[test,pkcs11]'

@@ -13,7 +13,8 @@ from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsol
                      KeyLoadError, KeyMismatchError, KeyReferenceError, LibcryptoMismatchError,
                      OracleAccessError, OracleInternalError, OracleTimeoutError,
                      OracleUnavailableError, PolicyError, ProtocolError, ShmkeyError,
-                     StaleBuildError, SystemCallError, UnsupportedOperationError)
+                     StaleBuildError, SystemCallError, TokenUnavailableError,
+                     UnsupportedOperationError)
 from .launcher import KeyOracle
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "KeyLoadError", "KeyMismatchError", "KeyOracle", "KeyReferenceError", "LibcryptoMismatchError",
     "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleInternalError",
     "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError", "ProtocolError",
-    "ShmkeyError", "StaleBuildError", "SystemCallError", "UnsupportedOperationError", "connect",
+    "ShmkeyError", "StaleBuildError", "SystemCallError", "TokenUnavailableError",
+    "UnsupportedOperationError", "connect",
     "key_id",
 ]

@@ -12,7 +12,8 @@ from ._native import ffi, lib
 from ._version import __version__
 from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleInternalError,
                      OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
-                     ShmkeyError, StaleBuildError, SystemCallError, UnsupportedOperationError)
+                     ShmkeyError, StaleBuildError, SystemCallError, TokenUnavailableError,
+                     UnsupportedOperationError)
 
 __all__ = ["check_build", "ensure", "ffi", "lib", "raise_for_status"]
 
@@ -60,6 +61,7 @@ _STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
     lib.SHMKEY_ENOKEY: InvalidArgumentError,
     lib.SHMKEY_EINTERNAL: OracleInternalError,
     lib.SHMKEY_EACCESS: OracleAccessError,
+    lib.SHMKEY_ETOKEN: TokenUnavailableError,
 }
 
 

@@ -39,7 +39,7 @@ def key_id(public_key: object) -> bytes:
     return h.finalize()
 
 
-def _digest(algorithm: Union[hashes.HashAlgorithm, Prehashed], data: bytes) -> tuple[hashes.HashAlgorithm, bytes]:
+def digest_for(algorithm: Union[hashes.HashAlgorithm, Prehashed], data: bytes) -> tuple[hashes.HashAlgorithm, bytes]:
     """(hash, digest): hash the data here, or check a prehashed digest's length."""
     if isinstance(algorithm, Prehashed):
         hash_alg = algorithm._algorithm
@@ -81,7 +81,7 @@ def encode_sign(padding: apad.AsymmetricPadding,
         InvalidArgumentError: wrong digest length, impossible salt length.
         UnsupportedOperationError: padding or hash the oracle does not offer.
     """
-    hash_alg, digest = _digest(algorithm, data)
+    hash_alg, digest = digest_for(algorithm, data)
     code = hash_code(hash_alg, "signature")
     if code not in SIGN_HASHES:
         raise UnsupportedOperationError(f"signing with {hash_alg.name} is not supported")
@@ -116,7 +116,7 @@ def encode_ecdsa(signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
         raise UnsupportedOperationError("only ECDSA signatures are offered for EC keys")
     if getattr(signature_algorithm, "deterministic_signing", False):
         raise UnsupportedOperationError("deterministic ECDSA (RFC 6979) is not offered")
-    hash_alg, digest = _digest(signature_algorithm.algorithm, data)
+    hash_alg, digest = digest_for(signature_algorithm.algorithm, data)
     code = hash_code(hash_alg, "signature")
     if code not in SIGN_HASHES:
         raise UnsupportedOperationError(f"signing with {hash_alg.name} is not supported")

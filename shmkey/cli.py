@@ -10,11 +10,12 @@ Each command imports its module when it runs, so that the key process
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Optional, Sequence
 
-from . import config, names
+from . import _p11uri, config, names
 from ._binding import ffi, lib
 from ._version import __version__
 from .errors import ShmkeyError
@@ -41,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a key oracle in the foreground")
     serve.add_argument("--key", required=True, action="append",
-                       help="PEM private key file (RSA, EC P-256/P-384, Ed25519); repeat for several")
+                       help="PEM private key file (RSA, EC P-256/P-384, Ed25519), or a PKCS#11 "
+                            "URI 'pkcs11:token=T;object=O?pin-source=file:/path' "
+                            "(docs/pkcs11.md); repeat for several")
     serve.add_argument("--name", help="name clients connect to (default: random, logged)")
     serve.add_argument("--password-stdin", action="store_true",
                        help="read the key's password from standard input")
@@ -54,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-oaep-decrypt", action="store_true", help="refuse OAEP decryption")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--secrets-stdin", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd", "--parent-pid"):
         serve.add_argument(hidden, type=int, default=-1, help=argparse.SUPPRESS)
     _add_settings(serve)
@@ -130,13 +134,27 @@ def _serve(args: argparse.Namespace) -> int:
     from .oracle.handler import Policy
     from .oracle.server import ServeOptions, serve
 
+    hid_pins = _p11uri.hide_pins_in_cmdline() if any(
+        _p11uri.is_uri(k) and "pin-value" in k.lower() for k in args.key) else False
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="shmkey[%(process)d] %(levelname)s %(message)s")
+    if hid_pins:
+        logging.getLogger("shmkey.oracle").warning(
+            "a PIN was given on the command line (pin-value=); it is now hidden from ps, but "
+            "was readable by every local user until start-up: use pin-source=file:")
     overrides = {s.field: getattr(args, s.field) for s in config.SETTINGS}
     cfg = config.Config.load(**overrides)
     password = sys.stdin.buffer.read().rstrip(b"\r\n") if args.password_stdin else None
+    keys = list(args.key)
+    if args.secrets_stdin:
+        # From KeyOracle: a password and the PINs taken out of its URIs, never argv.
+        secrets = json.loads(sys.stdin.buffer.read())
+        if secrets.get("password") is not None:
+            password = secrets["password"].encode("latin-1")
+        for index, pin in secrets.get("pins", {}).items():
+            keys[int(index)] = _p11uri.with_pin(keys[int(index)], pin)
     opts = ServeOptions(
-        key_paths=args.key, name=args.name and names.check_name(args.name), config=cfg,
+        key_paths=keys, name=args.name and names.check_name(args.name), config=cfg,
         policy=Policy(allow_oaep_decrypt=not args.no_oaep_decrypt,
                       allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
         password=password, group=args.group, socket_fd=args.socket_fd,

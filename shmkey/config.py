@@ -25,11 +25,12 @@ class Setting:
     high: int = 0
     choices: tuple[str, ...] = ()
     path: bool = False
+    file: bool = False          # with path: a file, not a directory
 
     def valid(self) -> str:
         """Describe the valid values, for errors and README."""
         if self.path:
-            return "an absolute directory path"
+            return "an absolute file path" if self.file else "an absolute directory path"
         if self.choices:
             return " or ".join(self.choices)
         return f"{self.low} to {self.high}"
@@ -77,7 +78,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_kind", "SHMKEY_WORKER_KIND", "auto",
             "Workers as threads (cryptography releases the GIL for RSA and ECDSA) or "
             "processes (needed for Ed25519, which holds it); auto picks processes "
-            "when an Ed25519 key is loaded.", choices=("auto", "thread", "process")),
+            "when an Ed25519 key or a PKCS#11 token key is loaded.", choices=("auto", "thread", "process")),
     Setting("timeout_ms", "SHMKEY_TIMEOUT_MS", 5000,
             "How long a client waits for a slot and a reply before giving up.",
             low=1, high=600000),
@@ -91,6 +92,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory of named socket oracles. Default: a private 0700 directory "
             "($XDG_RUNTIME_DIR/shmkey or /tmp/shmkey-UID). Set it (to a directory no "
             "group or other may write) to share an oracle across users.", path=True),
+    Setting("pkcs11_module", "SHMKEY_PKCS11_MODULE", "",
+            "PKCS#11 module (.so) for key URIs without module-path= "
+            "(pkcs11:token=...;object=...); read by the oracle only.", path=True, file=True),
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
@@ -109,6 +113,7 @@ class Config:
     spin_us: int
     start_timeout_ms: int
     runtime_dir: str
+    pkcs11_module: str
 
     @classmethod
     def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: object) -> Config:
@@ -158,6 +163,7 @@ def markdown_table() -> str:
     """README's table of settings, rendered from :data:`SETTINGS`."""
     rows = ["| variable | default | valid | what it does |", "|---|---|---|---|"]
     for s in SETTINGS:
-        default = {"workers": "CPU count (max 16)", "runtime_dir": "(private)"}.get(s.field, s.default)
+        default = {"workers": "CPU count (max 16)", "runtime_dir": "(private)",
+                   "pkcs11_module": "(none)"}.get(s.field, s.default)
         rows.append(f"| `{s.env}` | `{default}` | {s.valid()} | {s.help} |")
     return "\n".join(rows)

@@ -46,6 +46,12 @@ class OracleAccessError(ShmkeyError, builtins.PermissionError):
     """Permission denied on the oracle's ring or socket."""
 
 
+class TokenUnavailableError(ShmkeyError):
+    """The oracle runs, but the PKCS#11 token holding the key failed or is
+    absent. The oracle re-opens its session on the next request, so a later
+    one may succeed."""
+
+
 class ProtocolError(ShmkeyError):
     """A malformed request or reply crossed the transport."""
 

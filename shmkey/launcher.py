@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence, Union
 
-from . import _process, names
+from . import _p11uri, _process, names
 from .client import OracleClient
 from .client.keys import AnyOracleKey
 from .config import Config
@@ -32,8 +32,9 @@ class KeyOracle:
     """A key process owned by this one; a context manager.
 
     Args:
-        key_path: PEM private key (RSA >= 2048, EC P-256/P-384, Ed25519), or
-            several for one oracle; opened only by the oracle process.
+        key_path: PEM private key (RSA >= 2048, EC P-256/P-384, Ed25519), or a
+            PKCS#11 URI (``pkcs11:token=...;object=...``), or several of
+            either for one oracle; opened only by the oracle process.
         transport: ``"shm"`` (default) or ``"socketpair"``; overrides
             ``SHMKEY_TRANSPORT``. Likewise ``slots``, ``slot_size``,
             ``workers``, ``timeout_ms``, ``spin_us``.
@@ -66,7 +67,10 @@ class KeyOracle:
                                   worker_kind=worker_kind)
         self.name = names.check_name(name) if name else names.random_name()
         paths = [key_path] if isinstance(key_path, (str, os.PathLike)) else list(key_path)
-        self._key_paths = [os.fspath(p) for p in paths]
+        # A PIN in a PKCS#11 URI goes to the oracle over a pipe, like the password.
+        split = [_p11uri.without_pin(os.fspath(p)) for p in paths]
+        self._key_paths = [source for source, _ in split]
+        self._pins = {i: pin for i, (_, pin) in enumerate(split) if pin is not None}
         self._password = password
         self._policy_args = (["--allow-pkcs1v15-decrypt"] if allow_pkcs1v15_decrypt else []) + \
                             ([] if allow_oaep_decrypt else ["--no-oaep-decrypt"])
@@ -128,12 +132,13 @@ class KeyOracle:
             ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             args += ["--socket-fd", str(ctl_child.fileno())]
             pass_fds.append(ctl_child.fileno())
-        if self._password is not None:
-            args.append("--password-stdin")
+        secrets = self._password is not None or bool(self._pins)
+        if secrets:
+            args.append("--secrets-stdin")
         try:
             # A session of its own: a terminal's Ctrl-C goes to us, and we stop it.
             self._proc = subprocess.Popen(args, pass_fds=pass_fds, start_new_session=True,
-                                          stdin=subprocess.PIPE if self._password else None)
+                                          stdin=subprocess.PIPE if secrets else None)
         finally:
             os.close(status_w)
             os.close(life_r)
@@ -141,9 +146,10 @@ class KeyOracle:
                 ctl_child.close()
         self._lifeline = life_w
         try:
-            if self._password is not None:
+            if secrets:
                 assert self._proc.stdin is not None
-                self._proc.stdin.write(self._password)
+                password = None if self._password is None else self._password.decode("latin-1")
+                self._proc.stdin.write(json.dumps({"password": password, "pins": self._pins}).encode())
                 self._proc.stdin.close()
             info = self._await_ready(status_r, cfg.start_timeout_ms / 1000)
             self._created = True

@@ -1,6 +1,7 @@
-"""The key process's request handler: loads private keys, then turns each
-request (already copied out of shared memory and checked by C) into a
-signature or plaintext under the policy. The math is ``cryptography``'s.
+"""The key process's request handler: loads private keys (PEM files, or
+PKCS#11 URIs through :mod:`.pkcs11`), then turns each request (already copied
+out of shared memory and checked by C) into a signature or plaintext under
+the policy. The math is ``cryptography``'s, or the token's.
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Optional, Union
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .. import _wire
+from .. import _p11uri, _wire
 from .._binding import lib
-from ..errors import KeyLoadError
+from ..errors import (InvalidArgumentError, KeyLoadError, ShmkeyError, TokenUnavailableError,
+                      UnsupportedOperationError)
+from . import pkcs11
 
 log = logging.getLogger("shmkey.oracle")
 
@@ -36,12 +39,23 @@ PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed2551
 _CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 
-def load_key(path: str, password: Optional[bytes]) -> PrivateKey:
-    """Read and parse one PEM key; the raw bytes are wiped after parsing.
+def load_key(path: str, password: Optional[bytes], pkcs11_module: str = "") -> PrivateKey:
+    """Read and parse one PEM key (the raw bytes are wiped after parsing), or
+    open the token key a PKCS#11 URI names.
+
+    Args:
+        path: a PEM file, or a ``pkcs11:`` URI (RFC 7512).
+        password: for an encrypted PEM file.
+        pkcs11_module: the PKCS#11 module for URIs without ``module-path``.
 
     Raises:
-        KeyLoadError: unreadable file, wrong password, unsupported type or size.
+        KeyLoadError: unreadable file, wrong password, unsupported type or
+            size; for a URI, the module, token, PIN or key failed.
+        ConfigError: a malformed URI or PIN file.
     """
+    if _p11uri.is_uri(path):
+        token_key: PrivateKey = pkcs11.load(path, pkcs11_module)
+        return _checked(token_key, _p11uri.parse(path).redacted())
     try:
         with open(path, "rb") as f:
             raw = bytearray(f.read())
@@ -53,6 +67,11 @@ def load_key(path: str, password: Optional[bytes]) -> PrivateKey:
         raise KeyLoadError(f"cannot load key from {path}: {exc}") from None
     finally:
         raw[:] = bytes(len(raw))
+    return _checked(key, path)  # type: ignore[arg-type]
+
+
+def _checked(key: PrivateKey, path: str) -> PrivateKey:
+    """The key, if shmkey serves its type and size."""
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < _MIN_RSA_BITS:
             raise KeyLoadError(f"{path} is RSA-{key.key_size}; at least {_MIN_RSA_BITS} bits needed")
@@ -63,6 +82,28 @@ def load_key(path: str, password: Optional[bytes]) -> PrivateKey:
         raise KeyLoadError(f"{path} holds a {type(key).__name__}; RSA, EC (P-256, P-384) "
                            "and Ed25519 keys are supported")
     return key
+
+
+def needs_worker_process(key: PrivateKey) -> bool:
+    """Whether a key wants worker processes rather than threads: an Ed25519
+    file key (its signing holds the GIL) or any token key (a PKCS#11 module is
+    entered by one thread at a time, so processes give the parallelism)."""
+    return isinstance(key, (ed25519.Ed25519PrivateKey, pkcs11.TokenRSAKey, pkcs11.TokenECKey))
+
+
+_ERROR_STATUS: tuple[tuple[type[ShmkeyError], str], ...] = (
+    (TokenUnavailableError, "SHMKEY_ETOKEN"),
+    (UnsupportedOperationError, "SHMKEY_EUNSUPPORTED"),
+    (InvalidArgumentError, "SHMKEY_EINVAL"),
+)
+
+
+def _status_of(exc: ShmkeyError) -> int:
+    """The reply status of an error a key raised (a token key's, mostly)."""
+    for cls, name in _ERROR_STATUS:
+        if isinstance(exc, cls):
+            return int(getattr(lib, name))
+    return int(lib.SHMKEY_EINTERNAL)
 
 
 class Handler:
@@ -119,6 +160,8 @@ class Handler:
             if op == lib.SHMKEY_OP_PUBKEY:
                 return lib.SHMKEY_OK, der
             return lib.SHMKEY_EUNSUPPORTED, f"unknown operation {op}".encode()
+        except ShmkeyError as exc:      # a token key's typed refusal or failure
+            return _status_of(exc), str(exc).encode()
         except Exception as exc:  # the oracle must outlive any single request
             log.warning("request op=%d failed: %s", op, type(exc).__name__)
             return lib.SHMKEY_EINTERNAL, type(exc).__name__.encode()
@@ -152,6 +195,8 @@ class Handler:
             padding = _wire.oaep(p, payload[nbytes:])
         try:
             return lib.SHMKEY_OK, key.decrypt(payload[:nbytes], padding)
+        except InvalidArgumentError:
+            raise           # a token refused the parameters: not a padding failure
         except ValueError:
             # Same status, same (empty) reason for every failure: no padding oracle.
             return lib.SHMKEY_EDECRYPT, b""

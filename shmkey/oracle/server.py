@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .. import _process, names
 from .._binding import ffi, lib, raise_for_status
 from .._process import close_inherited_fds
 from ..config import Config, env_name
 from ..errors import ConfigError, ShmkeyError
-from .handler import Handler, Policy, PrivateKey, load_key
+from .handler import Handler, Policy, PrivateKey, load_key, needs_worker_process
 
 log = logging.getLogger("shmkey.oracle")
 
@@ -115,7 +115,7 @@ class Oracle:
     def start(self) -> None:
         """Load the keys, open the transport and start the workers."""
         opts = self.opts
-        keys = [load_key(path, opts.password) for path in opts.key_paths]
+        keys = [load_key(path, opts.password, opts.config.pkcs11_module) for path in opts.key_paths]
         if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
             log.info("could not lock the keys in memory (mlockall: %s); they may be swapped",
                      os.strerror(ffi.errno))
@@ -165,8 +165,7 @@ class Oracle:
         self._handler = handler
         kind = cfg.worker_kind
         if kind == "auto":
-            kind = "process" if any(isinstance(k, ed25519.Ed25519PrivateKey) for k in keys) \
-                else "thread"
+            kind = "process" if any(needs_worker_process(k) for k in keys) else "thread"
         for i in range(cfg.workers):
             if kind == "process":
                 self._worker_pids.append(self._fork_worker())
