@@ -7,6 +7,8 @@
  *
  * The steps run in titus's order (chroot, then groups, gid, uid) and the
  * filter comes last, so that the steps themselves need no allowance in it.
+ * In two halves, so that a process may start its threads in between: they
+ * inherit what the first half set, and the second covers them too.
  */
 #include "internal.h"
 
@@ -397,13 +399,21 @@ static int sk_become(int64_t uid, int64_t gid, char *why, uint32_t whylen)
     return SHMKEY_OK;
 }
 
+/* Set by shmkey_sandbox_confine, for shmkey_sandbox_seal. */
+static int sk_confined;
+static uint32_t sk_families;
+
 /*
- * Enter the sandbox; see shmkey.h. On failure the process is half-confined:
- * the caller must exit rather than go on serving.
+ * The first half of the sandbox; see shmkey.h. Everything here is either
+ * process-wide (root, rlimits, dumpable) or per thread and inherited by the
+ * threads created afterwards (credentials, capabilities, NO_NEW_PRIVS,
+ * Landlock), which is why the process must still have one thread. On
+ * failure the process is half-confined: the caller must exit rather than go
+ * on serving.
  */
-int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t families,
-                         int32_t tcp_port, const char *prefix, uint32_t *applied,
-                         char *why, uint32_t whylen)
+int shmkey_sandbox_confine(const char *root, int64_t uid, int64_t gid, uint32_t families,
+                           int32_t tcp_port, const char *prefix, uint32_t *applied,
+                           char *why, uint32_t whylen)
 {
     struct rlimit zero = {0, 0};
     uint32_t done = 0;
@@ -418,8 +428,12 @@ int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t fa
         SK_WHY("invalid sandbox parameters");
         return SHMKEY_EINVAL;
     }
+    if (sk_confined) {
+        SK_WHY("this process is already confined");
+        return SHMKEY_EINVAL;
+    }
     if (sk_threads() > 1) {
-        /* Landlock and the uid change would hold for this thread only. */
+        /* Landlock and the capabilities would hold for this thread only. */
         SK_WHY("enter the sandbox before starting threads (this process has %d)", sk_threads());
         return SHMKEY_EINVAL;
     }
@@ -438,14 +452,41 @@ int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t fa
     if (uid >= 0)
         done |= SHMKEY_SANDBOX_USER;
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 ||
-        setrlimit(RLIMIT_NPROC, &zero) != 0 || setrlimit(RLIMIT_CORE, &zero) != 0) {
+        setrlimit(RLIMIT_CORE, &zero) != 0) {
         SK_WHY("prctl or setrlimit: %s", strerror(errno));
         return SHMKEY_ESYSTEM;
     }
     if ((rc = sk_landlock(tcp_port, &done, why, whylen)) != SHMKEY_OK)
         return rc;
-    if ((rc = sk_load_filter(families, why, whylen)) != SHMKEY_OK)
+    sk_confined = 1;
+    sk_families = families;
+    *applied = done;
+    return SHMKEY_OK;
+}
+
+/*
+ * The second half; see shmkey.h. RLIMIT_NPROC 0 (it counts threads too:
+ * none can be created from now on, nor a process) and the filter, which
+ * TSYNC installs in every thread at once.
+ */
+int shmkey_sandbox_seal(uint32_t *applied, char *why, uint32_t whylen)
+{
+    struct rlimit zero = {0, 0};
+    int rc;
+
+    if (!why || whylen == 0 || !applied)
+        return SHMKEY_EINVAL;
+    why[0] = '\0';
+    if (!sk_confined) {
+        SK_WHY("seal a sandbox only after confining the process");
+        return SHMKEY_EINVAL;
+    }
+    if (setrlimit(RLIMIT_NPROC, &zero) != 0) {
+        SK_WHY("setrlimit(RLIMIT_NPROC): %s", strerror(errno));
+        return SHMKEY_ESYSTEM;
+    }
+    if ((rc = sk_load_filter(sk_families, why, whylen)) != SHMKEY_OK)
         return rc;
-    *applied = done | SHMKEY_SANDBOX_SECCOMP | (SK_CAN_TRAP ? SHMKEY_SANDBOX_LOGGED : 0);
+    *applied |= SHMKEY_SANDBOX_SECCOMP | (SK_CAN_TRAP ? SHMKEY_SANDBOX_LOGGED : 0);
     return SHMKEY_OK;
 }

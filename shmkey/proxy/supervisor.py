@@ -50,6 +50,7 @@ NO_SANDBOX_WARNING = ("*** --no-sandbox: the workers are not confined (no chroot
 _TICK = 0.2                 # supervisor's look at its oracle and workers, seconds
 _RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)
 _FD_PER_CONNECTION = 2
+_MAX_HANDSHAKE_THREADS = 64
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -136,6 +137,9 @@ class ProxyOptions:
             raise ConfigError("--max-connections must be at least 1")
         if lim.max_per_source < 1:
             raise ConfigError("--max-per-source must be at least 1")
+        if not 0 <= lim.handshake_threads <= _MAX_HANDSHAKE_THREADS:
+            raise ConfigError(f"--handshake-threads {lim.handshake_threads}: use 0 to "
+                              f"{_MAX_HANDSHAKE_THREADS}")
         for value, option in ((lim.handshake_timeout, "--handshake-timeout"),
                               (lim.idle_timeout, "--idle-timeout"),
                               (lim.full_idle_timeout, "--full-idle-timeout"),
@@ -574,9 +578,12 @@ class Proxy:
         worker = Worker(sock, self.ctx, self.backend_addr, self.opts.limits,
                         key_in_oracle=self.opts.key_mode == "oracle")
         box = worker_sandbox(self.opts, self.privs, self.root, self.backend_addr, os.getpid())
-        if box is not None:
+        if box is None:
+            worker.start_threads()
+        else:
             warm_up(self.ctx)
-            applied = box.enter()
+            # Halfway into the sandbox: the threads inherit it, and the filter covers them.
+            applied = box.enter(start_threads=worker.start_threads)
             if slot == 0 and self.generation == 1:
                 _log_missing(applied)
         worker.serve()
