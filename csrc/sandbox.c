@@ -27,6 +27,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <termios.h>
@@ -178,18 +179,40 @@ static const char *const allowed_calls[] = {
 static const unsigned long allowed_ioctls[] = {FIONBIO, FIONREAD, FIOCLEX, FIONCLEX,
                                                TCGETS, TIOCGWINSZ};
 
-static int sk_rule(scmp_filter_ctx f, const char *name, unsigned n, const struct scmp_arg_cmp *a,
-                   char *why, uint32_t whylen)
+static int sk_rule_act(scmp_filter_ctx f, uint32_t action, const char *name, unsigned n,
+                       const struct scmp_arg_cmp *a, char *why, uint32_t whylen)
 {
     int nr = seccomp_syscall_resolve_name(name);
     if (nr == __NR_SCMP_ERROR)
         return SHMKEY_OK;               /* not a call of this architecture */
-    int rc = seccomp_rule_add_array(f, SCMP_ACT_ALLOW, nr, n, a);
+    int rc = seccomp_rule_add_array(f, action, nr, n, a);
     if (rc != 0) {
         SK_WHY("seccomp rule for %s: %s", name, strerror(-rc));
         return SHMKEY_ESYSTEM;
     }
     return SHMKEY_OK;
+}
+
+static int sk_rule(scmp_filter_ctx f, const char *name, unsigned n, const struct scmp_arg_cmp *a,
+                   char *why, uint32_t whylen)
+{
+    return sk_rule_act(f, SCMP_ACT_ALLOW, name, n, a, why, whylen);
+}
+
+/*
+ * No new threads, refused without a signal: pthread_create blocks every
+ * signal around clone, and a trapped call with SIGSYS blocked kills the
+ * process. clone3 hides its flags from the filter, so it is "not
+ * implemented" and libc falls back to clone, whose CLONE_THREAD is visible.
+ * fork (clone without it) stays trapped: denied, and logged.
+ */
+static int sk_thread_rules(scmp_filter_ctx f, char *why, uint32_t whylen)
+{
+    struct scmp_arg_cmp thread = SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_THREAD, CLONE_THREAD);
+    int rc = sk_rule_act(f, SCMP_ACT_ERRNO(ENOSYS), "clone3", 0, NULL, why, whylen);
+    if (rc == SHMKEY_OK)
+        rc = sk_rule_act(f, SCMP_ACT_ERRNO(EAGAIN), "clone", 1, &thread, why, whylen);
+    return rc;
 }
 
 static int sk_socket_rules(scmp_filter_ctx f, uint32_t families, char *why, uint32_t whylen)
@@ -267,6 +290,8 @@ static int sk_load_filter(uint32_t families, char *why, uint32_t whylen)
         status = sk_rule(f, "getrlimit", 0, NULL, why, whylen);
     if (!status)
         status = sk_socket_rules(f, families, why, whylen);
+    if (!status)
+        status = sk_thread_rules(f, why, whylen);
     if (!status && (rc = seccomp_load(f)) != 0) {
         SK_WHY("seccomp_load: %s", strerror(-rc));
         status = SHMKEY_ESYSTEM;

@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument("--handshake-threads", type=int, default=4,
                        help="threads per worker for handshake steps, so that one waiting for "
                             "the key oracle stops no other connection; 0: on the loop (4)")
+    proxy.add_argument("--oracle-timeout", type=float, default=3.0,
+                       help="seconds the proxy's own oracle may leave its health pings "
+                            "unanswered before it is killed and replaced (3)")
     proxy.add_argument("--user", metavar="USER[:GROUP]",
                        help="run the workers as this user (started as root; required then)")
     proxy.add_argument("--oracle-user", metavar="USER",
@@ -166,7 +169,8 @@ def _proxy(args: argparse.Namespace) -> int:
                         oracle=args.oracle, transport=args.transport,
                         key_mode=args.key_mode, limits=limits, user=args.user,
                         oracle_user=args.oracle_user, allow_root=args.allow_root,
-                        allow_shared_user=args.allow_shared_user, sandbox=not args.no_sandbox)
+                        allow_shared_user=args.allow_shared_user, sandbox=not args.no_sandbox,
+                        oracle_timeout=args.oracle_timeout)
     if args.workers is not None:
         opts.workers = args.workers
     return run_proxy(opts)
