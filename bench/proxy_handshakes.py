@@ -9,9 +9,12 @@ request each, every response checked; or, with ``--client s_time``, parallel
 and the ratio to in-process is taken per round, then the median of those.
 ``--compare sandbox`` instead puts the ring with sandboxed workers beside the
 ring with ``--no-sandbox`` (the ratio is to the latter): what the sandbox costs.
+``--compare threads`` puts the ring with handshake steps on each worker's loop
+(``--handshake-threads 0``) beside the default threads and the key in-process.
 
     PYTHONPATH=. python3 bench/proxy_handshakes.py --seconds 3 --rounds 5 --workers 2
     PYTHONPATH=. python3 bench/proxy_handshakes.py --compare sandbox
+    PYTHONPATH=. python3 bench/proxy_handshakes.py --compare threads --workers 1
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shmkey.tools.rig import MODES, SANDBOX_MODES, ProxyRig
+from shmkey.tools.rig import MODES, SANDBOX_MODES, THREAD_MODES, ProxyRig
 
 
 def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[float, float]:
@@ -53,11 +56,12 @@ def main() -> int:
     parser.add_argument("--loaders", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=16, help="connections at once, in all")
     parser.add_argument("--client", choices=["python", "s_time"], default="python")
-    parser.add_argument("--compare", choices=["key", "sandbox"], default="key",
-                        help="key: in-process, socketpair, shm; sandbox: shm with and without it")
+    parser.add_argument("--compare", choices=["key", "sandbox", "threads"], default="key",
+                        help="key: in-process, socketpair, shm; sandbox: shm with and without "
+                             "it; threads: shm with handshake steps on the loop or in threads")
     args = parser.parse_args()
-    modes = list(MODES) if args.compare == "key" else list(SANDBOX_MODES)
-    base_label = "in-process" if args.compare == "key" else "shm, --no-sandbox"
+    modes = list({"key": MODES, "sandbox": SANDBOX_MODES, "threads": THREAD_MODES}[args.compare])
+    base_label = "shm, --no-sandbox" if args.compare == "sandbox" else "in-process"
     rates: dict[str, list[float]] = {label: [] for label in modes}
     cpu: dict[str, list[float]] = {label: [] for label in modes}
     p99: dict[str, list[float]] = {label: [] for label in modes}

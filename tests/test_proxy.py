@@ -374,11 +374,25 @@ def _resources(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
-def _settled(pid: int, want: tuple[int, int], timeout: float = 5.0) -> tuple[int, int]:
-    deadline = time.monotonic() + timeout
-    while _resources(pid) != want and time.monotonic() < deadline:
+def _quiet(pid: int) -> tuple[int, int]:
+    """A worker's resources once the last connection's descriptors are closed
+    (the same for a quarter of a second)."""
+    seen, deadline = [_resources(pid)], time.monotonic() + 5
+    while (len(seen) < 5 or len(set(seen[-5:])) > 1) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return _resources(pid)
+        seen.append(_resources(pid))
+    return seen[-1]
+
+
+def _settled(pid: int, idle: tuple[int, int], timeout: float = 5.0) -> bool:
+    """Whether the worker is back to no more descriptors and threads than when idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fds, threads = _resources(pid)
+        if fds <= idle[0] and threads == idle[1]:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_stopped_oracle_stops_no_other_connection(start) -> None:
@@ -388,7 +402,7 @@ def test_stopped_oracle_stops_no_other_connection(start) -> None:
     proxy = start("--workers", "1", "--oracle-timeout", "60")
     (worker,) = proxy.workers()
     proxy.get("/warm")
-    idle = _resources(worker)
+    idle = _quiet(worker)
     assert idle[1] == 1 + 4, idle                 # the loop and the default 4 handshake threads
     keep = _Keepalive(proxy)
     assert keep.ask("/before")[0] == body_for("/before")
@@ -418,7 +432,7 @@ def test_stopped_oracle_stops_no_other_connection(start) -> None:
     assert keep.ask("/after")[0] == body_for("/after")
     keep.close()
     # Nothing left over: descriptors and threads as when idle, the oracle the same one.
-    assert _settled(worker, idle) == idle
+    assert _settled(worker, idle), (_resources(worker), idle)
     assert proxy.oracles() == [proxy.oracle_pid]
     result = asyncio.run(_loadgen.run("127.0.0.1", proxy.port, proxy.ctx(), concurrency=4,
                                       count=40))
@@ -444,7 +458,7 @@ def test_handshake_timeout_includes_the_wait_for_the_key(start) -> None:
     proxy = start("--workers", "1", "--oracle-timeout", "60", "--handshake-timeout", "2")
     (worker,) = proxy.workers()
     proxy.get("/warm")
-    idle = _resources(worker)
+    idle = _quiet(worker)
     assert proxy.oracle_pid is not None
     _stop_oracle(proxy.oracle_pid)
     try:
@@ -460,7 +474,7 @@ def test_handshake_timeout_includes_the_wait_for_the_key(start) -> None:
     assert 1.5 < waiting.took < 3.5, waiting.took
     proxy.wait_for(re.compile(r"handshake failed: the key oracle could not sign: timed out"))
     proxy.get("/after")
-    assert _settled(worker, idle) == idle
+    assert _settled(worker, idle), (_resources(worker), idle)
     assert proxy.workers() == [worker]
 
 

@@ -20,6 +20,9 @@ log = logging.getLogger("shmkey.proxy")
 
 # What libssl says when the private-key operation failed: then the provider knows why.
 _KEY_FAILURES = (None, "EVP_LIB")
+# RFC 8446, 4.1.3: a HelloRetryRequest is a ServerHello with this random.
+_HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+_RANDOM = slice(11, 43)     # after the record header (5), handshake header (4), version (2)
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,16 @@ class Step:
         error: why it failed, if it did.
         key_error: the provider's reason, when the failure was the key's.
         output: bytes for the client: the server's flight, or its alert.
+        keyless: ``output`` is the server's first flight (its ServerHello,
+            not a HelloRetryRequest): whatever it signed is signed, and the
+            steps left need no key.
     """
 
     done: bool
     error: Optional[ssl.SSLError]
     key_error: Optional[str]
     output: bytes
+    keyless: bool = False
 
 
 def run_step(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, deadline: Optional[float]) -> Step:
@@ -51,12 +58,23 @@ def run_step(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, deadline: Optional[flo
     try:
         tls.do_handshake()
     except ssl.SSLWantReadError:
-        return Step(False, None, None, outgoing.read())
+        output = outgoing.read()
+        return Step(False, None, None, output, _first_flight(output))
     except ssl.SSLError as exc:
         # The provider's reason is this thread's: ask here, before its next step.
         why = shmkey_openssl.last_error() if exc.reason in _KEY_FAILURES else None
         return Step(False, exc, why, outgoing.read())
-    return Step(True, None, None, outgoing.read())
+    return Step(True, None, None, outgoing.read(), True)
+
+
+def _first_flight(output: bytes) -> bool:
+    """Whether a server's output opens with a ServerHello record that is not a
+    HelloRetryRequest (after which the client sends a new ClientHello, and
+    the server signs in its next step). OpenSSL writes the whole flight at
+    once: the ServerHello in a record of its own, and, in the same call,
+    the signed part (TLS 1.3: CertificateVerify; 1.2: ServerKeyExchange)."""
+    return len(output) >= _RANDOM.stop and output[0] == 0x16 and output[5] == 0x02 \
+        and output[_RANDOM] != _HRR_RANDOM
 
 
 _Job = tuple[ssl.SSLObject, ssl.MemoryBIO, Optional[float], Callable[[Step], None]]

@@ -110,6 +110,7 @@ class _Client(asyncio.Protocol):
         self.got_data = False
         self.stepping = False   # a handshake step in a thread owns tls and the BIOs
         self.held: list[bytes] = []     # what came meanwhile
+        self.keyless = False    # the server's first flight is out: no step left needs the key
 
     # ---- the client side ----
 
@@ -169,9 +170,9 @@ class _Client(asyncio.Protocol):
             self.transport.write(data)
 
     def _handshake(self) -> None:
-        """The next step, in a thread of the pool if there is one."""
+        """The next step: in a thread of the pool if there is one and the step may need the key."""
         deadline = self.started + self.w.limits.handshake_timeout
-        if self.w.pool is None:
+        if self.w.pool is None or self.keyless:
             self._step_done(run_step(self.tls, self.outgoing, deadline))
             return
         self.stepping = True
@@ -181,6 +182,7 @@ class _Client(asyncio.Protocol):
         self.stepping = False
         if self.state == _CLOSED or self.transport is None or self.transport.is_closing():
             return              # gone meanwhile: the step's result is for nobody
+        self.keyless = self.keyless or step.keyless
         if step.output:
             self.transport.write(step.output)   # the flight, or the alert: the client learns why
         if step.error is not None:
