@@ -9,9 +9,12 @@ request each, every response checked; or, with ``--client s_time``, parallel
 and the ratio to in-process is taken per round, then the median of those.
 ``--compare sandbox`` instead puts the ring with sandboxed workers beside the
 ring with ``--no-sandbox`` (the ratio is to the latter): what the sandbox costs.
+``--compare threads`` puts the ring with handshake steps on each worker's loop
+(``--handshake-threads 0``) beside the default threads and the key in-process.
 
     PYTHONPATH=. python3 bench/proxy_handshakes.py --seconds 3 --rounds 5 --workers 2
     PYTHONPATH=. python3 bench/proxy_handshakes.py --compare sandbox
+    PYTHONPATH=. python3 bench/proxy_handshakes.py --compare threads --workers 1
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shmkey.tools.rig import MODES, SANDBOX_MODES, ProxyRig
+from shmkey.tools.rig import MODES, SANDBOX_MODES, THREAD_MODES, ProxyRig
 
 
 def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[float, float]:
@@ -53,13 +56,15 @@ def main() -> int:
     parser.add_argument("--loaders", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=16, help="connections at once, in all")
     parser.add_argument("--client", choices=["python", "s_time"], default="python")
-    parser.add_argument("--compare", choices=["key", "sandbox"], default="key",
-                        help="key: in-process, socketpair, shm; sandbox: shm with and without it")
+    parser.add_argument("--compare", choices=["key", "sandbox", "threads"], default="key",
+                        help="key: in-process, socketpair, shm; sandbox: shm with and without "
+                             "it; threads: shm with handshake steps on the loop or in threads")
     args = parser.parse_args()
-    modes = list(MODES) if args.compare == "key" else list(SANDBOX_MODES)
-    base_label = "in-process" if args.compare == "key" else "shm, --no-sandbox"
+    modes = list({"key": MODES, "sandbox": SANDBOX_MODES, "threads": THREAD_MODES}[args.compare])
+    base_label = "shm, --no-sandbox" if args.compare == "sandbox" else "in-process"
     rates: dict[str, list[float]] = {label: [] for label in modes}
     cpu: dict[str, list[float]] = {label: [] for label in modes}
+    p99: dict[str, list[float]] = {label: [] for label in modes}
     failed = 0
     with ProxyRig(args.workers, loaders=args.loaders, modes=modes) as rig:
         for r in range(args.rounds):
@@ -72,6 +77,7 @@ def main() -> int:
                                          seconds=args.seconds)
                     rate, failed = result.rate, failed + result.failed
                     cpu[label].append(result.cpu_per_request * 1e3)
+                    p99[label].append(result.handshake_ms(99))
                 rates[label].append(rate)
                 print(f"round {r + 1}: {label}: {rate:.0f}/s", file=sys.stderr, flush=True)
     client = (f"{args.loaders} Python client processes" if args.client == "python"
@@ -79,15 +85,20 @@ def main() -> int:
     print(f"\nFull TLS 1.3 handshakes/s through shmkey proxy, {args.workers} workers; {client}; "
           f"{args.rounds} rounds of {args.seconds} s; {failed} failed\n")
     print(f"| mode | handshakes/s median (min-max) | vs {base_label}, median of rounds (min-max) "
-          f"| proxy+oracle CPU ms per handshake | handshakes per CPU-second vs {base_label} |")
-    print("|---|---|---|---|---|")
+          f"| proxy+oracle CPU ms per handshake | handshakes per CPU-second vs {base_label} "
+          f"| p99 handshake ms, median of rounds | p99 vs {base_label} |")
+    print("|---|---|---|---|---|---|---|")
     for label in modes:
         ratios = [a / b for a, b in zip(rates[label], rates[base_label])]
         ms = statistics.median(cpu[label]) if cpu[label] else float("nan")
         base = statistics.median(cpu[base_label]) if cpu[base_label] else float("nan")
+        tail = statistics.median(p99[label]) if p99[label] else float("nan")
+        tail_ratios = [a / b for a, b in zip(p99[label], p99[base_label])]
+        tail_ratio = statistics.median(tail_ratios) if tail_ratios else float("nan")
         print(f"| {label} | {statistics.median(rates[label]):.0f} ({min(rates[label]):.0f}-"
               f"{max(rates[label]):.0f}) | {statistics.median(ratios):.3f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) | {ms:.3f} | {base / ms:.3f}x |")
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {ms:.3f} | {base / ms:.3f}x "
+              f"| {tail:.2f} | {tail_ratio:.2f}x |")
     return 0 if failed == 0 else 1
 
 

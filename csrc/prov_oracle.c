@@ -264,10 +264,16 @@ int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],
     for (int attempt = 0;; attempt++) {
         struct sk_conn *c;
         int fresh;
+        uint32_t wait_ms = sk_wait_ms(pc);
+        if (wait_ms == 0) {
+            rc = SHMKEY_ETIMEDOUT;
+            snprintf(why, sizeof(why), "this thread's deadline has passed");
+            break;
+        }
         rc = sk_conn_get(pc, o, &c, &fresh, why, sizeof(why));
         if (rc != SHMKEY_OK)
             break;
-        rc = shmkey_call(c->client, &req, in, out, cap, &resp, pc->timeout_ms);
+        rc = shmkey_call(c->client, &req, in, out, cap, &resp, wait_ms);
         int dead = (rc == SHMKEY_EUNAVAIL);
         sk_conn_put(pc, o, c, dead);
         if (!(dead && !fresh && attempt == 0))

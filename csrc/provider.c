@@ -41,6 +41,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/core_names.h>
 #include <openssl/err.h>
@@ -415,6 +416,34 @@ int shmkey_openssl_last_error(char *buf, uint32_t cap)
         return SHMKEY_EINVAL;
     snprintf(buf, cap, "%s", sk_last_error);
     return SHMKEY_OK;
+}
+
+/* The end of this thread's calls to oracles, CLOCK_MONOTONIC ns; 0: none. */
+static __thread uint64_t sk_deadline_ns;
+
+/*
+ * Set (0: clear) a deadline for this thread's calls to oracles: a caller
+ * with a total budget (a handshake with a timeout) waits no longer than it,
+ * and one past it fails at once, with the usual error, sending nothing.
+ */
+int shmkey_openssl_set_deadline(uint64_t deadline_ns)
+{
+    sk_deadline_ns = deadline_ns;
+    return SHMKEY_OK;
+}
+
+/* How long a call may wait for its oracle: the timeout, cut to this
+ * thread's deadline; 0 once that has passed. */
+uint32_t sk_wait_ms(const struct sk_provctx *pc)
+{
+    struct timespec now;
+    if (!sk_deadline_ns || clock_gettime(CLOCK_MONOTONIC, &now) != 0)
+        return pc->timeout_ms;
+    uint64_t at = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    if (at >= sk_deadline_ns)
+        return 0;
+    uint64_t left_ms = (sk_deadline_ns - at + 999999u) / 1000000u;
+    return left_ms < pc->timeout_ms ? (uint32_t)left_ms : pc->timeout_ms;
 }
 
 /* The OpenSSL this provider was compiled against, for `shmkey --version`. */

@@ -124,6 +124,9 @@ void sk_raise_at(struct sk_provctx *pc, const char *file, int line,
 /* functions one file gives another                                      */
 /* ===================================================================== */
 
+/* provider.c: how long this thread's call may wait for its oracle (0: not at all) */
+uint32_t sk_wait_ms(const struct sk_provctx *pc);
+
 /* provider.c: parameters shared by the operations */
 int sk_get_utf8(const OSSL_PARAM *p, char *buf, size_t cap);
 uint32_t sk_md_code(const EVP_MD *md);

@@ -7,6 +7,8 @@
  *
  * The steps run in titus's order (chroot, then groups, gid, uid) and the
  * filter comes last, so that the steps themselves need no allowance in it.
+ * In two halves, so that a process may start its threads in between: they
+ * inherit what the first half set, and the second covers them too.
  */
 #include "internal.h"
 
@@ -25,6 +27,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <termios.h>
@@ -176,18 +179,40 @@ static const char *const allowed_calls[] = {
 static const unsigned long allowed_ioctls[] = {FIONBIO, FIONREAD, FIOCLEX, FIONCLEX,
                                                TCGETS, TIOCGWINSZ};
 
-static int sk_rule(scmp_filter_ctx f, const char *name, unsigned n, const struct scmp_arg_cmp *a,
-                   char *why, uint32_t whylen)
+static int sk_rule_act(scmp_filter_ctx f, uint32_t action, const char *name, unsigned n,
+                       const struct scmp_arg_cmp *a, char *why, uint32_t whylen)
 {
     int nr = seccomp_syscall_resolve_name(name);
     if (nr == __NR_SCMP_ERROR)
         return SHMKEY_OK;               /* not a call of this architecture */
-    int rc = seccomp_rule_add_array(f, SCMP_ACT_ALLOW, nr, n, a);
+    int rc = seccomp_rule_add_array(f, action, nr, n, a);
     if (rc != 0) {
         SK_WHY("seccomp rule for %s: %s", name, strerror(-rc));
         return SHMKEY_ESYSTEM;
     }
     return SHMKEY_OK;
+}
+
+static int sk_rule(scmp_filter_ctx f, const char *name, unsigned n, const struct scmp_arg_cmp *a,
+                   char *why, uint32_t whylen)
+{
+    return sk_rule_act(f, SCMP_ACT_ALLOW, name, n, a, why, whylen);
+}
+
+/*
+ * No new threads, refused without a signal: pthread_create blocks every
+ * signal around clone, and a trapped call with SIGSYS blocked kills the
+ * process. clone3 hides its flags from the filter, so it is "not
+ * implemented" and libc falls back to clone, whose CLONE_THREAD is visible.
+ * fork (clone without it) stays trapped: denied, and logged.
+ */
+static int sk_thread_rules(scmp_filter_ctx f, char *why, uint32_t whylen)
+{
+    struct scmp_arg_cmp thread = SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_THREAD, CLONE_THREAD);
+    int rc = sk_rule_act(f, SCMP_ACT_ERRNO(ENOSYS), "clone3", 0, NULL, why, whylen);
+    if (rc == SHMKEY_OK)
+        rc = sk_rule_act(f, SCMP_ACT_ERRNO(EAGAIN), "clone", 1, &thread, why, whylen);
+    return rc;
 }
 
 static int sk_socket_rules(scmp_filter_ctx f, uint32_t families, char *why, uint32_t whylen)
@@ -265,6 +290,8 @@ static int sk_load_filter(uint32_t families, char *why, uint32_t whylen)
         status = sk_rule(f, "getrlimit", 0, NULL, why, whylen);
     if (!status)
         status = sk_socket_rules(f, families, why, whylen);
+    if (!status)
+        status = sk_thread_rules(f, why, whylen);
     if (!status && (rc = seccomp_load(f)) != 0) {
         SK_WHY("seccomp_load: %s", strerror(-rc));
         status = SHMKEY_ESYSTEM;
@@ -397,13 +424,21 @@ static int sk_become(int64_t uid, int64_t gid, char *why, uint32_t whylen)
     return SHMKEY_OK;
 }
 
+/* Set by shmkey_sandbox_confine, for shmkey_sandbox_seal. */
+static int sk_confined;
+static uint32_t sk_families;
+
 /*
- * Enter the sandbox; see shmkey.h. On failure the process is half-confined:
- * the caller must exit rather than go on serving.
+ * The first half of the sandbox; see shmkey.h. Everything here is either
+ * process-wide (root, rlimits, dumpable) or per thread and inherited by the
+ * threads created afterwards (credentials, capabilities, NO_NEW_PRIVS,
+ * Landlock), which is why the process must still have one thread. On
+ * failure the process is half-confined: the caller must exit rather than go
+ * on serving.
  */
-int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t families,
-                         int32_t tcp_port, const char *prefix, uint32_t *applied,
-                         char *why, uint32_t whylen)
+int shmkey_sandbox_confine(const char *root, int64_t uid, int64_t gid, uint32_t families,
+                           int32_t tcp_port, const char *prefix, uint32_t *applied,
+                           char *why, uint32_t whylen)
 {
     struct rlimit zero = {0, 0};
     uint32_t done = 0;
@@ -418,8 +453,12 @@ int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t fa
         SK_WHY("invalid sandbox parameters");
         return SHMKEY_EINVAL;
     }
+    if (sk_confined) {
+        SK_WHY("this process is already confined");
+        return SHMKEY_EINVAL;
+    }
     if (sk_threads() > 1) {
-        /* Landlock and the uid change would hold for this thread only. */
+        /* Landlock and the capabilities would hold for this thread only. */
         SK_WHY("enter the sandbox before starting threads (this process has %d)", sk_threads());
         return SHMKEY_EINVAL;
     }
@@ -438,14 +477,41 @@ int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t fa
     if (uid >= 0)
         done |= SHMKEY_SANDBOX_USER;
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 ||
-        setrlimit(RLIMIT_NPROC, &zero) != 0 || setrlimit(RLIMIT_CORE, &zero) != 0) {
+        setrlimit(RLIMIT_CORE, &zero) != 0) {
         SK_WHY("prctl or setrlimit: %s", strerror(errno));
         return SHMKEY_ESYSTEM;
     }
     if ((rc = sk_landlock(tcp_port, &done, why, whylen)) != SHMKEY_OK)
         return rc;
-    if ((rc = sk_load_filter(families, why, whylen)) != SHMKEY_OK)
+    sk_confined = 1;
+    sk_families = families;
+    *applied = done;
+    return SHMKEY_OK;
+}
+
+/*
+ * The second half; see shmkey.h. RLIMIT_NPROC 0 (it counts threads too:
+ * none can be created from now on, nor a process) and the filter, which
+ * TSYNC installs in every thread at once.
+ */
+int shmkey_sandbox_seal(uint32_t *applied, char *why, uint32_t whylen)
+{
+    struct rlimit zero = {0, 0};
+    int rc;
+
+    if (!why || whylen == 0 || !applied)
+        return SHMKEY_EINVAL;
+    why[0] = '\0';
+    if (!sk_confined) {
+        SK_WHY("seal a sandbox only after confining the process");
+        return SHMKEY_EINVAL;
+    }
+    if (setrlimit(RLIMIT_NPROC, &zero) != 0) {
+        SK_WHY("setrlimit(RLIMIT_NPROC): %s", strerror(errno));
+        return SHMKEY_ESYSTEM;
+    }
+    if ((rc = sk_load_filter(sk_families, why, whylen)) != SHMKEY_OK)
         return rc;
-    *applied = done | SHMKEY_SANDBOX_SECCOMP | (SK_CAN_TRAP ? SHMKEY_SANDBOX_LOGGED : 0);
+    *applied |= SHMKEY_SANDBOX_SECCOMP | (SK_CAN_TRAP ? SHMKEY_SANDBOX_LOGGED : 0);
     return SHMKEY_OK;
 }

@@ -190,32 +190,36 @@ int shmkey_socket_path(const char *dir, const char *name, char *out, uint32_t ca
 #define SHMKEY_SANDBOX_UNIX 1
 #define SHMKEY_SANDBOX_INET 2
 #define SHMKEY_SANDBOX_INET6 4
-/* What shmkey_sandbox_enter applied, in *applied. */
+/* What shmkey_sandbox_confine and _seal applied, in *applied. */
 #define SHMKEY_SANDBOX_CHROOT 1        /* root is the given directory, cwd / */
 #define SHMKEY_SANDBOX_USER 2          /* setgroups, setresgid, setresuid */
-#define SHMKEY_SANDBOX_SECCOMP 4       /* the allow-list filter (always, on success) */
+#define SHMKEY_SANDBOX_SECCOMP 4       /* the allow-list filter (always, once sealed) */
 #define SHMKEY_SANDBOX_LOGGED 8        /* a denied call returns EPERM and is logged once */
 #define SHMKEY_SANDBOX_PORTS 16        /* Landlock: TCP connect to tcp_port only, no bind */
 #define SHMKEY_SANDBOX_SCOPED 32       /* Landlock: no abstract sockets or signals outside */
 /*
- * Confine the calling (single-threaded) process for good: chroot(root) and
- * chdir("/") (root NULL or "": stay), every capability dropped (bounding,
- * ambient, permitted, effective, inheritable), groups {gid} and gid, uid
- * (-1: unchanged), NO_NEW_PRIVS, DUMPABLE 0, RLIMIT_NPROC and RLIMIT_CORE
- * 0, Landlock (TCP connect only to tcp_port, -1: any; where the kernel has
- * it), then a seccomp allow-list in which socket() makes only stream
+ * Confine the calling process for good, in two calls. The first, while it
+ * has one thread: chroot(root) and chdir("/") (root NULL or "": stay),
+ * every capability dropped (bounding, ambient, permitted, effective,
+ * inheritable), groups {gid} and gid, uid (-1: unchanged), NO_NEW_PRIVS,
+ * DUMPABLE 0, RLIMIT_CORE 0, Landlock (TCP connect only to tcp_port, -1:
+ * any; where the kernel has it). Threads started after it inherit all of
+ * that. The second: RLIMIT_NPROC 0 (no more processes or threads) and, in
+ * every thread, a seccomp allow-list in which socket() makes only stream
  * sockets of families (SHMKEY_SANDBOX_*). prefix starts the line that
  * reports a denied call. On failure why says which step failed; the process
  * may be half-confined and must exit.
  */
-int shmkey_sandbox_enter(const char *root, int64_t uid, int64_t gid, uint32_t families,
-                         int32_t tcp_port, const char *prefix, uint32_t *applied,
-                         char *why, uint32_t whylen);
+int shmkey_sandbox_confine(const char *root, int64_t uid, int64_t gid, uint32_t families,
+                           int32_t tcp_port, const char *prefix, uint32_t *applied,
+                           char *why, uint32_t whylen);
+int shmkey_sandbox_seal(uint32_t *applied, char *why, uint32_t whylen);
 
 /* ---- OpenSSL 3 provider (provider.c), for shmkey.openssl ---------------- */
 #define SHMKEY_KEYREF_VERSION 1         /* version field of a key reference's DER */
 int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_t cap);
 int shmkey_openssl_enable(char *detail, uint32_t cap);
 int shmkey_openssl_last_error(char *buf, uint32_t cap);
+int shmkey_openssl_set_deadline(uint64_t deadline_ns);
 const char *shmkey_openssl_version(void);
 int shmkey_openssl_module_version(const char *path, char *out, uint32_t cap);

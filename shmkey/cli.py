@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument("--max-connections", type=int, default=1000,
                        help="open connections per worker; more wait to be accepted (1000)")
     proxy.add_argument("--handshake-timeout", type=float, default=10.0,
-                       help="seconds a client has to finish its handshake (10)")
+                       help="seconds a client has to finish its handshake, waiting for the key "
+                            "included (10)")
     proxy.add_argument("--idle-timeout", type=float, default=300.0,
                        help="seconds without data either way before closing (300)")
     proxy.add_argument("--connect-timeout", type=float, default=5.0,
@@ -92,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="open connections per worker from one client address (100)")
     proxy.add_argument("--full-idle-timeout", type=float, default=10.0,
                        help="while a worker has --max-connections open, the idle timeout (10)")
+    proxy.add_argument("--handshake-threads", type=int, default=4,
+                       help="threads per worker for handshake steps, so that one waiting for "
+                            "the key oracle stops no other connection; 0: on the loop (4)")
+    proxy.add_argument("--oracle-timeout", type=float, default=3.0,
+                       help="seconds the proxy's own oracle may leave its health pings "
+                            "unanswered before it is killed and replaced (3)")
     proxy.add_argument("--user", metavar="USER[:GROUP]",
                        help="run the workers as this user (started as root; required then)")
     proxy.add_argument("--oracle-user", metavar="USER",
@@ -172,14 +179,16 @@ def _proxy(args: argparse.Namespace) -> int:
                     handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
                     connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout,
                     max_per_source=args.max_per_source,
-                    full_idle_timeout=args.full_idle_timeout)
+                    full_idle_timeout=args.full_idle_timeout,
+                    handshake_threads=args.handshake_threads)
     opts = ProxyOptions(listen=parse_address(args.listen, "--listen"),
                         backend=parse_address(args.backend, "--backend"),
                         certs=tuple(args.cert), keys=tuple(args.key or ()),
                         oracle=args.oracle, transport=args.transport,
                         key_mode=args.key_mode, limits=limits, user=args.user,
                         oracle_user=args.oracle_user, allow_root=args.allow_root,
-                        allow_shared_user=args.allow_shared_user, sandbox=not args.no_sandbox)
+                        allow_shared_user=args.allow_shared_user, sandbox=not args.no_sandbox,
+                        oracle_timeout=args.oracle_timeout)
     if args.workers is not None:
         opts.workers = args.workers
     return run_proxy(opts)

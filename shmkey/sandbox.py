@@ -10,7 +10,7 @@ import os
 import pwd
 import stat
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ._binding import ensure, ffi, lib
 from .config import env_name
@@ -107,8 +107,8 @@ class Sandbox:
     runtime_dir: Optional[str] = None
     log_prefix: str = ""
 
-    def enter(self) -> frozenset[str]:
-        """Apply it to this process; see :func:`enter`."""
+    def enter(self, start_threads: Optional[Callable[[], None]] = None) -> frozenset[str]:
+        """Apply it to this process, calling ``start_threads`` halfway; see :func:`enter`."""
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ConfigError(f"unknown socket families {sorted(unknown)}: use {sorted(FAMILIES)}")
@@ -124,23 +124,32 @@ class Sandbox:
             families |= FAMILIES[name]
         applied = ffi.new("uint32_t *")
         why = ffi.new("char[]", _WHY)
-        rc = lib.shmkey_sandbox_enter(
+        rc = lib.shmkey_sandbox_confine(
             os.fsencode(self.root) if self.root else ffi.NULL,
             self.user.uid if self.user else -1, self.user.gid if self.user else -1, families,
             -1 if self.tcp_port is None else self.tcp_port, self.log_prefix.encode(), applied,
             why, _WHY)
         ensure(rc, ffi.string(why).decode("utf-8", "replace"))
+        if start_threads is not None:
+            start_threads()
+        ensure(lib.shmkey_sandbox_seal(applied, why, _WHY),
+               ffi.string(why).decode("utf-8", "replace"))
         return frozenset(name for name, bit in _APPLIED.items() if applied[0] & bit)
 
 
 def enter(user: Optional[str] = None, root: Optional[str] = None,
           families: Sequence[str] = ("unix", "inet", "inet6"), tcp_port: Optional[int] = None,
-          runtime_dir: Optional[str] = None, log_prefix: str = "") -> frozenset[str]:
+          runtime_dir: Optional[str] = None, log_prefix: str = "",
+          start_threads: Optional[Callable[[], None]] = None) -> frozenset[str]:
     """Confine this process for good. Call it once everything it will ever
     need is loaded (modules imported, certificates and key references
     loaded, listening sockets open) and before starting threads; afterwards
-    it cannot open files outside ``root``, fork, exec, trace, load code or
-    make sockets other than those ``families`` allow.
+    it cannot open files outside ``root``, fork, exec, trace, load code,
+    start threads or make sockets other than those ``families`` allow.
+    Threads it needs are started by ``start_threads``, which runs halfway:
+    the process is then confined but not yet sealed, so the threads inherit
+    the root, user, capabilities and Landlock rules, and the filter and the
+    process limit that come last hold for them too.
 
     A Python server using the provider::
 
@@ -165,6 +174,8 @@ def enter(user: Optional[str] = None, root: Optional[str] = None,
             inside (``SHMKEY_RUNTIME_DIR``); ``/`` by default with ``root``.
         log_prefix: starts the stderr line logged, once per system call,
             when the filter denies one (the call returns EPERM).
+        start_threads: starts every thread the process will have (it must
+            return once they run); None: the process stays single-threaded.
 
     Returns:
         What the kernel applied, of ``chroot``, ``user``, ``seccomp``,
@@ -177,4 +188,4 @@ def enter(user: Optional[str] = None, root: Optional[str] = None,
             and should exit.
     """
     return Sandbox(resolve_user(user) if user else None, root, tuple(families), tcp_port,
-                   runtime_dir, log_prefix).enter()
+                   runtime_dir, log_prefix).enter(start_threads)

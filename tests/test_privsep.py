@@ -74,8 +74,9 @@ def proxies() -> Iterator[list[ProxyProcess]]:
             proxy.kill()
 
 
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
+def _status(pid: int, tid: Optional[int] = None) -> dict[str, str]:
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    with open(path) as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
@@ -89,13 +90,17 @@ def _wait_sandboxed(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def assert_worker_confined(pid: int, root: Path) -> None:
-    st = _status(pid)
-    assert st["Uid"].split() == [str(NOBODY)] * 4, st["Uid"]
-    assert st["Gid"].split() == [str(NOBODY)] * 4, st["Gid"]
-    assert st["Groups"].split() == [str(NOBODY)], st["Groups"]
-    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        assert int(st[cap], 16) == 0, (cap, st[cap])
-    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
+    """Every thread of it (the loop and the handshake threads) alike."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(tids) == 1 + 4, tids             # the loop and the default 4 handshake threads
+    for tid in tids:
+        st = _status(pid, tid)
+        assert st["Uid"].split() == [str(NOBODY)] * 4, st["Uid"]
+        assert st["Gid"].split() == [str(NOBODY)] * 4, st["Gid"]
+        assert st["Groups"].split() == [str(NOBODY)], st["Groups"]
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[cap], 16) == 0, (tid, cap, st[cap])
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
     assert os.readlink(f"/proc/{pid}/root") == str(root) != "/"
     assert os.readlink(f"/proc/{pid}/cwd") == str(root)
 

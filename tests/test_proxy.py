@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ from shmkey import names
 from shmkey.tools import loadgen as _loadgen
 from shmkey.tools.backend import Backend, body_for
 from shmkey.tools import certs
-from shmkey.tools.procfs import alive, children
+from shmkey.tools.procfs import alive, children, stat_fields
 from shmkey.tools.rig import ProxyProcess, privilege_args
 from shmkey.tools.memscan import key_secrets, scan_process
 
@@ -311,6 +312,202 @@ def test_kill_oracle_socketpair(start) -> None:
     assert oracle_socket(proxy).exists()
     assert not names.exists(proxy.oracle_name)
     _kill_oracle_under_load(proxy)
+
+
+# ---- a stopped oracle: a handshake waits for it, nothing else does ----
+
+def _stop_oracle(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while (stat_fields(pid) or ["?"])[0] != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+class _Keepalive:
+    """A TLS connection through the proxy (blocking), kept open for requests."""
+
+    def __init__(self, proxy: RunningProxy, ctx: Optional[ssl.SSLContext] = None,
+                 session: Optional[ssl.SSLSession] = None) -> None:
+        began = time.monotonic()
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        self.sock = (ctx or proxy.ctx()).wrap_socket(raw, server_hostname=HOST, session=session)
+        self.took = time.monotonic() - began       # the handshake
+
+    def ask(self, path: str) -> tuple[bytes, float]:
+        """``GET path`` on it: the body and how long the answer took."""
+        began = time.monotonic()
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += self.sock.recv(65536)
+        return body, time.monotonic() - began
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Waiting(threading.Thread):
+    """A new connection's handshake and request, in a thread: its outcome and time."""
+
+    def __init__(self, proxy: RunningProxy, path: str) -> None:
+        super().__init__(daemon=True)
+        self.proxy, self.path = proxy, path
+        self.outcome, self.took = "", 0.0
+        self.start()
+
+    def run(self) -> None:
+        began = time.monotonic()
+        try:
+            self.proxy.get(self.path)
+            self.outcome = "ok"
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as exc:
+            self.outcome = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+        self.took = time.monotonic() - began
+
+
+def _resources(pid: int) -> tuple[int, int]:
+    """A worker's open descriptors and threads."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _quiet(pid: int) -> tuple[int, int]:
+    """A worker's resources once the last connection's descriptors are closed
+    (the same for a quarter of a second)."""
+    seen, deadline = [_resources(pid)], time.monotonic() + 5
+    while (len(seen) < 5 or len(set(seen[-5:])) > 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen.append(_resources(pid))
+    return seen[-1]
+
+
+def _settled(pid: int, idle: tuple[int, int], timeout: float = 5.0) -> bool:
+    """Whether the worker is back to no more descriptors and threads than when idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fds, threads = _resources(pid)
+        if fds <= idle[0] and threads == idle[1]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_stopped_oracle_stops_no_other_connection(start) -> None:
+    """One worker; its oracle stopped while a handshake waits for a signature:
+    an established connection relays, and a resumed session (no signature)
+    completes its handshake at once; after SIGCONT the waiting one completes."""
+    proxy = start("--workers", "1", "--oracle-timeout", "60")
+    (worker,) = proxy.workers()
+    proxy.get("/warm")
+    idle = _quiet(worker)
+    assert idle[1] == 1 + 4, idle                 # the loop and the default 4 handshake threads
+    keep = _Keepalive(proxy)
+    assert keep.ask("/before")[0] == body_for("/before")
+    ctx = proxy.ctx()
+    ticket = _Keepalive(proxy, ctx)
+    ticket.ask("/ticket")                         # TLS 1.3 tickets come after the handshake
+    session = ticket.sock.session
+    ticket.close()
+    assert session is not None and session.has_ticket
+    assert proxy.oracle_pid is not None
+    _stop_oracle(proxy.oracle_pid)
+    try:
+        waiting = _Waiting(proxy, "/waited")
+        time.sleep(0.5)                           # its ClientHello is in, its signature waits
+        body, took = keep.ask("/during")
+        assert body == body_for("/during") and took < 1.0, took
+        resumed = _Keepalive(proxy, ctx, session)
+        assert resumed.sock.session_reused and resumed.took < 1.0, resumed.took
+        body, took = resumed.ask("/resumed")
+        assert body == body_for("/resumed") and took < 1.0, took
+        resumed.close()
+        assert waiting.is_alive()
+    finally:
+        os.kill(proxy.oracle_pid, signal.SIGCONT)
+    waiting.join(15)
+    assert waiting.outcome == "ok", waiting.outcome
+    assert keep.ask("/after")[0] == body_for("/after")
+    keep.close()
+    # Nothing left over: descriptors and threads as when idle, the oracle the same one.
+    assert _settled(worker, idle), (_resources(worker), idle)
+    assert proxy.oracles() == [proxy.oracle_pid]
+    result = asyncio.run(_loadgen.run("127.0.0.1", proxy.port, proxy.ctx(), concurrency=4,
+                                      count=40))
+    assert result.failed == 0, result.errors
+    assert not [line for line in proxy.lines if "WARNING" in line or "ERROR" in line]
+
+
+def _client_hello() -> bytes:
+    """A TLS 1.3 ClientHello, as the first bytes of a client that then goes away."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+def test_handshake_timeout_includes_the_wait_for_the_key(start) -> None:
+    """--handshake-timeout 2 with the oracle stopped: the waiting handshake gets
+    its alert at 2 s, not at the provider's 5 s; one whose client left
+    meanwhile is dropped quietly when its late step ends."""
+    proxy = start("--workers", "1", "--oracle-timeout", "60", "--handshake-timeout", "2")
+    (worker,) = proxy.workers()
+    proxy.get("/warm")
+    idle = _quiet(worker)
+    assert proxy.oracle_pid is not None
+    _stop_oracle(proxy.oracle_pid)
+    try:
+        gone = socket.create_connection(("127.0.0.1", proxy.port))
+        gone.sendall(_client_hello())
+        time.sleep(0.2)
+        gone.close()
+        waiting = _Waiting(proxy, "/timed-out")
+        waiting.join(15)
+    finally:
+        os.kill(proxy.oracle_pid, signal.SIGCONT)
+    assert waiting.outcome == "SSLError: TLSV1_ALERT_INTERNAL_ERROR", waiting.outcome
+    assert 1.5 < waiting.took < 3.5, waiting.took
+    proxy.wait_for(re.compile(r"handshake failed: the key oracle could not sign: timed out"))
+    proxy.get("/after")
+    assert _settled(worker, idle), (_resources(worker), idle)
+    assert proxy.workers() == [worker]
+
+
+@pytest.mark.parametrize("transport", ["socketpair", "shm"])
+def test_hung_oracle_is_replaced(start, request: pytest.FixtureRequest, transport: str) -> None:
+    """An oracle that stops answering (SIGSTOP) is killed and replaced within
+    --oracle-timeout and a restart; established connections never notice."""
+    proxy = start("--workers", "2", "--transport", transport, "--oracle-timeout", "2")
+    expect_reconnect_by_socket(proxy, request)
+    workers = sorted(proxy.workers())
+    keep = _Keepalive(proxy)
+    assert keep.ask("/before")[0] == body_for("/before")
+    hung = proxy.oracle_pid
+    assert hung is not None
+    _stop_oracle(hung)
+    stopped = time.monotonic()
+    body, took = keep.ask("/during")
+    assert body == body_for("/during") and took < 1.0, took
+    served = None
+    while served is None and time.monotonic() - stopped < 20:
+        try:
+            proxy.get("/recovered")
+            served = time.monotonic() - stopped
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError):
+            time.sleep(0.1)
+    assert served is not None and served < 15, served
+    proxy.wait_for(re.compile(rf"key oracle .* \(pid {hung}\) answered no ping for .* s: hung; "
+                              r"killing it \(SIGKILL\) and starting another"))
+    proxy.wait_for(re.compile(r"key oracle .* restarted"))
+    assert not alive(hung) and proxy.oracles() and proxy.oracles() != [hung]
+    assert keep.ask("/after")[0] == body_for("/after")
+    keep.close()
+    assert sorted(proxy.workers()) == workers
 
 
 # ---- signals ----

@@ -143,3 +143,52 @@ def test_threads_are_refused() -> None:
         return "entered"
 
     assert "before starting threads" in in_child(job)
+
+
+def test_threads_started_halfway_are_confined() -> None:
+    """Threads that ``start_threads`` starts inherit the sandbox (capabilities,
+    Landlock), the filter covers them, and no thread can be started after."""
+    allowed, other = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+
+    def job() -> dict[str, Any]:
+        go, done = threading.Event(), threading.Event()
+        seen: dict[str, Any] = {}
+
+        def to(port: int) -> None:
+            with socket.socket() as s:
+                s.connect(("127.0.0.1", port))
+
+        def thread() -> None:
+            go.wait(10)
+            seen["fork"] = _errno(os.fork)
+            seen["udp"] = _errno(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            seen["allowed port"] = _errno(lambda: to(allowed.getsockname()[1]))
+            seen["other port"] = _errno(lambda: to(other.getsockname()[1]))
+            done.set()
+
+        worker = threading.Thread(target=thread, daemon=True)
+        sandbox.enter(families=("unix", "inet"), tcp_port=allowed.getsockname()[1],
+                      start_threads=worker.start)
+        tasks = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/status") as f:
+                st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            tasks[tid] = (st["Seccomp"], st["NoNewPrivs"], int(st["CapBnd"], 16), int(st["CapEff"], 16))
+        go.set()
+        done.wait(10)
+        try:
+            threading.Thread(target=lambda: None).start()
+            seen["another thread"] = "started"
+        except RuntimeError:
+            seen["another thread"] = "refused"
+        return {"tasks": sorted(tasks.values()), **seen}
+
+    try:
+        out = in_child(job)
+    finally:
+        allowed.close()
+        other.close()
+    # Both threads: the filter (mode 2), NO_NEW_PRIVS, no capabilities at all.
+    assert out.pop("tasks") == [["2", "1", 0, 0]] * 2
+    assert out == {"fork": "EPERM", "udp": "EPERM", "allowed port": "ok", "other port": "EACCES",
+                   "another thread": "refused"}

@@ -83,6 +83,19 @@ def last_error() -> Optional[str]:
     return text or None
 
 
+def set_deadline(deadline: Optional[float]) -> None:
+    """Bound this thread's waits for oracles by ``deadline``, a ``time.monotonic()``
+    time; None removes the bound.
+
+    A private-key operation in this thread then waits for its oracle until
+    the deadline at most (less if the provider's own timeout comes first),
+    and one called after it fails at once, as a timed-out one does. A
+    handshake with a total time limit sets it before each step.
+    """
+    ns = 0 if deadline is None else max(1, int(deadline * 1e9))
+    ensure(lib.shmkey_openssl_set_deadline(ns))
+
+
 def module_dir() -> Path:
     """Directory of the loadable module, for ``openssl ... -provider-path``."""
     return Path(__file__).resolve().parent.parent / "ossl-modules"

@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Sequence
 from .. import _process, names, openssl
 from .._binding import lib
 from .._process import close_inherited_fds
+from ..client import OracleClient, connect
 from ..openssl import keyref
 from ..sandbox import Sandbox, User, check_root, resolve_user
 from .worker import Limits, Worker, warm_up
@@ -48,8 +49,11 @@ ROOT_WARNING = ("*** --allow-root: the network-facing workers keep uid 0 (sandbo
 NO_SANDBOX_WARNING = ("*** --no-sandbox: the workers are not confined (no chroot, no seccomp): "
                       "for benchmarks and debugging only ***")
 _TICK = 0.2                 # supervisor's look at its oracle and workers, seconds
+_PING_EVERY = 1.0           # its ping of the oracle it owns, seconds
+_PING_WAIT = 0.5            # how long one ping may wait; --oracle-timeout decides "hung"
 _RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)
 _FD_PER_CONNECTION = 2
+_MAX_HANDSHAKE_THREADS = 64
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -86,6 +90,8 @@ class ProxyOptions:
         allow_root: started as root, let the workers keep uid 0.
         allow_shared_user: let ``user`` and ``oracle_user`` be one uid.
         sandbox: confine each worker (``shmkey.sandbox``); off for benchmarks only.
+        oracle_timeout: seconds the proxy's own oracle may leave its pings
+            unanswered before it is called hung, killed and replaced.
     """
 
     listen: tuple[str, int]
@@ -102,6 +108,7 @@ class ProxyOptions:
     allow_root: bool = False
     allow_shared_user: bool = False
     sandbox: bool = True
+    oracle_timeout: float = 3.0
 
     @property
     def cert(self) -> str:
@@ -136,10 +143,14 @@ class ProxyOptions:
             raise ConfigError("--max-connections must be at least 1")
         if lim.max_per_source < 1:
             raise ConfigError("--max-per-source must be at least 1")
+        if not 0 <= lim.handshake_threads <= _MAX_HANDSHAKE_THREADS:
+            raise ConfigError(f"--handshake-threads {lim.handshake_threads}: use 0 to "
+                              f"{_MAX_HANDSHAKE_THREADS}")
         for value, option in ((lim.handshake_timeout, "--handshake-timeout"),
                               (lim.idle_timeout, "--idle-timeout"),
                               (lim.full_idle_timeout, "--full-idle-timeout"),
-                              (lim.connect_timeout, "--connect-timeout")):
+                              (lim.connect_timeout, "--connect-timeout"),
+                              (self.oracle_timeout, "--oracle-timeout")):
             if not value > 0:
                 raise ConfigError(f"{option} must be more than 0 seconds")
         if not lim.drain_timeout >= 0:
@@ -294,6 +305,9 @@ class _KeySource:
         self.down_since = 0.0
         self.restarts = 0
         self.next_attempt = 0.0
+        self.pinger: Optional[OracleClient] = None     # the health check's connection
+        self.next_ping = 0.0
+        self.unanswered_since = 0.0     # when the first of the pings now failing began
         if opts.key_mode == "inprocess":
             return
         if opts.keys:
@@ -326,6 +340,8 @@ class _KeySource:
         self.oracle.start()
         # The supervisor signs nothing; workers connect on their own.
         self.oracle.client.close()
+        self.next_ping = time.monotonic() + _PING_EVERY
+        self.unanswered_since = 0.0
 
     def describe(self) -> str:
         if self.opts.key_mode == "inprocess":
@@ -336,17 +352,25 @@ class _KeySource:
         return f"key in oracle {self.name!r}"
 
     def supervise(self) -> None:
-        """Restart an owned oracle that died, with back-off if restarting fails."""
+        """Restart an owned oracle that died or hung, with back-off if restarting fails."""
         if self.oracle is None:
             return
         now = time.monotonic()
         if not self.down_since:
             status = self.oracle.poll()
-            if status is None:
+            if status is None and not self._hung(now):
                 return
-            log.error("key oracle %r (pid %s) died (%s); handshakes fail until it is back",
-                      self.name, self.oracle.pid, _exit_text(status))
+            if status is None:
+                log.error("key oracle %r (pid %s) answered no ping for %.1f s: hung; killing "
+                          "it (SIGKILL) and starting another", self.name, self.oracle.pid,
+                          time.monotonic() - self.unanswered_since)
+                self.kill_oracle()
+            else:
+                log.error("key oracle %r (pid %s) died (%s); handshakes fail until it is back",
+                          self.name, self.oracle.pid, _exit_text(status))
+            self.close_pinger()
             self.oracle.stop()
+            now = time.monotonic()
             self.down_since, self.restarts, self.next_attempt = now, 0, now
         if now < self.next_attempt:
             return
@@ -363,8 +387,46 @@ class _KeySource:
                     self.oracle.pid, time.monotonic() - self.down_since)
         self.down_since = 0.0
 
+    def _hung(self, now: float) -> bool:
+        """Ping the oracle once a second, over its own channel (the client API);
+        True once none has been answered for ``--oracle-timeout``."""
+        if now < self.next_ping:
+            return False
+        self.next_ping = now + _PING_EVERY
+        try:
+            if self.pinger is None:
+                assert self.name is not None
+                self.pinger = connect(self.name, transport=self.opts.transport)
+            self.pinger.ping(timeout_ms=int(min(_PING_WAIT, self.opts.oracle_timeout) * 1000))
+        except ShmkeyError as exc:
+            # A connection whose request timed out is not reused; the next ping opens another.
+            self.close_pinger()
+            if not self.unanswered_since:
+                self.unanswered_since = now
+                log.warning("key oracle %r (pid %s) did not answer a ping: %s", self.name,
+                            self.oracle.pid if self.oracle else None, exc)
+            return time.monotonic() - self.unanswered_since >= self.opts.oracle_timeout
+        if self.unanswered_since:
+            log.warning("key oracle %r answers pings again, after %.1f s", self.name,
+                        time.monotonic() - self.unanswered_since)
+        self.unanswered_since = 0.0
+        return False
+
+    def kill_oracle(self) -> None:
+        """SIGKILL an owned oracle (even a stopped one dies of it); :meth:`supervise` restarts it."""
+        if self.oracle is not None and self.oracle.pid is not None:
+            _signal(self.oracle.pid, signal.SIGKILL)
+
+    def close_pinger(self) -> None:
+        """Close the health check's connection (before a fork: a worker must
+        not inherit it); the next ping opens another."""
+        if self.pinger is not None:
+            self.pinger.close()
+            self.pinger = None
+
     def stop(self) -> None:
         """Stop an owned oracle (it unlinks its names) and remove the reference."""
+        self.close_pinger()
         if self.oracle is not None:
             self.oracle.stop()
         if self.opts.key_mode != "inprocess":
@@ -542,6 +604,8 @@ class Proxy:
 
     def _spawn(self, slot: int) -> None:
         assert self.ctx is not None
+        if self.source is not None:
+            self.source.close_pinger()
         parent = os.getpid()
         pid = os.fork()
         if pid:
@@ -574,9 +638,12 @@ class Proxy:
         worker = Worker(sock, self.ctx, self.backend_addr, self.opts.limits,
                         key_in_oracle=self.opts.key_mode == "oracle")
         box = worker_sandbox(self.opts, self.privs, self.root, self.backend_addr, os.getpid())
-        if box is not None:
+        if box is None:
+            worker.start_threads()
+        else:
             warm_up(self.ctx)
-            applied = box.enter()
+            # Halfway into the sandbox: the threads inherit it, and the filter covers them.
+            applied = box.enter(start_threads=worker.start_threads)
             if slot == 0 and self.generation == 1:
                 _log_missing(applied)
         worker.serve()
@@ -650,6 +717,8 @@ class Proxy:
         if self.opts.key_mode == "inprocess":
             log.warning(INPROCESS_WARNING)
         old_source, old_generation = self.source, self.generation
+        if old_source is not None:
+            old_source.close_pinger()       # retiring: no more pings, and no worker inherits it
         self.source, self.ctx = source, ctx
         self.generation += 1
         old = [pid for pid, (_, gen, _) in self.workers.items() if gen == old_generation]

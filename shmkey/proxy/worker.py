@@ -4,7 +4,9 @@ and relays plaintext to the backend.
 
 TLS is done here rather than by asyncio's ``ssl=`` so that a failed
 handshake still sends its alert, is logged once with the provider's reason,
-and so that slow, idle and surplus connections are under our control.
+and so that slow, idle and surplus connections are under our control. With
+the key in an oracle, handshake steps run in a few threads
+(``proxy.handshakes``), so that one waiting for the key stops nothing else.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import openssl as shmkey_openssl
+from .handshakes import HandshakePool, Step, run_step
 
 log = logging.getLogger("shmkey.proxy")
 
@@ -26,7 +28,9 @@ _HANDSHAKE, _CONNECTING, _RELAY, _CLOSED = range(4)
 _READ_SIZE = 65536
 _ACCEPT_BATCH = 32
 _DRAIN_IDLE = 1.0           # while draining, a connection this idle is done
-_KEY_FAILURES = (None, "EVP_LIB")    # what libssl says when the private-key operation failed
+# A step in a thread fails by itself at the handshake's deadline, with its
+# alert; the sweep closes it without one only if it is this late.
+_STEP_GRACE = 1.0
 # Warm-up handshakes before the sandbox: one per kind of certificate (TLS 1.2
 # suites pick RSA or ECDSA), and TLS 1.3.
 _WARM_UPS = ((ssl.TLSVersion.TLSv1_3, None), (ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256"),
@@ -40,6 +44,9 @@ class Limits:
     ``max_per_source`` caps the connections open from one client address;
     ``full_idle_timeout`` replaces ``idle_timeout`` while ``max_connections``
     are open, so that idle connections make room for new ones.
+    ``handshake_timeout`` counts from the accept and includes waiting for the
+    key; ``handshake_threads`` run the handshake steps when the key is in an
+    oracle (0: on the loop, which then waits with each step).
     """
 
     max_connections: int = 1000
@@ -49,6 +56,7 @@ class Limits:
     drain_timeout: float = 10.0
     max_per_source: int = 100
     full_idle_timeout: float = 10.0
+    handshake_threads: int = 4
 
 
 def warm_up(ctx: ssl.SSLContext) -> int:
@@ -100,6 +108,9 @@ class _Client(asyncio.Protocol):
         self.peer = "?"
         self.source = ""        # the client's address, counted against max_per_source
         self.got_data = False
+        self.stepping = False   # a handshake step in a thread owns tls and the BIOs
+        self.held: list[bytes] = []     # what came meanwhile
+        self.keyless = False    # the server's first flight is out: no step left needs the key
 
     # ---- the client side ----
 
@@ -113,10 +124,13 @@ class _Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last = self.w.loop.time()
         self.got_data = True
+        if self.stepping:
+            self.held.append(data)
+            return
         self.incoming.write(data)
         if self.state == _HANDSHAKE:
             self._handshake()
-        if self.state in (_CONNECTING, _RELAY) and not self.client_eof:
+        elif self.state in (_CONNECTING, _RELAY) and not self.client_eof:
             self._read_plaintext()
 
     def eof_received(self) -> bool:
@@ -156,22 +170,38 @@ class _Client(asyncio.Protocol):
             self.transport.write(data)
 
     def _handshake(self) -> None:
-        try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
+        """The next step: in a thread of the pool if there is one and the step may need the key."""
+        deadline = self.started + self.w.limits.handshake_timeout
+        if self.w.pool is None or self.keyless:
+            self._step_done(run_step(self.tls, self.outgoing, deadline))
             return
-        except ssl.SSLError as exc:
-            self._flush()           # the alert: the client learns why, cleanly
-            self.w.handshake_failed(self, exc)
+        self.stepping = True
+        self.w.pool.submit(self.tls, self.outgoing, deadline, self._step_done)
+
+    def _step_done(self, step: Step) -> None:
+        self.stepping = False
+        if self.state == _CLOSED or self.transport is None or self.transport.is_closing():
+            return              # gone meanwhile: the step's result is for nobody
+        self.keyless = self.keyless or step.keyless
+        if step.output:
+            self.transport.write(step.output)   # the flight, or the alert: the client learns why
+        if step.error is not None:
+            self.w.handshake_failed(self, step.error, step.key_error)
             self.close()
             return
-        self._flush()
+        held, self.held = b"".join(self.held), []
+        if held:
+            self.incoming.write(held)
+        if not step.done:
+            if held:
+                self._handshake()
+            return
         self.state = _CONNECTING
         self.started = self.w.loop.time()
-        assert self.transport is not None
         self.transport.pause_reading()          # until the backend is connected
         self.connect_task = self.w.loop.create_task(self._connect())
+        if not self.client_eof:
+            self._read_plaintext()              # what came with the client's Finished
 
     async def _connect(self) -> None:
         host, port = self.w.backend_addr
@@ -326,13 +356,21 @@ class Worker:
         self.conns: set[_Client] = set()
         self.per_source: dict[str, int] = {}
         self.loop = asyncio.new_event_loop()
+        # With the key in this process a step has nothing to wait for: it stays on the loop.
+        self.pool = HandshakePool(limits.handshake_threads, self.loop) \
+            if key_in_oracle and limits.handshake_threads > 0 else None
         self.accepting = False
         self.draining = False
         self.stopped = False
         self.drain_deadline = 0.0
 
+    def start_threads(self) -> None:
+        """Start the handshake threads, if any: before a sandbox is sealed."""
+        if self.pool is not None:
+            self.pool.start()
+
     def serve(self) -> None:
-        """Run until SIGTERM has drained the connections."""
+        """Run until SIGTERM has drained the connections (:meth:`start_threads` first)."""
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
         self._accepting(True)
         self.loop.call_later(1.0, self._sweep)
@@ -344,6 +382,8 @@ class Worker:
                 conn.abort()
             self.loop.run_until_complete(asyncio.sleep(0))     # their connection_lost
             self.loop.close()
+            if self.pool is not None:
+                self.pool.stop()
 
     def _accepting(self, on: bool) -> None:
         if on and not self.accepting and not self.draining:
@@ -405,11 +445,9 @@ class Worker:
         elif not self.accepting:
             self._accepting(True)
 
-    def handshake_failed(self, client: _Client, exc: ssl.SSLError) -> None:
-        """One log line: the provider's reason when the key operation failed."""
-        why = shmkey_openssl.last_error() if self.key_in_oracle and \
-            exc.reason in _KEY_FAILURES else None
-        if why:
+    def handshake_failed(self, client: _Client, exc: ssl.SSLError, why: Optional[str]) -> None:
+        """One log line: the provider's reason (``why``) when the key operation failed."""
+        if why and self.key_in_oracle:
             log.warning("%s: handshake failed: the key oracle could not sign: %s",
                         client.peer, why)
         else:
@@ -424,7 +462,8 @@ class Worker:
         elif len(self.conns) >= lim.max_connections:
             idle = min(idle, lim.full_idle_timeout)     # full: idle ones make room
         for c in list(self.conns):
-            if c.state == _HANDSHAKE and now - c.started > lim.handshake_timeout:
+            late = lim.handshake_timeout + (_STEP_GRACE if c.stepping else 0.0)
+            if c.state == _HANDSHAKE and now - c.started > late:
                 if c.got_data:
                     log.info("%s: handshake not done after %g s; closing", c.peer,
                              lim.handshake_timeout)

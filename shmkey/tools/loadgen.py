@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 from .. import _process
 from .backend import body_for
+from .stats import percentile
 
 
 @dataclass
@@ -37,6 +38,11 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)
     outcomes: list[Outcome] = field(default_factory=list)
     server_cpu: float = 0.0     # CPU seconds the server used meanwhile, where measured
+    handshakes: list[float] = field(default_factory=list)   # seconds each successful one took
+
+    def handshake_ms(self, p: float) -> float:
+        """The ``p``-th percentile of the handshake times, in milliseconds (NaN: none)."""
+        return percentile(self.handshakes, p) * 1e3
 
     @property
     def rate(self) -> float:
@@ -65,16 +71,24 @@ def _describe(exc: BaseException) -> str:
 
 
 async def request(host: str, port: int, ctx: ssl.SSLContext, server_hostname: str,
-                  path: str, timeout: float = 10.0) -> None:
+                  path: str, timeout: float = 10.0) -> float:
     """One connection, handshake, ``GET path``, and a check of the response.
+
+    Returns:
+        The seconds from connecting to the end of the handshake.
 
     Raises:
         ssl.SSLError, OSError, asyncio.TimeoutError: the connection failed.
         ValueError: the response was not the backend's answer to ``path``.
     """
+    took = 0.0
+
     async def exchange() -> bytes:
+        nonlocal took
+        began = time.monotonic()
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx,
                                                        server_hostname=server_hostname)
+        took = time.monotonic() - began
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {server_hostname}\r\n"
                          "Connection: close\r\n\r\n".encode())
@@ -90,6 +104,7 @@ async def request(host: str, port: int, ctx: ssl.SSLContext, server_hostname: st
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200 ") or body != body_for(path):
         raise ValueError(f"unexpected response {data[:80]!r}")
+    return took
 
 
 async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
@@ -115,7 +130,7 @@ async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
             n += 1
             path = f"/{tag}/{cid}/{n}"
             try:
-                await request(host, port, ctx, server_hostname, path)
+                took = await request(host, port, ctx, server_hostname, path)
             except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError,
                     EOFError) as exc:
                 result.failed += 1
@@ -124,6 +139,7 @@ async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
                 result.outcomes.append(Outcome(time.monotonic(), err))
             else:
                 result.ok += 1
+                result.handshakes.append(took)
                 result.outcomes.append(Outcome(time.monotonic()))
             if progress is not None:
                 progress(result)
@@ -178,6 +194,7 @@ class LoadClients:
             total.ok += part["ok"]
             total.failed += part["failed"]
             total.errors.update(part["errors"])
+            total.handshakes += part["handshakes"]
             total.elapsed = max(total.elapsed, part["elapsed"])
             rate += part["ok"] / part["elapsed"] if part["elapsed"] else 0.0
         self._loading = False
@@ -218,7 +235,8 @@ def main() -> None:
                                  tag=cmd["tag"]))
         sys.stdout.write(json.dumps({"ok": result.ok, "failed": result.failed,
                                      "elapsed": result.elapsed,
-                                     "errors": dict(result.errors)}) + "\n")
+                                     "errors": dict(result.errors),
+                                     "handshakes": result.handshakes}) + "\n")
         sys.stdout.flush()
 
 

@@ -176,7 +176,14 @@ SANDBOX_MODES: dict[str, list[str]] = {
     "shm, sandboxed": ["--transport", "shm"],
     "shm, --no-sandbox": ["--transport", "shm", "--no-sandbox"],
 }
-_ALL_MODES = {**MODES, **SANDBOX_MODES}
+# What running handshake steps in threads gives: the ring with them (the
+# default) and with the steps on each worker's loop, beside the key in-process.
+THREAD_MODES: dict[str, list[str]] = {
+    "in-process": MODES["in-process"],
+    "shm, steps on the loop": ["--transport", "shm", "--handshake-threads", "0"],
+    "oracle shm": MODES["oracle shm"],
+}
+_ALL_MODES = {**MODES, **SANDBOX_MODES, **THREAD_MODES}
 
 
 class ProxyRig:
