@@ -10,8 +10,8 @@ from typing import NoReturn, Optional
 from . import _native
 from ._native import ffi, lib
 from ._version import __version__
-from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleInternalError,
-                     OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
+from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleIdentityError,
+                     OracleInternalError, OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
                      ShmkeyError, StaleBuildError, SystemCallError, UnsupportedOperationError)
 
 __all__ = ["check_build", "ensure", "ffi", "lib", "raise_for_status"]
@@ -60,6 +60,7 @@ _STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
     lib.SHMKEY_ENOKEY: InvalidArgumentError,
     lib.SHMKEY_EINTERNAL: OracleInternalError,
     lib.SHMKEY_EACCESS: OracleAccessError,
+    lib.SHMKEY_EIDENTITY: OracleIdentityError,
 }
 
 

@@ -43,7 +43,12 @@ class PolicyError(ShmkeyError, builtins.PermissionError):
 
 
 class OracleAccessError(ShmkeyError, builtins.PermissionError):
-    """Permission denied on the oracle's ring or socket."""
+    """Permission denied on the oracle's socket, or the oracle refused this process."""
+
+
+class OracleIdentityError(ShmkeyError):
+    """The process serving an oracle's socket runs as a user this client does
+    not trust (a squatter or a fake oracle); the message names both users."""
 
 
 class ProtocolError(ShmkeyError):
