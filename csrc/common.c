@@ -214,7 +214,7 @@ static int per_user_dir(uid_t me, int create, char *out, uint32_t cap, char *why
  * configured is the operator's SHMKEY_RUNTIME_DIR (NULL: read it from the
  * environment; empty: not set). The rule, the same for every caller:
  *   1. SHMKEY_RUNTIME_DIR, which must exist and which no group or other may
- *      write to (an oracle also needs it owned by root or itself);
+ *      write to (its owner can replace sockets in it: the operator's choice);
  *   2. /run/shmkey when running as root (made 0755, must be root's);
  *   3. $XDG_RUNTIME_DIR/shmkey (made 0700, owned by us or root);
  *   4. /tmp/shmkey-UID, or ~/.shmkey if someone else took that name.
@@ -256,7 +256,8 @@ int shmkey_runtime_dir(const char *configured, int create, char *out, uint32_t c
         }
         memcpy(out, configured, n);
         out[n] = '\0';
-        rc = use_dir(out, 0700, 0, create ? (int64_t)me : -1, 1, why, whylen);
+        /* Its owner is the operator's choice (say, the user the oracle drops to). */
+        rc = use_dir(out, 0700, 0, -1, 1, why, whylen);
         if (rc != SHMKEY_OK && rc != SHMKEY_EINVAL) {
             char detail[512];
             snprintf(detail, sizeof(detail), "%s", why);

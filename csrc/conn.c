@@ -250,13 +250,14 @@ int shmkey_conn_dial(struct shmkey_client *c, int transport, uint64_t deadline_n
         do {
             n = send(fd, &hello, sizeof(hello), MSG_NOSIGNAL | MSG_DONTWAIT);
         } while (n < 0 && errno == EINTR);
-        if (n != (ssize_t)sizeof(hello)) {
-            rc = n < 0 ? shmkey_status_from_errno(errno) : SHMKEY_EPROTO;
+        /* Refused, the oracle may have answered and hung up already: read on. */
+        int refused = n != (ssize_t)sizeof(hello);
+        rc = read_welcome(fd, deadline_ns, wel, fds, maxfds, &nfds, why, whylen);
+        if (refused && rc == SHMKEY_OK && wel->status == SHMKEY_OK) {
             shmkey_why(why, whylen, "the oracle hung up before the hello");
+            rc = SHMKEY_EPROTO;
         }
     }
-    if (rc == SHMKEY_OK)
-        rc = read_welcome(fd, deadline_ns, wel, fds, maxfds, &nfds, why, whylen);
     if (rc == SHMKEY_OK && (wel->magic != SHMKEY_MAGIC || wel->version != SHMKEY_VERSION)) {
         shmkey_why(why, whylen, "the oracle speaks protocol version %u; this shmkey speaks %u",
                    wel->version, SHMKEY_VERSION);

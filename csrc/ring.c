@@ -318,9 +318,7 @@ static void drain(int fd)
 
 /*
  * Wait for slot i's reply by deadline. *lost is set when the oracle hung
- * up with the request in flight. A request no worker took within the whole
- * timeout is SHMKEY_EUNAVAIL (the oracle is not serving: stopped, or
- * SIGSTOPped); one taken but not answered, SHMKEY_ETIMEDOUT.
+ * up: 1 before any worker took the request (it may be sent again), 2 after.
  */
 static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32_t gen,
                       uint64_t deadline_ns, int *lost)
@@ -333,12 +331,12 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
         if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
             return SHMKEY_OK;
         if (__atomic_load_n(&r->dead, __ATOMIC_ACQUIRE)) {
-            *lost = 1;
+            *lost = CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED ? 1 : 2;
             return SHMKEY_EUNAVAIL;
         }
         uint64_t now = shmkey_now_ns();
         if (now >= deadline_ns)
-            return CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED ? SHMKEY_EUNAVAIL : SHMKEY_ETIMEDOUT;
+            return SHMKEY_ETIMEDOUT;
         if (!drained) {
             drain(r->wake[i]);          /* a wake-up left over from an earlier use */
             drained = 1;
@@ -514,12 +512,21 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
         return rc;
     rc = ring_call(r, req, in, out, out_cap, resp, deadline_ns, &lost);
     shmkey_cring_put(r);
+    if (lost == 1) {
+        /* The connection was dead before any worker saw the request (the oracle
+           restarted since our last call): send it again, on a new connection. */
+        if (ring_get(c, deadline_ns, &r, why, sizeof(why)) != SHMKEY_OK)
+            return SHMKEY_EUNAVAIL;
+        lost = 0;
+        rc = ring_call(r, req, in, out, out_cap, resp, deadline_ns, &lost);
+        shmkey_cring_put(r);
+    }
     if (!lost)
         return rc;
     /*
-     * The connection died with our request in it. If the oracle answers a
-     * new one, only the process serving us died (a worker process): say so,
-     * as the reply. Otherwise the oracle is gone.
+     * The connection died with our request in a worker's hands. If the oracle
+     * answers a new one, only the process serving us died (a worker process):
+     * say so, as the reply. Otherwise the oracle is gone.
      */
     if (ring_get(c, deadline_ns, &r, why, sizeof(why)) != SHMKEY_OK)
         return SHMKEY_EUNAVAIL;

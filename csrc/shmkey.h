@@ -15,7 +15,7 @@
 #define SHMKEY_OK 0
 #define SHMKEY_EINVAL -1        /* bad argument, caught before or at the oracle */
 #define SHMKEY_ETIMEDOUT -2     /* deadline passed; the request was withdrawn */
-#define SHMKEY_EUNAVAIL -3      /* the oracle is gone, stopped, or never took the request */
+#define SHMKEY_EUNAVAIL -3      /* the oracle is gone or shutting down */
 #define SHMKEY_EPOLICY -4       /* the oracle's policy refuses this operation */
 #define SHMKEY_EPROTO -5        /* malformed request, reply or handshake */
 #define SHMKEY_ETOOBIG -6       /* input larger than a slot or message allows */

@@ -210,19 +210,26 @@ int shmkey_sock_call(struct shmkey_client *c, const struct shmkey_req *req,
                      const uint8_t *in, uint8_t *out, uint32_t out_cap,
                      struct shmkey_resp *resp, uint64_t deadline_ns)
 {
-    int fd;
+    int fd, rc;
+    uint32_t len;
     if (req->in_len > c->max_payload)
         return SHMKEY_ETOOBIG;
-    int rc = checkout(c, deadline_ns, &fd, NULL, 0);
-    if (rc != SHMKEY_OK)
-        return rc;
-    uint32_t len = (uint32_t)sizeof(*req) + req->in_len;
-    struct iovec iov[3] = {
-        {.iov_base = &len, .iov_len = sizeof(len)},
-        {.iov_base = (void *)req, .iov_len = sizeof(*req)},
-        {.iov_base = (void *)in, .iov_len = req->in_len},
-    };
-    rc = send_all(fd, iov, req->in_len ? 3 : 2, deadline_ns);
+    /* A pooled connection the oracle hung up on (it restarted) takes no request: try a new one. */
+    for (int attempt = 0;; attempt++) {
+        rc = checkout(c, deadline_ns, &fd, NULL, 0);
+        if (rc != SHMKEY_OK)
+            return rc;
+        len = (uint32_t)sizeof(*req) + req->in_len;
+        struct iovec iov[3] = {
+            {.iov_base = &len, .iov_len = sizeof(len)},
+            {.iov_base = (void *)req, .iov_len = sizeof(*req)},
+            {.iov_base = (void *)in, .iov_len = req->in_len},
+        };
+        rc = send_all(fd, iov, req->in_len ? 3 : 2, deadline_ns);
+        if (rc != SHMKEY_EUNAVAIL || attempt > 0)
+            break;
+        checkin(c, fd, 0);
+    }
     if (rc == SHMKEY_OK)
         rc = recv_all(fd, &len, sizeof(len), deadline_ns);
     if (rc == SHMKEY_OK)

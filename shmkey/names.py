@@ -77,7 +77,7 @@ def runtime_dir(configured: Optional[str] = None, create: bool = True) -> Path:
     ``SHMKEY_RUNTIME_DIR`` if set; else ``/run/shmkey`` as root, else
     ``$XDG_RUNTIME_DIR/shmkey``, else ``/tmp/shmkey-UID`` (or ``~/.shmkey``
     if another user took that name). It must be a directory no group or other
-    user may write to, owned by root or by us. The rule is C's
+    user may write to (a default one owned by root or by us). The rule is C's
     (``shmkey_runtime_dir``), the one the OpenSSL provider applies too.
 
     Raises:
