@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/un.h>
@@ -174,6 +175,17 @@ int shmkey_client_free_slots(struct shmkey_client *c)
     if (c->transport != SHMKEY_TRANSPORT_SHM)
         return SHMKEY_EINVAL;
     return shmkey_shm_free_slots(c);
+}
+
+/* Why the latest (re)connection failed, for the message of a failed call. */
+int shmkey_client_why(struct shmkey_client *c, char *out, uint32_t cap)
+{
+    if (!c || !out || cap == 0)
+        return SHMKEY_EINVAL;
+    pthread_mutex_lock(&c->lock);
+    snprintf(out, cap, "%s", c->why);
+    pthread_mutex_unlock(&c->lock);
+    return SHMKEY_OK;
 }
 
 /* Who served this client's latest connection, as SO_PEERCRED says. */

@@ -67,6 +67,7 @@ struct shmkey_client {
     pthread_cond_t cond;
     int ctl_fd;                 /* SOCK_SEQPACKET to a forked oracle, or -1 */
     char path[108];             /* socket path to connect to, or "" */
+    char why[256];              /* why the latest reconnection failed */
     /* shm */
     struct cring *ring;         /* current ring, or NULL until (re)connected */
     /* socket */

@@ -264,6 +264,8 @@ int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],
         if (rc != SHMKEY_OK)
             break;
         rc = shmkey_call(c->client, &req, in, out, cap, &resp, pc->timeout_ms);
+        if (rc == SHMKEY_EIDENTITY || rc == SHMKEY_EACCESS)
+            shmkey_client_why(c->client, why, sizeof(why));     /* its reconnection failed */
         int dead = (rc == SHMKEY_EUNAVAIL);
         sk_conn_put(pc, o, c, dead);
         if (!(dead && !fresh && attempt == 0))

@@ -484,6 +484,8 @@ static int ring_get(struct shmkey_client *c, uint64_t deadline_ns, struct cring 
         c->max_payload = r->slot_size;
         __atomic_add_fetch(&r->refs, 1, __ATOMIC_RELAXED);
         *out = r;
+    } else {
+        snprintf(c->why, sizeof(c->why), "%s", why ? why : "");
     }
     pthread_mutex_unlock(&c->lock);
     shmkey_cring_put(old);
@@ -515,8 +517,8 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
     if (lost == 1) {
         /* The connection was dead before any worker saw the request (the oracle
            restarted since our last call): send it again, on a new connection. */
-        if (ring_get(c, deadline_ns, &r, why, sizeof(why)) != SHMKEY_OK)
-            return SHMKEY_EUNAVAIL;
+        if ((rc = ring_get(c, deadline_ns, &r, why, sizeof(why))) != SHMKEY_OK)
+            return rc;
         lost = 0;
         rc = ring_call(r, req, in, out, out_cap, resp, deadline_ns, &lost);
         shmkey_cring_put(r);
@@ -528,8 +530,8 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
      * answers a new one, only the process serving us died (a worker process):
      * say so, as the reply. Otherwise the oracle is gone.
      */
-    if (ring_get(c, deadline_ns, &r, why, sizeof(why)) != SHMKEY_OK)
-        return SHMKEY_EUNAVAIL;
+    if ((rc = ring_get(c, deadline_ns, &r, why, sizeof(why))) != SHMKEY_OK)
+        return rc == SHMKEY_EIDENTITY || rc == SHMKEY_EACCESS ? rc : SHMKEY_EUNAVAIL;
     shmkey_cring_put(r);
     resp->status = SHMKEY_EINTERNAL;
     resp->out_len = out_cap >= sizeof(died) - 1 ? (uint32_t)sizeof(died) - 1 : 0;

@@ -173,6 +173,7 @@ int shmkey_client_transport(const struct shmkey_client *c);
 int shmkey_client_free_slots(struct shmkey_client *c);
 int64_t shmkey_client_oracle_uid(const struct shmkey_client *c);
 int64_t shmkey_client_oracle_pid(const struct shmkey_client *c);
+int shmkey_client_why(struct shmkey_client *c, char *out, uint32_t cap);
 int shmkey_call(struct shmkey_client *c, const struct shmkey_req *req,
                 const uint8_t *in, uint8_t *out, uint32_t out_cap,
                 struct shmkey_resp *resp, uint32_t timeout_ms);

@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -154,9 +155,15 @@ static int checkout(struct shmkey_client *c, uint64_t deadline_ns, int *fd, char
     }
     c->nopen++;
     pthread_mutex_unlock(&c->lock);
+    char mine[256];
+    if (!why) {
+        why = mine;
+        whylen = sizeof(mine);
+    }
     int rc = new_conn(c, deadline_ns, fd, why, whylen);
     if (rc != SHMKEY_OK) {
         pthread_mutex_lock(&c->lock);
+        snprintf(c->why, sizeof(c->why), "%s", why);
         c->nopen--;
         pthread_cond_signal(&c->cond);
         pthread_mutex_unlock(&c->lock);

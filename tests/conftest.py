@@ -48,9 +48,39 @@ def _has_runtime_dir() -> bool:
         return False
 
 
+def _ring_pid(segment: str) -> int:
+    """The oracle pid a ring header of the old /dev/shm layout records (offset
+    24), 0 if unreadable: other sessions on this machine may run old shmkeys."""
+    try:
+        with open(SHM / segment, "rb") as f:
+            raw = f.read(28)
+    except OSError:
+        return 0
+    return int.from_bytes(raw[24:28], "little") if len(raw) == 28 else 0
+
+
+def _descends_from_us(pid: int) -> bool:
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
 def leaked(before: set[str]) -> list[str]:
-    """What appeared in /dev/shm since ``before``: nothing should, ever."""
-    return sorted(ours_in_shm() - before)
+    """What appeared in /dev/shm since ``before`` that a process of this run
+    made: nothing should, ever (entries of other programs do not count)."""
+    out = []
+    for entry in sorted(ours_in_shm() - before):
+        segment = entry[len("sem."):].rsplit("-", 1)[0] if entry.startswith("sem.") else entry
+        if _descends_from_us(_ring_pid(segment)):
+            out.append(entry)
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

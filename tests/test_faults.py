@@ -35,6 +35,13 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def sigstop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it has stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert wait_until(lambda: all((stat_fields(t) or ["T"])[0] == "T" for t in threads))
+
+
 def wait_until(cond, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,10 +175,8 @@ def test_stopped_oracle_is_unavailable_within_the_timeout(rsa2048: Path, transpo
         key = oracle.private_key()
         key.sign(b"before", PKCS1, hashes.SHA256())
         assert oracle.pid is not None
-        os.kill(oracle.pid, signal.SIGSTOP)
+        sigstop(oracle.pid)
         try:
-            threads = [int(t) for t in os.listdir(f"/proc/{oracle.pid}/task")]
-            assert wait_until(lambda: all((stat_fields(t) or ["T"])[0] == "T" for t in threads))
             started = time.monotonic()
             with pytest.raises(shmkey.OracleUnavailableError):
                 key.sign(b"during", PKCS1, hashes.SHA256())

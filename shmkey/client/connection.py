@@ -15,6 +15,8 @@ from ..errors import InvalidArgumentError, ProtocolError
 from .keys import AnyOracleKey, from_spki
 
 _NO_PARAMS = (0, 0, 0, 0)
+# Statuses of a failed reconnection, whose reason the client keeps.
+_CONNECT_ERRORS = frozenset({lib.SHMKEY_EIDENTITY, lib.SHMKEY_EACCESS})
 _TRANSPORTS = {None: lib.SHMKEY_TRANSPORT_ANY, "shm": lib.SHMKEY_TRANSPORT_SHM,
                "socketpair": lib.SHMKEY_TRANSPORT_SOCKET}
 
@@ -116,6 +118,10 @@ class OracleClient:
         return self._result(rc, resp, out)
 
     def _result(self, rc: int, resp: Any, out: Any) -> bytes:
+        if rc in _CONNECT_ERRORS:
+            why = ffi.new("char[]", 256)
+            lib.shmkey_client_why(self._handle, why, len(why))
+            ensure(rc, ffi.string(why).decode("utf-8", "replace"))
         ensure(rc)
         data: bytes = ffi.buffer(out, resp.out_len)[:]
         if resp.status != lib.SHMKEY_OK:

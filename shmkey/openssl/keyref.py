@@ -122,6 +122,9 @@ class KeyReference:
             _, end = _read(body, pos, _SEQUENCE)
             spki, uid = body[pos:end], None
             if number == VERSION:
+                if end == len(body):
+                    raise KeyReferenceError(f"a version {VERSION} key reference without an "
+                                            "oracle uid")
                 value, end = _read(body, end, _INTEGER)
                 uid = _int_value(value)
             if end != len(body):
