@@ -727,8 +727,8 @@ static uint32_t all_spinners(const struct shmkey_server *s)
 }
 
 /*
- * Spin for a request while a core is to spare and no other worker spins
- * (the clients spin too, and one spinner finds every ring's requests),
+ * Spin for a request while cores are to spare and no other worker spins
+ * (one spinner finds every ring's requests),
  * counted in the status page's spinners so that clients do not ring (and
  * wake a sleeping worker) meanwhile. Pings found while spinning are answered
  * and the spin goes on; every few microseconds it looks for socket messages
@@ -740,8 +740,14 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
     if (s->spin_us == 0 || __atomic_load_n(&s->nrings, __ATOMIC_RELAXED) == 0 ||
         all_spinners(s) > 0)
         return 0;
-    /* Our own count is in "active" while we were computing. */
-    if (shmkey_status_active(s->status, s->nprocs) + (w->active ? 0 : 1) > s->ncpu)
+    /*
+     * Busy workers other than us, plus us, plus a client that may be spinning
+     * for its reply (no oracle can see its clients spin: that is theirs to
+     * know), must fit the cores. Our own count is in "active" while we were
+     * computing.
+     */
+    uint32_t others = shmkey_status_active(s->status, s->nprocs) - (w->active ? 1 : 0);
+    if (others + 2 > s->ncpu)
         return 0;
     shmkey_ring_enter_active(s, w);
     uint32_t *spinners = &s->status->spinners[s->proc];
@@ -762,7 +768,7 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
         }
         if ((i & 15) == 0 &&
             (s->stopping ||
-             shmkey_spin_should_stop(&last, end, shmkey_status_active(s->status, s->nprocs),
+             shmkey_spin_should_stop(&last, end, shmkey_status_active(s->status, s->nprocs) + 1,
                                      s->ncpu)))
             break;
     }
