@@ -232,14 +232,16 @@ def _old_ring_alive(path: Path) -> bool:
         return False
     if len(head) < _OLD_PID_AT + 4 or struct.unpack_from("<I", head)[0] != _OLD_MAGIC:
         return False
-    (pid,) = struct.unpack_from("<I", head, _OLD_PID_AT)
+    pid = int(struct.unpack_from("<I", head, _OLD_PID_AT)[0])
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
-    return pid > 0
+    return True
 
 
 def clean(name: str, configured_dir: Optional[str] = None) -> list[str]:
