@@ -278,14 +278,18 @@ static void release_slot(struct cring *r, uint32_t i)
     }
 }
 
-/* Spin while it pays: a free core for us, and the reply not yet there. */
-static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s)
+/*
+ * Spin while it pays: a free core for us, and the reply not yet there. A
+ * client that rang the doorbell (no worker spun) counts the worker it woke:
+ * spinning on the core that worker needs would only delay it.
+ */
+static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t woken)
 {
     uint64_t ctl = ctl_load(s);
     if (r->spin_us == 0 || CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
         return ctl;
     uint32_t mine = __atomic_add_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
-    if (shmkey_status_active(r->status, r->nprocs) + mine > r->ncpu) {
+    if (shmkey_status_active(r->status, r->nprocs) + mine + woken > r->ncpu) {
         __atomic_sub_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
         return ctl;
     }
@@ -321,10 +325,10 @@ static void drain(int fd)
  * up: 1 before any worker took the request (it may be sent again), 2 after.
  */
 static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32_t gen,
-                      uint64_t deadline_ns, int *lost)
+                      uint64_t deadline_ns, uint32_t woken, int *lost)
 {
-    uint64_t ctl = spin_for_reply(r, s);
-    int drained = 0;
+    /* A wake-up left over from an earlier use costs one spurious return from poll. */
+    uint64_t ctl = spin_for_reply(r, s, woken);
     for (;;) {
         if (CTL_GEN(ctl) != gen)
             return SHMKEY_EPROTO;       /* our own process freed our slot */
@@ -337,10 +341,6 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
         uint64_t now = shmkey_now_ns();
         if (now >= deadline_ns)
             return SHMKEY_ETIMEDOUT;
-        if (!drained) {
-            drain(r->wake[i]);          /* a wake-up left over from an earlier use */
-            drained = 1;
-        }
         /* Dekker with the worker: it stores DONE, then reads waiters. */
         __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST) == ctl) {
@@ -420,12 +420,13 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
      * sleeping one for nothing, and it would preempt whoever runs there.
      */
     __atomic_store_n(&s->ctl, CTL(gen, SHMKEY_SLOT_SUBMITTED), __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&r->status->spinners[r->proc], __ATOMIC_SEQ_CST) == 0) {
+    uint32_t woken = __atomic_load_n(&r->status->spinners[r->proc], __ATOMIC_SEQ_CST) == 0;
+    if (woken) {
         static const char bell = 'r';
         /* Full means rung already; a hang-up shows in the wait. */
         (void)send(r->sock, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
     }
-    rc = wait_reply(r, s, i, gen, deadline_ns, lost);
+    rc = wait_reply(r, s, i, gen, deadline_ns, woken, lost);
     if (rc == SHMKEY_OK) {
         memcpy(resp, &s->resp, sizeof(*resp));
         COMPILER_BARRIER();
