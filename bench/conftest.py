@@ -12,20 +12,24 @@ from typing import Iterator
 
 import pytest
 
+from shmkey import names
 from shmkey.tools import bench
 
 SHM = Path("/dev/shm")
 _THROUGHPUT: list[tuple[str, str, bench.Throughput]] = []   # (group, label, result)
+IDLE: dict[tuple[str, int], float] = {}     # (mode, idle clients) -> cores the oracle used
 
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[bench.Lab]:
-    """Keys and oracles shared by every benchmark; nothing is left in /dev/shm."""
+    """Keys and oracles shared by every benchmark; nothing is left behind (no
+    socket, nothing in /dev/shm)."""
     with bench.Lab() as the_lab:
         yield the_lab
-        names = the_lab.oracle_names()
-    left = [n for n in names if (SHM / f"shmkey-{n}").exists()]
-    assert not left, f"oracles left rings in /dev/shm: {left}"
+        started = the_lab.oracle_names()
+    left = [n for n in started if names.socket_path(n).exists() or
+            (SHM / names.ring_id(n)).exists()]
+    assert not left, f"oracles left sockets or rings: {left}"
 
 
 @pytest.fixture
@@ -63,10 +67,15 @@ def measure_throughput(benchmark, timed: bool):   # type: ignore[no-untyped-def]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:   # type: ignore[no-untyped-def]
-    """Throughput per group with ratios: the figures the timing table hides."""
+    """Throughput per group with ratios, and what idle clients cost: the figures
+    the timing table hides."""
+    tr = terminalreporter
+    if IDLE:
+        tr.section("shmkey idle oracle: cores used while clients connect and send nothing")
+        for (mode, clients), cores in sorted(IDLE.items()):
+            tr.write_line(f"  {mode:<12} {clients:>3} idle clients: {cores:.4f} cores")
     if not _THROUGHPUT:
         return
-    tr = terminalreporter
     tr.section("shmkey throughput: ops/s by the clients' own clocks")
     for group in dict.fromkeys(g for g, _, _ in _THROUGHPUT):
         rows = [(label, t) for g, label, t in _THROUGHPUT if g == group]

@@ -4,7 +4,118 @@
  */
 #include "internal.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/* internal to ring.c and sock.c, for the open and close below */
+int shmkey_shm_open(struct shmkey_client *c, uint64_t deadline_ns, char *why, uint32_t whylen);
+int shmkey_shm_free_slots(struct shmkey_client *c);
+void shmkey_shm_client_close(struct shmkey_client *c);
+void shmkey_sock_adopt(struct shmkey_client *c, int fd, uint32_t max_payload);
+
+static void free_client(struct shmkey_client *c)
+{
+    if (c->transport == SHMKEY_TRANSPORT_SHM)
+        shmkey_shm_client_close(c);
+    else
+        shmkey_sock_client_close(c);
+    if (c->ctl_fd >= 0)
+        close(c->ctl_fd);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cond);
+    free(c);
+}
+
+/*
+ * Connect to an oracle, by path (a named oracle's socket) or over ctl_fd (a
+ * SOCK_SEQPACKET control socket to an owned one, dup'ed here), within
+ * timeout_ms. transport SHMKEY_TRANSPORT_ANY takes what the oracle offers.
+ * oracle_uid says whom to trust (SHMKEY_UID_DEFAULT: our own uid or root;
+ * a uid: that one too, or with exact_uid only that one; SHMKEY_UID_ANY).
+ * On failure why says what happened: SHMKEY_EIDENTITY names the oracle's
+ * user and the expected one.
+ */
+int shmkey_client_open(const char *path, int ctl_fd, int transport, int64_t oracle_uid,
+                       int exact_uid, uint32_t timeout_ms, char *why, uint32_t whylen,
+                       struct shmkey_client **out)
+{
+    pthread_condattr_t ca;
+    char scratch[8];
+    if (!why || whylen == 0) {
+        why = scratch;
+        whylen = sizeof(scratch);
+    }
+    why[0] = '\0';
+    *out = NULL;
+    if ((path == NULL || !path[0]) == (ctl_fd < 0) ||
+        (path && strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) ||
+        (transport != SHMKEY_TRANSPORT_ANY && transport != SHMKEY_TRANSPORT_SHM &&
+         transport != SHMKEY_TRANSPORT_SOCKET) ||
+        oracle_uid < SHMKEY_UID_ANY || (exact_uid && oracle_uid < 0))
+        return SHMKEY_EINVAL;
+    struct shmkey_client *c = calloc(1, sizeof(*c));
+    if (!c)
+        return SHMKEY_ESYSTEM;
+    c->transport = transport;
+    c->owner_pid = shmkey_self_pid();
+    c->oracle_uid = oracle_uid;
+    c->exact_uid = exact_uid;
+    c->ctl_fd = -1;
+    c->peer_uid = geteuid();
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    if (path && path[0])
+        strncpy(c->path, path, sizeof(c->path) - 1);
+    else if ((c->ctl_fd = fcntl(ctl_fd, F_DUPFD_CLOEXEC, 3)) < 0) {
+        free_client(c);
+        return SHMKEY_ESYSTEM;
+    }
+    uint64_t deadline = shmkey_now_ns() + (uint64_t)timeout_ms * 1000000u;
+    int rc;
+    if (transport == SHMKEY_TRANSPORT_SHM) {
+        rc = shmkey_shm_open(c, deadline, why, whylen);
+    } else if (transport == SHMKEY_TRANSPORT_SOCKET) {
+        rc = shmkey_sock_open(c, deadline, why, whylen);
+    } else {
+        /* Whatever the oracle offers: adopt the first connection as it comes. */
+        struct shmkey_welcome wel;
+        int fds[SHMKEY_MAX_SLOTS + 2], sock;
+        rc = shmkey_conn_dial(c, SHMKEY_TRANSPORT_ANY, deadline, &wel, fds,
+                              SHMKEY_MAX_SLOTS + 2, &sock, why, whylen);
+        if (rc == SHMKEY_OK && wel.transport == SHMKEY_TRANSPORT_SHM) {
+            c->transport = SHMKEY_TRANSPORT_SHM;
+            rc = shmkey_cring_attach(sock, &wel, fds, wel.nfds, &c->ring, why, whylen);
+            if (rc == SHMKEY_OK)
+                c->max_payload = c->ring->slot_size;
+            else
+                close(sock);
+        } else if (rc == SHMKEY_OK) {
+            c->transport = SHMKEY_TRANSPORT_SOCKET;
+            shmkey_close_fds(fds, wel.nfds);
+            if (wel.slot_size < SHMKEY_MIN_SLOT_SIZE || wel.slot_size > SHMKEY_MAX_SLOT_SIZE) {
+                close(sock);
+                rc = SHMKEY_EPROTO;
+            } else {
+                shmkey_sock_adopt(c, sock, wel.slot_size);
+            }
+        }
+        if (rc != SHMKEY_OK)
+            c->transport = SHMKEY_TRANSPORT_SOCKET;
+    }
+    if (rc != SHMKEY_OK) {
+        free_client(c);
+        return rc;
+    }
+    *out = c;
+    return SHMKEY_OK;
+}
 
 /*
  * One request, one reply, within timeout_ms. On SHMKEY_OK, resp holds the
@@ -15,7 +126,7 @@ int shmkey_call(struct shmkey_client *c, const struct shmkey_req *req,
                 const uint8_t *in, uint8_t *out, uint32_t out_cap,
                 struct shmkey_resp *resp, uint32_t timeout_ms)
 {
-    if (!c || !req || !resp || (req->in_len && !in))
+    if (!c || !req || !resp || (req->in_len && !in) || (out_cap && !out))
         return SHMKEY_EINVAL;
     uint64_t deadline = shmkey_now_ns() + (uint64_t)timeout_ms * 1000000u;
     if (c->transport == SHMKEY_TRANSPORT_SHM)
@@ -29,10 +140,10 @@ int shmkey_ping_loop(struct shmkey_client *c, uint32_t n, uint64_t *ns_out,
 {
     struct shmkey_req req = {.op = SHMKEY_OP_PING};
     struct shmkey_resp resp;
-    uint8_t out[1];
+    uint8_t out[64];
     for (uint32_t i = 0; i < n; i++) {
         uint64_t t0 = shmkey_now_ns();
-        int rc = shmkey_call(c, &req, NULL, out, 0, &resp, timeout_ms);
+        int rc = shmkey_call(c, &req, NULL, out, sizeof(out), &resp, timeout_ms);
         if (rc == SHMKEY_OK)
             rc = resp.status;
         if (rc != SHMKEY_OK)
@@ -45,12 +156,8 @@ int shmkey_ping_loop(struct shmkey_client *c, uint32_t n, uint64_t *ns_out,
 
 void shmkey_client_close(struct shmkey_client *c)
 {
-    if (!c)
-        return;
-    if (c->transport == SHMKEY_TRANSPORT_SHM)
-        shmkey_shm_client_close(c);
-    else
-        shmkey_sock_client_close(c);
+    if (c)
+        free_client(c);
 }
 
 uint32_t shmkey_client_max_payload(const struct shmkey_client *c)
@@ -63,40 +170,96 @@ int shmkey_client_transport(const struct shmkey_client *c)
     return c->transport;
 }
 
-int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w,
-                       uint32_t timeout_ms)
+int shmkey_client_free_slots(struct shmkey_client *c)
 {
-    if (s->transport == SHMKEY_TRANSPORT_SHM)
-        return shmkey_shm_server_next(s, w, timeout_ms);
-    return shmkey_sock_server_next(s, w, timeout_ms);
+    if (c->transport != SHMKEY_TRANSPORT_SHM)
+        return SHMKEY_EINVAL;
+    return shmkey_shm_free_slots(c);
+}
+
+/* Why the latest (re)connection failed, for the message of a failed call. */
+int shmkey_client_why(struct shmkey_client *c, char *out, uint32_t cap)
+{
+    if (!c || !out || cap == 0)
+        return SHMKEY_EINVAL;
+    pthread_mutex_lock(&c->lock);
+    snprintf(out, cap, "%s", c->why);
+    pthread_mutex_unlock(&c->lock);
+    return SHMKEY_OK;
+}
+
+/* Who served this client's latest connection, as SO_PEERCRED says. */
+int64_t shmkey_client_oracle_uid(const struct shmkey_client *c)
+{
+    return (int64_t)c->peer_uid;
+}
+
+int64_t shmkey_client_oracle_pid(const struct shmkey_client *c)
+{
+    return (int64_t)c->peer_pid;
+}
+
+/* ===================================================================== */
+/* oracle                                                                */
+/* ===================================================================== */
+
+/*
+ * Wait up to timeout_ms for a request and copy it into w: from a ring
+ * (scanned, then spun for while a core is free) or from a socket message.
+ * Pings and malformed requests are answered here; only work for Python comes
+ * back. Returns SHMKEY_OK with w filled, SHMKEY_ETIMEDOUT, or
+ * SHMKEY_EUNAVAIL once the server is stopping.
+ */
+int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w, uint32_t timeout_ms)
+{
+    uint64_t deadline = shmkey_now_ns() + (uint64_t)timeout_ms * 1000000u;
+    shmkey_server_online(s, w, 1);
+    w->conn = NULL;
+    for (;;) {
+        shmkey_server_quiescent(s, w);
+        if (s->stopping)
+            break;
+        int rc = shmkey_ring_claim(s, w);
+        if (rc == 0)
+            rc = shmkey_ring_spin(s, w);
+        if (rc == 1) {
+            shmkey_ring_kick_if_more(s);
+            return SHMKEY_OK;
+        }
+        if (rc < 0)
+            continue;
+        if (rc == 0) {
+            shmkey_ring_leave_active(s, w);
+            rc = shmkey_server_wait(s, w, deadline);
+        }
+        if (rc == 1 || rc == 2) {
+            shmkey_ring_enter_active(s, w);
+            if (w->req.op != SHMKEY_OP_PING)
+                return SHMKEY_OK;
+            shmkey_frames_reply(s, w, SHMKEY_OK, w->payload, w->req.in_len);
+            continue;
+        }
+        if (rc == 0)
+            continue;
+        if (rc == SHMKEY_EUNAVAIL)
+            break;
+        shmkey_server_online(s, w, 0);
+        return rc;
+    }
+    shmkey_ring_leave_active(s, w);
+    shmkey_server_online(s, w, 0);
+    return SHMKEY_EUNAVAIL;
 }
 
 int shmkey_server_reply(struct shmkey_server *s, struct shmkey_work *w,
                         int32_t status, const uint8_t *out, uint32_t out_len)
 {
-    if (out_len && !out)
+    struct sconn *k = w->conn;
+    if ((out_len && !out) || !k)
         return SHMKEY_EINVAL;
-    if (s->transport == SHMKEY_TRANSPORT_SHM)
-        return shmkey_shm_server_reply(s, w, status, out, out_len);
-    return shmkey_sock_server_reply(s, w, status, out, out_len);
-}
-
-/* Wake every waiter so it sees the ring stopping; workers return EUNAVAIL. */
-void shmkey_server_stop(struct shmkey_server *s)
-{
-    s->stopping = 1;
-    if (s->transport == SHMKEY_TRANSPORT_SHM)
-        shmkey_shm_server_stop(s);
-}
-
-void shmkey_server_close(struct shmkey_server *s)
-{
-    if (!s)
-        return;
-    if (s->transport == SHMKEY_TRANSPORT_SHM)
-        shmkey_shm_server_close(s);
-    else
-        shmkey_sock_server_close(s);
+    if (k->state == CONN_RING)
+        return shmkey_ring_reply(s, w, status, out, out_len);
+    return shmkey_frames_reply(s, w, status, out, out_len);
 }
 
 struct shmkey_work *shmkey_work_new(uint32_t cap)
@@ -110,7 +273,6 @@ struct shmkey_work *shmkey_work_new(uint32_t cap)
         return NULL;
     }
     w->cap = cap;
-    w->fd = -1;
     return w;
 }
 

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-# The ring and the socket transport, then the OpenSSL provider (provider.h).
-SOURCES = ["common.c", "ring.c", "sock.c", "api.c", "provider.c", "prov_decoder.c",
+# Connections, the ring and the socket transport, then the OpenSSL provider (provider.h).
+SOURCES = ["common.c", "conn.c", "ring.c", "sock.c", "api.c", "provider.c", "prov_decoder.c",
            "prov_keyref.c", "prov_keymgmt.c", "prov_signature.c", "prov_cipher.c",
            "prov_oracle.c"]
 # The Python extension alone also has the sandbox, and so links libseccomp;

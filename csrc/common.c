@@ -1,13 +1,15 @@
 /*
- * common.c - the version, status messages, the rules for oracle names and
- * their paths, clocks, liveness and process hardening, shared by both
- * transports, the provider and (through cffi) Python.
+ * common.c - the version, status messages, the rules for oracle names,
+ * runtime directories and socket paths, clocks, spinning and process
+ * hardening, shared by both transports, the provider and (through cffi) Python.
  */
 #include "internal.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pwd.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,7 +39,7 @@ const char *shmkey_strerror(int status)
     case SHMKEY_ETIMEDOUT: return "timed out waiting for the key oracle";
     case SHMKEY_EUNAVAIL: return "the key oracle is not running";
     case SHMKEY_EPOLICY: return "refused by the key oracle's policy";
-    case SHMKEY_EPROTO: return "malformed request or reply";
+    case SHMKEY_EPROTO: return "malformed request, reply or handshake";
     case SHMKEY_ETOOBIG: return "input too large for a ring slot or message";
     case SHMKEY_EDECRYPT: return "decryption failed";
     case SHMKEY_EUNSUPPORTED: return "unsupported operation, padding or hash";
@@ -46,6 +48,7 @@ const char *shmkey_strerror(int status)
     case SHMKEY_EINTERNAL: return "the key oracle's crypto library failed";
     case SHMKEY_EACCESS: return "permission denied";
     case SHMKEY_ETOKEN: return "the key's token is unavailable";
+    case SHMKEY_EIDENTITY: return "the key oracle runs as an unexpected user";
     default: return "unknown shmkey status";
     }
 }
@@ -53,7 +56,8 @@ const char *shmkey_strerror(int status)
 /* An OS error as the status it means to a caller. */
 int shmkey_status_from_errno(int err)
 {
-    if (err == ENOENT)
+    if (err == ENOENT || err == ECONNREFUSED || err == ECONNRESET || err == EPIPE ||
+        err == ENOTCONN)
         return SHMKEY_EUNAVAIL;
     if (err == EACCES || err == EPERM)
         return SHMKEY_EACCESS;
@@ -64,14 +68,15 @@ int shmkey_status_from_errno(int err)
 /* oracle names and paths: every side (Python, ring, provider) uses these */
 /* ===================================================================== */
 
-/* What an oracle's objects are called: the ring segment "/shmkey-NAME", its
- * semaphores "/shmkey-NAME-req" and "-free", the socket "shmkey-NAME.sock". */
+/* What an oracle's socket is called: "shmkey-NAME.sock" in its runtime directory. */
 static const char ring_prefix[] = "shmkey-";
+/* Where oracles started as root listen; only root may create entries there. */
+static const char system_dir[] = "/run/shmkey";
 
 /*
  * SHMKEY_OK if name is a valid oracle name: 1 to SHMKEY_NAME_MAX letters,
- * digits, '_', '.' or '-', not starting with '.'. It becomes part of
- * /dev/shm and socket file names, so nothing else may get through.
+ * digits, '_', '.' or '-', not starting with '.'. It becomes part of a
+ * socket file name, so nothing else may get through.
  */
 int shmkey_check_name(const char *name)
 {
@@ -84,7 +89,7 @@ int shmkey_check_name(const char *name)
            ? SHMKEY_OK : SHMKEY_EINVAL;
 }
 
-/* The IPC base name of oracle name (no leading slash), into out. */
+/* The base name of oracle name's objects ("shmkey-NAME"), into out. */
 int shmkey_ring_id(const char *name, char *out, uint32_t cap)
 {
     if (shmkey_check_name(name) != SHMKEY_OK || !out ||
@@ -93,31 +98,139 @@ int shmkey_ring_id(const char *name, char *out, uint32_t cap)
     return SHMKEY_OK;
 }
 
-/* SHMKEY_OK if id is what shmkey_ring_id makes of a valid name. */
-int shmkey_check_ring_id(const char *id)
+void shmkey_why(char *why, uint32_t whylen, const char *fmt, ...)
 {
-    size_t n = sizeof(ring_prefix) - 1;
-    return id && strncmp(id, ring_prefix, n) == 0 ? shmkey_check_name(id + n) : SHMKEY_EINVAL;
+    va_list ap;
+    if (!why || whylen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(why, whylen, fmt, ap);
+    va_end(ap);
+}
+
+/* "uid 33 (www-data)", or "uid 33" where the user database has no name (a chroot). */
+void shmkey_user_name(uint32_t uid, char *out, size_t cap)
+{
+    struct passwd pw, *res = NULL;
+    char buf[2048];
+    if (getpwuid_r((uid_t)uid, &pw, buf, sizeof(buf), &res) == 0 && res)
+        snprintf(out, cap, "uid %u (%s)", uid, res->pw_name);
+    else
+        snprintf(out, cap, "uid %u", uid);
 }
 
 /*
- * The directory of named socket oracles, into out. configured is the
- * operator's SHMKEY_RUNTIME_DIR (NULL: read it from the environment; empty:
- * not set). If set, it is trusted when no group or other may write to it.
- * Otherwise $XDG_RUNTIME_DIR/shmkey or /tmp/shmkey-EUID, created 0700 if
- * create is nonzero, which must be a directory ours alone: whoever owns it
- * could plant a fake oracle's socket there. On failure why says what and
- * why, the OS error included: ENOENT gives SHMKEY_EUNAVAIL (no oracle can be
- * listening there), permission SHMKEY_EACCESS, a bad setting SHMKEY_EINVAL.
+ * May a socket directory be trusted: a real directory that no group or other
+ * user may write to (so nobody else can plant, replace or remove a socket in
+ * it), owned by root or, if owner is not -1, by owner.
+ */
+static int safe_dir(const struct stat *st, int64_t owner)
+{
+    return S_ISDIR(st->st_mode) && !(st->st_mode & 022) &&
+           (owner < 0 || st->st_uid == 0 || (int64_t)st->st_uid == owner);
+}
+
+/* Make dir (mode) if create and it is missing; then it must be safe_dir for owner. */
+static int use_dir(const char *dir, mode_t mode, int create, int64_t owner, int follow,
+                   char *why, uint32_t whylen)
+{
+    struct stat st;
+    int err;
+    if (create && mkdir(dir, mode) != 0 && errno != EEXIST) {
+        err = errno;
+        shmkey_why(why, whylen, "cannot create socket directory %s: %s", dir, strerror(err));
+        return shmkey_status_from_errno(err);
+    }
+    if ((follow ? stat(dir, &st) : lstat(dir, &st)) != 0) {
+        err = errno;
+        shmkey_why(why, whylen, "socket directory %s: %s", dir, strerror(err));
+        return shmkey_status_from_errno(err);
+    }
+    if (!safe_dir(&st, owner)) {
+        if (owner >= 0)
+            shmkey_why(why, whylen, "socket directory %s must be a directory owned by root or "
+                       "uid %lld that no group or other user can write to; refusing to use it",
+                       dir, (long long)owner);
+        else
+            shmkey_why(why, whylen, "socket directory %s must be a directory that no group or "
+                       "other user can write to; refusing to use it", dir);
+        return SHMKEY_EACCESS;
+    }
+    return SHMKEY_OK;
+}
+
+static int put_path(char *out, uint32_t cap, char *why, uint32_t whylen, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static int put_path(char *out, uint32_t cap, char *why, uint32_t whylen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int len = vsnprintf(out, cap, fmt, ap);
+    va_end(ap);
+    if (len < 0 || (size_t)len >= cap) {
+        out[0] = '\0';
+        shmkey_why(why, whylen, "socket directory path is longer than %u bytes", cap - 1);
+        return SHMKEY_EINVAL;
+    }
+    return SHMKEY_OK;
+}
+
+/*
+ * The per-user directory when there is no XDG_RUNTIME_DIR: /tmp/shmkey-UID
+ * if it is ours (0700, owned by us), else ~/.shmkey (HOME from the user
+ * database, not the environment). Anyone may create /tmp/shmkey-UID first,
+ * but that only sends both the oracle and its clients (who apply this same
+ * rule) to ~/.shmkey, which nobody else can create: no denial of service.
+ */
+static int per_user_dir(uid_t me, int create, char *out, uint32_t cap, char *why, uint32_t whylen)
+{
+    struct passwd pw, *res = NULL;
+    char buf[2048], first[128];
+    struct stat st;
+    int rc = put_path(out, cap, why, whylen, "/tmp/shmkey-%u", (unsigned)me);
+    if (rc != SHMKEY_OK)
+        return rc;
+    if (create)
+        (void)mkdir(out, 0700);
+    if (lstat(out, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == me && !(st.st_mode & 077))
+        return SHMKEY_OK;
+    snprintf(first, sizeof(first), "%s", out);
+    if (getpwuid_r(me, &pw, buf, sizeof(buf), &res) != 0 || !res || res->pw_dir[0] != '/' ||
+        lstat(res->pw_dir, &st) != 0 || !safe_dir(&st, (int64_t)me)) {
+        shmkey_why(why, whylen, "socket directory %s is missing or not ours, and uid %u has no "
+                   "home directory of its own; set SHMKEY_RUNTIME_DIR or XDG_RUNTIME_DIR",
+                   first, (unsigned)me);
+        return create ? SHMKEY_EACCESS : SHMKEY_EUNAVAIL;
+    }
+    rc = put_path(out, cap, why, whylen, "%s/.shmkey", res->pw_dir);
+    if (rc == SHMKEY_OK)
+        rc = use_dir(out, 0700, create, (int64_t)me, 0, why, whylen);
+    return rc;
+}
+
+/*
+ * The directory of oracle sockets, into out: where an oracle listens
+ * (create nonzero: made if missing) or where a client looks first.
+ * configured is the operator's SHMKEY_RUNTIME_DIR (NULL: read it from the
+ * environment; empty: not set). The rule, the same for every caller:
+ *   1. SHMKEY_RUNTIME_DIR, which must exist and which no group or other may
+ *      write to (its owner can replace sockets in it: the operator's choice);
+ *   2. /run/shmkey when running as root (made 0755, must be root's);
+ *   3. $XDG_RUNTIME_DIR/shmkey (made 0700, owned by us or root);
+ *   4. /tmp/shmkey-UID, or ~/.shmkey if someone else took that name.
+ * Nobody but root and the directory's owner can then plant, replace or remove
+ * a socket in it. On failure why says what and why, the OS error included:
+ * ENOENT gives SHMKEY_EUNAVAIL (no oracle can be listening there), a bad
+ * directory SHMKEY_EACCESS, a bad setting SHMKEY_EINVAL.
  */
 int shmkey_runtime_dir(const char *configured, int create, char *out, uint32_t cap,
                        char *why, uint32_t whylen)
 {
-    struct stat st;
     uid_t me = geteuid();
     const char *base;
     size_t n = 0;
-    int len, err;
+    int rc;
 
     if (!out || cap == 0 || !why || whylen == 0)
         return SHMKEY_EINVAL;
@@ -134,54 +247,35 @@ int shmkey_runtime_dir(const char *configured, int create, char *out, uint32_t c
     }
     if (n > 0) {
         if (configured[0] != '/') {
-            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%.*s is not an absolute path",
-                     (int)n, configured);
+            shmkey_why(why, whylen, "SHMKEY_RUNTIME_DIR=%.*s is not an absolute path",
+                       (int)n, configured);
             return SHMKEY_EINVAL;
         }
         if (n >= cap) {
-            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR is longer than %u bytes", cap - 1);
+            shmkey_why(why, whylen, "SHMKEY_RUNTIME_DIR is longer than %u bytes", cap - 1);
             return SHMKEY_EINVAL;
         }
         memcpy(out, configured, n);
         out[n] = '\0';
-        if (stat(out, &st) != 0) {
-            err = errno;
-            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%s: %s", out, strerror(err));
-            return shmkey_status_from_errno(err);
+        /* Its owner is the operator's choice (say, the user the oracle drops to). */
+        rc = use_dir(out, 0700, 0, -1, 1, why, whylen);
+        if (rc != SHMKEY_OK && rc != SHMKEY_EINVAL) {
+            char detail[512];
+            snprintf(detail, sizeof(detail), "%s", why);
+            shmkey_why(why, whylen, "SHMKEY_RUNTIME_DIR=%s: %s", out, detail);
         }
-        if (!S_ISDIR(st.st_mode) || (st.st_mode & 022)) {
-            snprintf(why, whylen, "SHMKEY_RUNTIME_DIR=%s must be a directory that no group "
-                     "or other user can write to", out);
-            return SHMKEY_EACCESS;
-        }
-        return SHMKEY_OK;
+        return rc;
+    }
+    if (me == 0) {
+        rc = put_path(out, cap, why, whylen, "%s", system_dir);
+        return rc == SHMKEY_OK ? use_dir(out, 0755, create, 0, 0, why, whylen) : rc;
     }
     base = secure_getenv("XDG_RUNTIME_DIR");
-    if (base && base[0])
-        len = snprintf(out, cap, "%s/shmkey", base);
-    else
-        len = snprintf(out, cap, "/tmp/shmkey-%u", (unsigned)me);
-    if (len < 0 || (size_t)len >= cap) {
-        out[0] = '\0';
-        snprintf(why, whylen, "socket directory path is longer than %u bytes", cap - 1);
-        return SHMKEY_EINVAL;
+    if (base && base[0]) {
+        rc = put_path(out, cap, why, whylen, "%s/shmkey", base);
+        return rc == SHMKEY_OK ? use_dir(out, 0700, create, (int64_t)me, 0, why, whylen) : rc;
     }
-    if (create && mkdir(out, 0700) != 0 && errno != EEXIST) {
-        err = errno;
-        snprintf(why, whylen, "cannot create socket directory %s: %s", out, strerror(err));
-        return shmkey_status_from_errno(err);
-    }
-    if (lstat(out, &st) != 0) {
-        err = errno;
-        snprintf(why, whylen, "socket directory %s: %s", out, strerror(err));
-        return shmkey_status_from_errno(err);
-    }
-    if (!S_ISDIR(st.st_mode) || st.st_uid != me || (st.st_mode & 077)) {
-        snprintf(why, whylen, "socket directory %s must be a directory owned by uid %u with "
-                 "mode 0700; refusing to use it", out, (unsigned)me);
-        return SHMKEY_EACCESS;
-    }
-    return SHMKEY_OK;
+    return per_user_dir(me, create, out, cap, why, whylen);
 }
 
 /* Where oracle name listens in the runtime directory dir, into out. */
@@ -191,6 +285,50 @@ int shmkey_socket_path(const char *dir, const char *name, char *out, uint32_t ca
         (size_t)snprintf(out, cap, "%s/%s%s.sock", dir, ring_prefix, name) >= cap)
         return SHMKEY_EINVAL;
     return SHMKEY_OK;
+}
+
+/*
+ * Where a client finds oracle name, into out: in SHMKEY_RUNTIME_DIR if it
+ * is set; otherwise in the caller's own runtime directory, else in
+ * /run/shmkey, where oracles started as root listen (root's alone, so a
+ * server's workers of any user find a system oracle there). Which user
+ * serves the socket is checked when connecting. SHMKEY_EUNAVAIL, with why
+ * naming the places looked at, when there is no such socket.
+ */
+int shmkey_find_socket(const char *configured, const char *name, char *out, uint32_t cap,
+                       char *why, uint32_t whylen)
+{
+    char dir[4096], own[4096 + 128] = "";
+    struct stat st;
+    int explicit_dir;
+    if (!out || cap == 0 || !why || whylen == 0 || shmkey_check_name(name) != SHMKEY_OK)
+        return SHMKEY_EINVAL;
+    if (!configured)
+        configured = secure_getenv("SHMKEY_RUNTIME_DIR");
+    explicit_dir = configured && configured[strspn(configured, " \t\r\n")];
+    int rc = shmkey_runtime_dir(configured, 0, dir, sizeof(dir), why, whylen);
+    if (rc == SHMKEY_OK) {
+        if (shmkey_socket_path(dir, name, out, cap) != SHMKEY_OK) {
+            shmkey_why(why, whylen, "the socket path of oracle '%s' in %s is too long", name, dir);
+            return SHMKEY_EINVAL;
+        }
+        if (explicit_dir || lstat(out, &st) == 0)
+            return SHMKEY_OK;
+        snprintf(own, sizeof(own), "%s", out);
+    } else if (explicit_dir || rc == SHMKEY_EINVAL) {
+        return rc;
+    }
+    if (geteuid() != 0 && lstat(system_dir, &st) == 0 && safe_dir(&st, 0) && st.st_uid == 0 &&
+        shmkey_socket_path(system_dir, name, out, cap) == SHMKEY_OK && lstat(out, &st) == 0)
+        return SHMKEY_OK;
+    out[0] = '\0';
+    char sys_path[256];
+    snprintf(sys_path, sizeof(sys_path), "%s/%s%s.sock", system_dir, ring_prefix, name);
+    if (strcmp(own, sys_path) == 0 || geteuid() == 0)
+        own[0] = '\0';
+    shmkey_why(why, whylen, "no oracle named '%s' is running (no socket %s%s%s)", name,
+               own[0] ? own : "", own[0] ? " or " : "", sys_path);
+    return SHMKEY_EUNAVAIL;
 }
 
 /*
@@ -239,42 +377,47 @@ void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns)
     ts->tv_nsec = (long)(ns % 1000000000u);
 }
 
-/*
- * EPERM means alive under another uid: only ESRCH proves death. A zombie
- * also counts as dead: an owned oracle killed hard stays one until its
- * parent (often our own process) reaps it. Only called on slow paths.
- */
-int shmkey_pid_alive(pid_t pid)
-{
-    char path[64], buf[256];
-    if (pid <= 0)
-        return 0;
-    if (kill(pid, 0) != 0 && errno == ESRCH)
-        return 0;
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 1;                   /* no procfs: trust kill() */
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return 1;
-    buf[n] = 0;
-    const char *paren = strrchr(buf, ')');
-    return !(paren && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X'));
-}
-
 uint32_t shmkey_ncpu(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (uint32_t)n : 1u;
 }
 
+/* Bytes from one slot to the next: its header and payload, 64-byte aligned. */
+uint32_t shmkey_slot_stride(uint32_t slot_size)
+{
+    return (uint32_t)((sizeof(struct shmkey_slot) + slot_size + SHMKEY_ALIGN - 1)
+                      & ~(size_t)(SHMKEY_ALIGN - 1));
+}
+
+/* Size of a client's ring: its slots, nothing else (geometry travels on the socket). */
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size)
 {
-    size_t stride = (sizeof(struct shmkey_slot) + slot_size + SHMKEY_ALIGN - 1)
-                    & ~(size_t)(SHMKEY_ALIGN - 1);
-    return SHMKEY_ALIGN + (size_t)nslots * stride;
+    return (size_t)nslots * shmkey_slot_stride(slot_size);
+}
+
+/*
+ * A gap this long between two looks at the clock while spinning means we
+ * were preempted: something outside the ring wants this core, so spinning
+ * now only delays whoever must produce what we wait for.
+ */
+#define SPIN_PREEMPTED_NS 30000u
+
+int shmkey_spin_should_stop(uint64_t *last, uint64_t end, uint32_t busy, uint32_t ncpu)
+{
+    uint64_t now = shmkey_now_ns();
+    int stop = now >= end || now - *last > SPIN_PREEMPTED_NS || busy > ncpu;
+    *last = now;
+    return stop;
+}
+
+/* Oracle threads spinning or computing, over its worker processes (a hint). */
+uint32_t shmkey_status_active(const struct shmkey_status *st, uint32_t nprocs)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < nprocs && i < SHMKEY_MAX_PROCS; i++)
+        n += __atomic_load_n(&st->active[i], __ATOMIC_RELAXED);
+    return n;
 }
 
 /*

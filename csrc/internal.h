@@ -1,6 +1,6 @@
 /*
- * internal.h - private state of the C layer: the client and server handles
- * for both transports, and small helpers shared by the .c files.
+ * internal.h - private state of the C layer: the client and server handles,
+ * their connections, and small helpers shared by the .c files.
  * The wire and ring layout is in shmkey.h and nowhere else.
  */
 #ifndef SHMKEY_INTERNAL_H
@@ -12,78 +12,152 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <pthread.h>
-#include <semaphore.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <time.h>
 
 #include "shmkey.h"
 
 /* The last SHMKEY_E* status (shmkey.h): where C range checks over them end. */
-#define SHMKEY_ELAST SHMKEY_ETOKEN
+#define SHMKEY_ELAST SHMKEY_EIDENTITY
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
-               "ctl packs state in the low word that futex waits on");
-_Static_assert(sizeof(struct shmkey_ring_hdr) == 64, "header is one cache line");
+               "ctl packs state in the low word");
 _Static_assert(sizeof(struct shmkey_slot) % 8 == 0, "slot header alignment");
+_Static_assert(sizeof(struct shmkey_status) <= 4096, "the status page is one page");
 
 #define SHMKEY_ALIGN 64u
-/* Longest a blocked call sleeps before it looks at the oracle's pulse again. */
-#define SHMKEY_LIVENESS_SLICE_MS 20u
+#define SHMKEY_STATUS_SIZE 4096u
+/* Seals every ring carries; the status page is also sealed against writes. */
+#define SHMKEY_RING_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+
+/* ===================================================================== */
+/* client                                                                */
+/* ===================================================================== */
+
+/*
+ * A ring connection as the client holds it: its socket (the trusted
+ * channel, and the liveness signal), the mapped ring, the read-only status
+ * page and one wake-up socketpair per slot. Shared by the client's threads, kept
+ * alive by references, replaced when the oracle hangs up.
+ */
+struct cring {
+    int refs;                   /* atomic */
+    int dead;                   /* atomic: the oracle hung up */
+    pid_t pid;                  /* process that opened it */
+    int sock;
+    uint8_t *base;
+    size_t map_len;
+    const struct shmkey_status *status;
+    uint32_t nslots, slot_size, stride, spin_us, ncpu, proc, nprocs;
+    int *wake;                  /* per slot: our end of the slot's wake-up socketpair */
+    uint32_t spinning;          /* this process's threads spinning on it (atomic) */
+    uint8_t *taken;             /* per slot, atomic: one of this process's threads has it */
+    uint32_t slot_waiters;      /* threads asleep for a slot (atomic) */
+    pthread_mutex_t lock;       /* for those sleepers only */
+    pthread_cond_t cond;
+};
 
 struct shmkey_client {
     int transport;
-    pid_t owner_pid;            /* process that opened it; a forked child must reopen */
+    pid_t owner_pid;            /* process that opened it; a forked child reconnects */
     uint32_t max_payload;
-    /* shm */
-    uint8_t *base;
-    size_t map_len;
-    uint32_t nslots, slot_size, stride, slots_offset;
-    pid_t oracle_pid;
-    uint32_t ncpu;
-    uint32_t spin_us;
-    sem_t *req_sem;
-    sem_t *free_sem;
-    /* socket */
+    int64_t oracle_uid;         /* who may serve us: SHMKEY_UID_* or a uid */
+    int exact_uid;
+    uid_t peer_uid;             /* of the oracle, from SO_PEERCRED */
+    pid_t peer_pid;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int ctl_fd;                 /* SOCK_SEQPACKET to a forked oracle, or -1 */
     char path[108];             /* socket path to connect to, or "" */
+    char why[256];              /* why the latest reconnection failed */
+    /* shm */
+    struct cring *ring;         /* current ring, or NULL until (re)connected */
+    /* socket */
     int idle[SHMKEY_MAX_SOCKET_CONNS];
     int nidle;
     int nopen;
 };
 
-struct shmkey_server {
-    int transport;
-    volatile int stopping;
-    uint32_t max_payload;
-    /* shm: private copies, never re-read from the shared header */
+/* ===================================================================== */
+/* oracle                                                                */
+/* ===================================================================== */
+
+enum { CONN_HELLO = 1, CONN_RING, CONN_FRAMES };
+
+/*
+ * One client connection as the oracle sees it. Workers find ring
+ * connections in the table without a lock; a retired connection is freed
+ * only when every worker has passed a quiescent point since (see qs below),
+ * so none can still be looking at it. Its descriptors stay open until then,
+ * so their numbers cannot be reused under a worker's feet.
+ */
+struct sconn {
+    int fd;
+    int state;
+    int dead;                   /* atomic: retired */
+    int armed;                  /* its fd waits in epoll for the next event */
+    uint64_t deadline_ns;       /* a hello or a message must be complete by then; 0: none */
+    uint32_t have;              /* bytes of the hello or message read so far */
+    uint8_t hello[sizeof(struct shmkey_hello)];
+    uint8_t head[4 + sizeof(struct shmkey_req)];   /* socket message: length, request */
+    uint8_t *buf;               /* socket message: its payload, slot_size bytes */
+    uid_t uid;
+    pid_t pid;
+    /* ring */
     uint8_t *base;
     size_t map_len;
-    uint32_t nslots, slot_size, stride, slots_offset;
-    uint32_t ncpu;
-    uint32_t spin_us;
-    sem_t *req_sem;
-    sem_t *free_sem;
-    uint64_t *reap_seen;        /* ctl seen by the previous reap, per slot */
-    uint64_t *held;             /* per slot: worker pid << 32 | generation + 1; shared
-                                   by the oracle's worker processes, never by clients */
-    /* socket */
-    int epfd;
-    int ctl_fd;
+    int *wake;                  /* per slot: the oracle's end of the slot's wake-up socketpair */
+    /* retirement */
+    uint64_t snap[SHMKEY_MAX_PROCS];    /* the workers' grace counters when it was retired */
+    struct sconn *next_dead;
+};
+
+/* A worker's grace-period counter: odd while it may hold connection pointers. */
+struct qs_slot {
+    uint64_t v;
+    uint8_t pad[56];
+};
+
+struct shmkey_server {
+    volatile int stopping;
     int listening;
+    int lfd;                    /* listening socket, or control socket of an owned oracle */
+    int epfd;
+    int kick;                   /* eventfd, ours alone: more work than awake workers */
+    int stop_fd;                /* eventfd, ours alone: readable once stopping */
+    int transport;              /* what SHMKEY_TRANSPORT_ANY means */
+    uint32_t nslots, slot_size, stride, spin_us, ncpu;
+    pid_t oracle_pid;
     uid_t peer_uid;             /* peers allowed: this uid, root, and members of peer_gid */
     int64_t peer_gid;           /* -1: no group */
+    struct shmkey_status *status;
+    int status_fd;
+    uint32_t proc, nprocs;
+    pthread_mutex_t lock;       /* the table's writers, the graveyard, accepting */
+    struct sconn *conns[SHMKEY_MAX_CONNS];
+    uint32_t hw;                /* entries in use are below this (atomic) */
+    uint32_t nconns;
+    uint32_t nrings;            /* connections that are rings (atomic): worth spinning for */
+    struct sconn *grave;
+    uint64_t next_reap_ns;
+    uint32_t nqs;               /* workers registered (atomic) */
+    struct qs_slot qs[SHMKEY_MAX_PROCS];
 };
+
+/* ===================================================================== */
+/* helpers                                                               */
+/* ===================================================================== */
 
 /* common.c */
 int shmkey_status_from_errno(int err);
-int shmkey_check_ring_id(const char *id);
 uint64_t shmkey_now_ns(void);
 pid_t shmkey_self_pid(void);
 void shmkey_deadline(struct timespec *ts, uint64_t deadline_ns);
-int shmkey_pid_alive(pid_t pid);
 uint32_t shmkey_ncpu(void);
+void shmkey_why(char *why, uint32_t whylen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void shmkey_user_name(uint32_t uid, char *out, size_t cap);
 
 static inline void shmkey_cpu_relax(void)
 {
@@ -94,28 +168,49 @@ static inline void shmkey_cpu_relax(void)
 #endif
 }
 
+/* Stop spinning at end, when the spinners want more cores than exist, or when preempted. */
+int shmkey_spin_should_stop(uint64_t *last, uint64_t end, uint32_t busy, uint32_t ncpu);
+uint32_t shmkey_status_active(const struct shmkey_status *st, uint32_t nprocs);
+
+/* conn.c: connections, both sides */
+int shmkey_conn_dial(struct shmkey_client *c, int transport, uint64_t deadline_ns,
+                     struct shmkey_welcome *wel, int *fds, uint32_t maxfds, int *sock_out,
+                     char *why, uint32_t whylen);
+void shmkey_close_fds(int *fds, uint32_t n);
+int shmkey_send_fd(int ctl_fd, int fd);
+void shmkey_sconn_retire(struct shmkey_server *s, struct sconn *k);
+void shmkey_server_online(struct shmkey_server *s, struct shmkey_work *w, int online);
+void shmkey_server_quiescent(struct shmkey_server *s, struct shmkey_work *w);
+int shmkey_server_wait(struct shmkey_server *s, struct shmkey_work *w, uint64_t deadline);
+int shmkey_server_peek(struct shmkey_server *s, struct shmkey_work *w);
+int shmkey_sconn_rearm(struct shmkey_server *s, struct sconn *k);
+
 /* ring.c */
+int shmkey_ring_create(struct shmkey_server *s, struct sconn *k, int *fds, uint32_t *nfds);
+void shmkey_ring_unmap(struct shmkey_server *s, struct sconn *k);
+int shmkey_cring_attach(int sock, const struct shmkey_welcome *wel, int *fds, uint32_t nfds,
+                        struct cring **out, char *why, uint32_t whylen);
+void shmkey_cring_put(struct cring *r);
+void shmkey_cring_forget(struct cring *r);
 int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
                     const uint8_t *in, uint8_t *out, uint32_t out_cap,
                     struct shmkey_resp *resp, uint64_t deadline_ns);
-void shmkey_shm_client_close(struct shmkey_client *c);
-int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
-                           uint32_t timeout_ms);
-int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
-                            int32_t status, const uint8_t *out, uint32_t out_len);
-void shmkey_shm_server_stop(struct shmkey_server *s);
-void shmkey_shm_server_close(struct shmkey_server *s);
+int shmkey_ring_claim(struct shmkey_server *s, struct shmkey_work *w);
+int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w);
+void shmkey_ring_kick_if_more(struct shmkey_server *s);
+int shmkey_ring_reply(struct shmkey_server *s, struct shmkey_work *w,
+                      int32_t status, const uint8_t *out, uint32_t out_len);
+void shmkey_ring_enter_active(struct shmkey_server *s, struct shmkey_work *w);
+void shmkey_ring_leave_active(struct shmkey_server *s, struct shmkey_work *w);
 
 /* sock.c */
+int shmkey_sock_open(struct shmkey_client *c, uint64_t deadline_ns, char *why, uint32_t whylen);
 int shmkey_sock_call(struct shmkey_client *c, const struct shmkey_req *req,
                      const uint8_t *in, uint8_t *out, uint32_t out_cap,
                      struct shmkey_resp *resp, uint64_t deadline_ns);
 void shmkey_sock_client_close(struct shmkey_client *c);
-int shmkey_sock_server_next(struct shmkey_server *s, struct shmkey_work *w,
-                            uint32_t timeout_ms);
-int shmkey_sock_server_reply(struct shmkey_server *s, struct shmkey_work *w,
-                             int32_t status, const uint8_t *out, uint32_t out_len);
-void shmkey_sock_server_close(struct shmkey_server *s);
-int shmkey_send_fd(int ctl_fd, int fd);
+int shmkey_frames_read(struct shmkey_server *s, struct sconn *k, struct shmkey_work *w);
+int shmkey_frames_reply(struct shmkey_server *s, struct shmkey_work *w,
+                        int32_t status, const uint8_t *out, uint32_t out_len);
 
 #endif

@@ -13,11 +13,12 @@
 
 /*
  * ShmkeyKeyReference ::= SEQUENCE {
- *     version    INTEGER,               -- SHMKEY_KEYREF_VERSION
+ *     version    INTEGER,               -- 2 (SHMKEY_KEYREF_VERSION), or 1
  *     oracle     UTF8String,            -- name given to `shmkey serve --name`
  *     transport  INTEGER,               -- SHMKEY_TRANSPORT_ANY, _SHM or _SOCKET
  *     keyId      OCTET STRING,          -- SHA-256 of publicKey's DER
- *     publicKey  SubjectPublicKeyInfo }  -- RSA, EC P-256/P-384 or Ed25519
+ *     publicKey  SubjectPublicKeyInfo,  -- RSA, EC P-256/P-384 or Ed25519
+ *     oracleUid  INTEGER OPTIONAL }     -- version 2 only: the uid the oracle runs as
  * Parsed with plain templates (no X509_PUBKEY), so that decoding it never
  * re-enters the decoders from inside one.
  */
@@ -37,6 +38,7 @@ struct sk_ref_st {
     ASN1_INTEGER *transport;
     ASN1_OCTET_STRING *key_id;  /* SHA-256 of the SPKI: the key's name at the oracle */
     SK_SPKI *spki;
+    ASN1_INTEGER *oracle_uid;   /* version 2: who must serve it */
 };
 
 ASN1_SEQUENCE(SK_REF) = {
@@ -45,6 +47,7 @@ ASN1_SEQUENCE(SK_REF) = {
     ASN1_SIMPLE(SK_REF, transport, ASN1_INTEGER),
     ASN1_SIMPLE(SK_REF, key_id, ASN1_OCTET_STRING),
     ASN1_SIMPLE(SK_REF, spki, SK_SPKI),
+    ASN1_OPT(SK_REF, oracle_uid, ASN1_INTEGER),
 } static_ASN1_SEQUENCE_END(SK_REF)
 
 typedef struct {
@@ -156,12 +159,27 @@ struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
     long version = ASN1_INTEGER_get(ref->version);
     long transport = ASN1_INTEGER_get(ref->transport);
     char name[SHMKEY_NAME_MAX + 1];
+    int64_t uid = SHMKEY_UID_ANY;
     struct sk_key *k;
 
-    if (version != SHMKEY_KEYREF_VERSION) {
-        SK_FAIL(pc, SK_R_BAD_REFERENCE, "version %ld; this shmkey reads version %d",
+    if (version != 1 && version != SHMKEY_KEYREF_VERSION) {
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "version %ld; this shmkey reads versions 1 to %d",
                  version, SHMKEY_KEYREF_VERSION);
         return NULL;
+    }
+    /* Version 1 names no oracle user: such a reference keeps the old rule, any. */
+    if ((version == 1) != (ref->oracle_uid == NULL)) {
+        SK_FAIL(pc, SK_R_BAD_REFERENCE, "version %ld %s an oracle uid", version,
+                version == 1 ? "with" : "without");
+        return NULL;
+    }
+    if (ref->oracle_uid) {
+        uint64_t v;
+        if (!ASN1_INTEGER_get_uint64(&v, ref->oracle_uid) || v > UINT32_MAX - 1) {
+            SK_FAIL(pc, SK_R_BAD_REFERENCE, "bad oracle uid");
+            return NULL;
+        }
+        uid = (int64_t)v;
     }
     int len = ASN1_STRING_length(ref->oracle);
     if (len <= 0 || len > SHMKEY_NAME_MAX) {
@@ -191,7 +209,7 @@ struct sk_key *sk_key_from_ref(struct sk_provctx *pc, const SK_REF *ref)
         sk_key_free(k);
         return NULL;
     }
-    k->oracle = sk_oracle_get(pc, name, (int)transport, ASN1_STRING_get0_data(ref->key_id),
+    k->oracle = sk_oracle_get(pc, name, (int)transport, uid, ASN1_STRING_get0_data(ref->key_id),
                               &k->pub);
     if (!k->oracle) {
         sk_key_free(k);

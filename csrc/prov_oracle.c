@@ -18,13 +18,14 @@ struct sk_conn {
 
 /* Take a reference on the registry entry for this oracle and key. */
 struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name,
-                                int transport, const uint8_t key_id[32],
+                                int transport, int64_t oracle_uid, const uint8_t key_id[32],
                                 const struct sk_pub *pub)
 {
     struct sk_oracle *o;
     pthread_mutex_lock(&pc->lock);
     for (o = pc->oracles; o; o = o->next)
         if (strcmp(o->name, name) == 0 && o->transport == transport &&
+            o->oracle_uid == oracle_uid &&
             memcmp(o->key_id, key_id, sizeof(o->key_id)) == 0 && sk_pub_equal(&o->pub, pub))
             break;
     if (o) {
@@ -32,6 +33,7 @@ struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name,
     } else if ((o = calloc(1, sizeof(*o))) != NULL) {
         snprintf(o->name, sizeof(o->name), "%s", name);
         o->transport = transport;
+        o->oracle_uid = oracle_uid;
         memcpy(o->key_id, key_id, sizeof(o->key_id));
         o->users = 1;
         if (sk_pub_copy(&o->pub, pub)) {
@@ -96,30 +98,21 @@ void sk_oracles_free(struct sk_provctx *pc)
     }
 }
 
-static int sk_open_client(struct sk_oracle *o, struct shmkey_client **out,
-                          char *why, size_t whylen)
+/*
+ * Connect to o's oracle. The socket path is resolved now, through the same
+ * rule as everywhere (shmkey_find_socket: SHMKEY_RUNTIME_DIR as set in this
+ * process, which may have been chrooted since the reference was loaded).
+ * A version 2 reference names the oracle's uid: nobody else may serve it.
+ */
+static int sk_open_client(struct sk_provctx *pc, struct sk_oracle *o,
+                          struct shmkey_client **out, char *why, size_t whylen)
 {
-    char id[SHMKEY_NAME_MAX + 16], dir[256], path[256];
-    int rc = shmkey_ring_id(o->name, id, sizeof(id));
+    char path[4096];
+    int rc = shmkey_find_socket(NULL, o->name, path, sizeof(path), why, (uint32_t)whylen);
     if (rc != SHMKEY_OK)
         return rc;
-    if (o->transport != SHMKEY_TRANSPORT_SOCKET) {
-        rc = shmkey_client_open_shm(id, out);
-        if (rc == SHMKEY_EACCESS)
-            snprintf(why, whylen, "uid %u gid %u may not open /dev/shm/%s; start the "
-                     "oracle with --group naming a group of this process",
-                     (unsigned)getuid(), (unsigned)getgid(), id);
-        /* "any" falls back to the socket only when there is no ring at all. */
-        if (rc != SHMKEY_EUNAVAIL || o->transport == SHMKEY_TRANSPORT_SHM)
-            return rc;
-    }
-    /* A missing directory is an oracle that is not running: nothing to create. */
-    rc = shmkey_runtime_dir(NULL, 0, dir, sizeof(dir), why, (uint32_t)whylen);
-    if (rc == SHMKEY_OK)
-        rc = shmkey_socket_path(dir, o->name, path, sizeof(path));
-    if (rc != SHMKEY_OK)
-        return rc;
-    return shmkey_client_open_socket(path, -1, SHMKEY_MAX_SLOT_SIZE, out);
+    return shmkey_client_open(path, -1, o->transport, o->oracle_uid,
+                              o->oracle_uid >= 0, pc->timeout_ms, why, (uint32_t)whylen, out);
 }
 
 /* The oracle must hold the key the reference describes: ask it once per connection. */
@@ -173,15 +166,18 @@ static int sk_conn_get(struct sk_provctx *pc, struct sk_oracle *o, struct sk_con
     if ((c = o->conn) != NULL)
         c->refs++;
     pthread_mutex_unlock(&pc->lock);
-    if (stale)
+    if (stale) {
+        /* Our copies of the parent's descriptors: closing them leaves the parent's alone. */
+        shmkey_client_close(stale->client);
         free(stale);
+    }
     if (c) {
         *out = c;
         *fresh = 0;
         return SHMKEY_OK;
     }
 
-    int rc = sk_open_client(o, &client, why, whylen);
+    int rc = sk_open_client(pc, o, &client, why, whylen);
     if (rc == SHMKEY_OK)
         rc = sk_check_pubkey(pc, o, client, why, whylen);
     if (rc != SHMKEY_OK) {
@@ -274,6 +270,8 @@ int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],
         if (rc != SHMKEY_OK)
             break;
         rc = shmkey_call(c->client, &req, in, out, cap, &resp, wait_ms);
+        if (rc == SHMKEY_EIDENTITY || rc == SHMKEY_EACCESS)
+            shmkey_client_why(c->client, why, sizeof(why));     /* its reconnection failed */
         int dead = (rc == SHMKEY_EUNAVAIL);
         sk_conn_put(pc, o, c, dead);
         if (!(dead && !fresh && attempt == 0))

@@ -35,7 +35,7 @@
 #define SK_REPLY_MAX 4096u            /* an RSA-16384 signature and a reason */
 #define SK_EC_POINT_MAX 97            /* an uncompressed P-384 point */
 
-/* Reasons of our own, above the ones that mirror SHMKEY_E* (1..12). */
+/* Reasons of our own, above the ones that mirror SHMKEY_E* (1..13). */
 #define SK_R_BAD_REFERENCE 100
 #define SK_R_KEY_MISMATCH 101
 #define SK_R_PUBLIC_ONLY 102
@@ -73,6 +73,7 @@ struct sk_oracle {
     unsigned users;             /* keys pointing here; guarded by the lock */
     char name[SHMKEY_NAME_MAX + 1];
     int transport;
+    int64_t oracle_uid;         /* the uid that must serve it, or SHMKEY_UID_ANY (version 1) */
     uint8_t key_id[32];         /* how requests name the key */
     struct sk_pub pub;          /* the public key the oracle must hold */
     struct sk_conn *conn;       /* current connection, or NULL */
@@ -160,7 +161,8 @@ int sk_parse_spki(const unsigned char *der, long len, struct sk_pub *p);
 
 /* prov_oracle.c: oracles and the calls to them */
 struct sk_oracle *sk_oracle_get(struct sk_provctx *pc, const char *name, int transport,
-                                const uint8_t key_id[32], const struct sk_pub *pub);
+                                int64_t oracle_uid, const uint8_t key_id[32],
+                                const struct sk_pub *pub);
 void sk_oracle_put(struct sk_provctx *pc, struct sk_oracle *o);
 void sk_oracles_free(struct sk_provctx *pc);
 int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],

@@ -1,52 +1,61 @@
 /*
- * ring.c - the shared-memory transport.
+ * ring.c - the shared-memory transport: one ring per client connection.
  *
- * A client takes a free-slot token (semaphore "free"), claims a FREE slot with
- * one CAS, writes its request, marks it SUBMITTED and posts "req". A worker
- * takes a "req" token, claims a SUBMITTED slot (-> BUSY), copies the request
- * out once and works on the copy. The reply is written under WRITING and
- * published as DONE; the client copies it out and frees the slot with a new
- * generation. Every CAS compares the whole (generation, state) word, so no
- * party can act on a slot that moved on without it.
+ * The oracle makes each ring in a memfd sealed against shrinking, growing
+ * and further seals, and hands it over the connection's socket (conn.c), so
+ * no other client can reach it and nobody can truncate it under the oracle.
+ * Geometry comes with the welcome; neither side reads it back from the pages.
  *
- * Waiting is adaptive: spin while the ring's spinners and workers leave a
+ * A client fills a FREE slot, marks it SUBMITTED and rings the doorbell (a
+ * byte on the connection's socket) unless one of the oracle's workers is
+ * spinning, as the oracle's read-only status page says. A worker claims a
+ * SUBMITTED slot (-> BUSY) with one CAS, copies the request out once, zeroes
+ * it, and works on the copy. The reply is written under WRITING and published
+ * as DONE; the worker wakes a client that sleeps (it set "waiters") with a
+ * byte on the slot's wake-up socket. The client copies the reply out, zeroes
+ * it, and frees the slot with a new generation. Every CAS compares the whole
+ * (generation, state) word, so nobody acts on a slot that moved on.
+ *
+ * Waiting is adaptive: spin while the oracle's busy threads and ours leave a
  * core free (a cross-core wake-up costs ~8 us here, a spin ~0.5 us), then
- * sleep on a futex (the reply) or a semaphore (tokens) in short slices so
- * that a dead oracle is noticed within SHMKEY_LIVENESS_SLICE_MS.
+ * sleep in poll() on the slot's wake-up socket and the connection: a dead
+ * oracle is a hang-up, seen at once.
  */
 #include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
-#include <linux/futex.h>
-#include <sched.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define CTL(gen, state) (((uint64_t)(uint32_t)(gen) << 32) | (uint32_t)(state))
 #define CTL_STATE(c) ((uint32_t)(c))
 #define CTL_GEN(c) ((uint32_t)((c) >> 32))
 
-/* A CLAIMED slot unchanged this many reaps has lost its client for good. */
-#define REAP_STALE_ROUNDS 20
-
 #define COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
 
-static inline struct shmkey_ring_hdr *hdr_of(uint8_t *base)
-{
-    return (struct shmkey_ring_hdr *)base;
-}
+/*
+ * A request still unclaimed this long after we began to spin waits for a
+ * worker that was asleep, and a worker woken across cores takes ~8 us here.
+ * Longer means it is queued behind someone, quite possibly behind us, when
+ * work outside the oracle holds the other cores. Spinning on would keep it
+ * off this core for the whole spin budget; sleeping lets it in.
+ */
+#ifndef SPIN_UNCLAIMED_NS
+#define SPIN_UNCLAIMED_NS 10000u
+#endif
 
-static inline struct shmkey_slot *slot_at(uint8_t *base, uint32_t off,
-                                          uint32_t stride, uint32_t i)
+/* How often a thread waiting for one of its process's slots looks again. */
+#define SLOT_WAIT_SLICE_NS 10000000ull
+
+static inline struct shmkey_slot *slot_at(uint8_t *base, uint32_t stride, uint32_t i)
 {
-    return (struct shmkey_slot *)(base + off + (size_t)i * stride);
+    return (struct shmkey_slot *)(base + (size_t)i * stride);
 }
 
 static inline uint8_t *payload_of(struct shmkey_slot *s)
@@ -65,214 +74,296 @@ static inline int ctl_cas(struct shmkey_slot *s, uint64_t expect, uint64_t want)
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
-/* The futex word is the state half of ctl (little-endian: the low word). */
-static inline uint32_t *ctl_futex(struct shmkey_slot *s)
-{
-    return (uint32_t *)&s->ctl;
-}
-
-static void futex_wait_ns(uint32_t *addr, uint32_t val, uint64_t ns)
-{
-    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
-    (void)syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
-}
-
-static void futex_wake_all(uint32_t *addr)
-{
-    (void)syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
 /* ===================================================================== */
 /* client                                                                */
 /* ===================================================================== */
 
-/*
- * Attach to the ring "/ID" with semaphores "/ID-req" and "/ID-free", where
- * ID is what shmkey_ring_id makes of an oracle's name (nothing else is
- * accepted: it becomes a file name in /dev/shm). The header is validated against the mapping's real size, and only the
- * validated private copy is used afterwards.
- */
-int shmkey_client_open_shm(const char *name, struct shmkey_client **out)
+static int sealed(int fd, int want)
 {
-    char path[256];
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & want) == want;
+}
+
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+
+static void cring_destroy(struct cring *r)
+{
+    if (r->base)
+        munmap(r->base, r->map_len);
+    if (r->status)
+        munmap((void *)r->status, SHMKEY_STATUS_SIZE);
+    if (r->sock >= 0)
+        close(r->sock);
+    if (r->wake)
+        shmkey_close_fds(r->wake, r->nslots);
+    pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->cond);
+    free(r->wake);
+    free(r->taken);
+    free(r);
+}
+
+void shmkey_cring_put(struct cring *r)
+{
+    if (r && __atomic_sub_fetch(&r->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        cring_destroy(r);
+}
+
+/* A forked child's copy of its parent's ring: ours to drop, never to use. */
+void shmkey_cring_forget(struct cring *r)
+{
+    if (r)
+        cring_destroy(r);
+}
+
+/*
+ * Take over a ring from a welcome: check what the oracle said against what
+ * the descriptors are (sizes, seals, socket types), map it, and keep only
+ * the welcome's geometry from then on. fds are consumed either way.
+ */
+int shmkey_cring_attach(int sock, const struct shmkey_welcome *wel, int *fds, uint32_t nfds,
+                        struct cring **out, char *why, uint32_t whylen)
+{
     struct stat st;
-    struct shmkey_ring_hdr h;
-    int rc = SHMKEY_ESYSTEM;
-
+    pthread_condattr_t ca;
     *out = NULL;
-    if (shmkey_check_ring_id(name) != SHMKEY_OK)
-        return SHMKEY_EINVAL;
-    struct shmkey_client *c = calloc(1, sizeof(*c));
-    if (!c)
+    if (wel->transport != SHMKEY_TRANSPORT_SHM || wel->nslots == 0 ||
+        wel->nslots > SHMKEY_MAX_SLOTS || wel->slot_size < SHMKEY_MIN_SLOT_SIZE ||
+        wel->slot_size > SHMKEY_MAX_SLOT_SIZE || wel->nprocs == 0 ||
+        wel->nprocs > SHMKEY_MAX_PROCS || wel->proc >= wel->nprocs || wel->ncpu == 0 ||
+        nfds != wel->nslots + 2) {
+        shmkey_why(why, whylen, "the oracle's welcome describes no valid ring");
+        shmkey_close_fds(fds, nfds);
+        return SHMKEY_EPROTO;
+    }
+    size_t size = shmkey_ring_size(wel->nslots, wel->slot_size);
+    int ok = fstat(fds[0], &st) == 0 && (size_t)st.st_size == size &&
+             sealed(fds[0], SHMKEY_RING_SEALS) &&
+             fstat(fds[1], &st) == 0 && (size_t)st.st_size == SHMKEY_STATUS_SIZE &&
+             sealed(fds[1], SHMKEY_RING_SEALS | F_SEAL_FUTURE_WRITE);
+    for (uint32_t i = 2; ok && i < nfds; i++)
+        ok = fstat(fds[i], &st) == 0 && S_ISSOCK(st.st_mode);
+    if (!ok) {
+        shmkey_why(why, whylen, "the oracle's ring is not a sealed memfd of the announced size");
+        shmkey_close_fds(fds, nfds);
+        return SHMKEY_EPROTO;
+    }
+    struct cring *r = calloc(1, sizeof(*r));
+    if (!r) {
+        shmkey_close_fds(fds, nfds);
         return SHMKEY_ESYSTEM;
-    c->transport = SHMKEY_TRANSPORT_SHM;
-    c->owner_pid = getpid();
-    c->ctl_fd = -1;
-    c->req_sem = c->free_sem = SEM_FAILED;
-
-    snprintf(path, sizeof(path), "/%s", name);
-    int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
-    if (fd < 0) {
-        rc = shmkey_status_from_errno(errno);
-        goto fail;
     }
-    if (fstat(fd, &st) != 0 || (size_t)st.st_size < sizeof(h)) {
-        close(fd);
-        rc = SHMKEY_EPROTO;
-        goto fail;
+    r->refs = 1;
+    r->pid = getpid();
+    r->sock = -1;
+    r->nslots = wel->nslots;
+    r->slot_size = wel->slot_size;
+    r->stride = shmkey_slot_stride(wel->slot_size);
+    r->spin_us = wel->spin_us;
+    r->ncpu = wel->ncpu;
+    r->proc = wel->proc;
+    r->nprocs = wel->nprocs;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&r->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    r->wake = malloc(sizeof(int) * r->nslots);
+    r->taken = calloc(r->nslots, 1);
+    r->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    void *status = mmap(NULL, SHMKEY_STATUS_SIZE, PROT_READ, MAP_SHARED, fds[1], 0);
+    r->map_len = size;
+    r->status = status == MAP_FAILED ? NULL : status;
+    if (r->base == MAP_FAILED)
+        r->base = NULL;
+    close(fds[0]);
+    close(fds[1]);
+    if (!r->wake || !r->taken || !r->base || !r->status) {
+        shmkey_close_fds(fds + 2, nfds - 2);
+        if (r->wake)
+            memset(r->wake, 0xff, sizeof(int) * r->nslots);
+        cring_destroy(r);
+        return SHMKEY_ESYSTEM;
     }
-    c->map_len = (size_t)st.st_size;
-    c->base = mmap(NULL, c->map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (c->base == MAP_FAILED) {
-        c->base = NULL;
-        goto fail;
-    }
-    /* The oracle publishes magic last: zero means it is still setting up. */
-    if (__atomic_load_n(&hdr_of(c->base)->magic, __ATOMIC_ACQUIRE) == 0) {
-        rc = SHMKEY_EUNAVAIL;
-        goto fail;
-    }
-    memcpy(&h, c->base, sizeof(h));
-    COMPILER_BARRIER();
-    if (h.magic != SHMKEY_MAGIC || h.version != SHMKEY_VERSION ||
-        h.nslots == 0 || h.nslots > SHMKEY_MAX_SLOTS ||
-        h.slot_size < SHMKEY_MIN_SLOT_SIZE || h.slot_size > SHMKEY_MAX_SLOT_SIZE ||
-        h.slots_offset != SHMKEY_ALIGN ||
-        shmkey_ring_size(h.nslots, h.slot_size) > c->map_len ||
-        h.slot_stride != (shmkey_ring_size(h.nslots, h.slot_size) - SHMKEY_ALIGN) / h.nslots) {
-        rc = SHMKEY_EPROTO;
-        goto fail;
-    }
-    if (h.state != SHMKEY_RING_RUNNING || !shmkey_pid_alive((pid_t)h.oracle_pid)) {
-        rc = SHMKEY_EUNAVAIL;
-        goto fail;
-    }
-    c->nslots = h.nslots;
-    c->slot_size = h.slot_size;
-    c->max_payload = h.slot_size;
-    c->stride = h.slot_stride;
-    c->slots_offset = h.slots_offset;
-    c->oracle_pid = (pid_t)h.oracle_pid;
-    c->spin_us = h.spin_us;
-    c->ncpu = shmkey_ncpu();
-
-    snprintf(path, sizeof(path), "/%s-req", name);
-    c->req_sem = sem_open(path, 0);
-    if (c->req_sem == SEM_FAILED) {
-        rc = shmkey_status_from_errno(errno);
-        goto fail;
-    }
-    snprintf(path, sizeof(path), "/%s-free", name);
-    c->free_sem = sem_open(path, 0);
-    if (c->free_sem == SEM_FAILED) {
-        rc = shmkey_status_from_errno(errno);
-        goto fail;
-    }
-    *out = c;
+    memcpy(r->wake, fds + 2, sizeof(int) * r->nslots);
+    r->sock = sock;
+    *out = r;
     return SHMKEY_OK;
-fail:
-    shmkey_shm_client_close(c);
+}
+
+/* Anything readable on a ring connection is the oracle's end: it never sends there. */
+static int sock_dead(int sock)
+{
+    char b[64];
+    ssize_t n = recv(sock, b, sizeof(b), MSG_DONTWAIT);
+    return !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR));
+}
+
+static void mark_dead_if_hung_up(struct cring *r)
+{
+    struct pollfd p = {.fd = r->sock, .events = POLLIN};
+    if (poll(&p, 1, 0) > 0 && sock_dead(r->sock))
+        __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
+}
+
+/* Take slot i for this thread if no other thread of ours has it and the ring says FREE. */
+static int try_slot(struct cring *r, uint32_t i)
+{
+    if (__atomic_load_n(&r->taken[i], __ATOMIC_RELAXED) ||
+        CTL_STATE(ctl_load(slot_at(r->base, r->stride, i))) != SHMKEY_SLOT_FREE)
+        return 0;
+    if (__atomic_exchange_n(&r->taken[i], 1, __ATOMIC_ACQUIRE))
+        return 0;
+    if (CTL_STATE(ctl_load(slot_at(r->base, r->stride, i))) == SHMKEY_SLOT_FREE)
+        return 1;
+    __atomic_store_n(&r->taken[i], 0, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/*
+ * One of our process's slots, free in the ring too (a slot we abandoned
+ * is free again once its worker is done). Sleeps when there is none: other
+ * threads' releases wake us, and a slice timer covers abandoned slots.
+ */
+static int take_slot(struct cring *r, uint64_t deadline_ns, uint32_t *out)
+{
+    struct timespec ts;
+    for (uint32_t i = 0; i < r->nslots; i++)
+        if (try_slot(r, i)) {
+            *out = i;
+            return SHMKEY_OK;
+        }
+    pthread_mutex_lock(&r->lock);
+    __atomic_add_fetch(&r->slot_waiters, 1, __ATOMIC_SEQ_CST);
+    int rc;
+    for (;;) {
+        uint32_t i;
+        for (i = 0; i < r->nslots && !try_slot(r, i); i++)
+            ;
+        if (i < r->nslots) {
+            *out = i;
+            rc = SHMKEY_OK;
+            break;
+        }
+        if (__atomic_load_n(&r->dead, __ATOMIC_ACQUIRE)) {
+            rc = SHMKEY_EUNAVAIL;
+            break;
+        }
+        uint64_t now = shmkey_now_ns();
+        if (now >= deadline_ns) {
+            rc = SHMKEY_ETIMEDOUT;
+            break;
+        }
+        uint64_t until = now + SLOT_WAIT_SLICE_NS < deadline_ns ? now + SLOT_WAIT_SLICE_NS
+                                                                : deadline_ns;
+        ts.tv_sec = (time_t)(until / 1000000000u);
+        ts.tv_nsec = (long)(until % 1000000000u);
+        pthread_cond_timedwait(&r->cond, &r->lock, &ts);
+        mark_dead_if_hung_up(r);
+    }
+    __atomic_sub_fetch(&r->slot_waiters, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&r->lock);
     return rc;
 }
 
-void shmkey_shm_client_close(struct shmkey_client *c)
+static void release_slot(struct cring *r, uint32_t i)
 {
-    if (c->base)
-        munmap(c->base, c->map_len);
-    if (c->req_sem != SEM_FAILED && c->req_sem != NULL)
-        sem_close(c->req_sem);
-    if (c->free_sem != SEM_FAILED && c->free_sem != NULL)
-        sem_close(c->free_sem);
-    free(c);
-}
-
-int shmkey_client_free_slots(const struct shmkey_client *c)
-{
-    int n = 0;
-    if (c->transport != SHMKEY_TRANSPORT_SHM)
-        return SHMKEY_EINVAL;
-    for (uint32_t i = 0; i < c->nslots; i++) {
-        struct shmkey_slot *s = slot_at(c->base, c->slots_offset, c->stride, i);
-        if (CTL_STATE(ctl_load(s)) == SHMKEY_SLOT_FREE)
-            n++;
+    __atomic_store_n(&r->taken[i], 0, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&r->slot_waiters, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&r->lock);
+        pthread_cond_broadcast(&r->cond);
+        pthread_mutex_unlock(&r->lock);
     }
-    return n;
-}
-
-static int oracle_up(struct shmkey_client *c)
-{
-    struct shmkey_ring_hdr *h = hdr_of(c->base);
-    return __atomic_load_n(&h->state, __ATOMIC_ACQUIRE) == SHMKEY_RING_RUNNING &&
-           shmkey_pid_alive(c->oracle_pid);
-}
-
-/* Take a free-slot token: backpressure when all slots are in use. */
-static int take_token(struct shmkey_client *c, uint64_t deadline_ns)
-{
-    struct timespec ts;
-    if (sem_trywait(c->free_sem) == 0)
-        return SHMKEY_OK;
-    for (;;) {
-        if (!oracle_up(c))
-            return SHMKEY_EUNAVAIL;
-        uint64_t now = shmkey_now_ns();
-        if (now >= deadline_ns)
-            return SHMKEY_ETIMEDOUT;
-        uint64_t slice = now + SHMKEY_LIVENESS_SLICE_MS * 1000000ull;
-        shmkey_deadline(&ts, slice < deadline_ns ? slice : deadline_ns);
-        if (sem_timedwait(c->free_sem, &ts) == 0)
-            return SHMKEY_OK;
-        if (errno != ETIMEDOUT && errno != EINTR)
-            return SHMKEY_ESYSTEM;
-    }
-}
-
-/* Spread threads over the ring so they rarely race for the same slot. */
-static uint32_t scan_start(uint32_t nslots)
-{
-    static __thread uint32_t seed;
-    if (!seed)
-        seed = (uint32_t)(uintptr_t)&seed ^ (uint32_t)shmkey_self_pid() * 2654435761u;
-    seed = seed * 1103515245u + 12345u;
-    return (seed >> 8) % nslots;
-}
-
-static struct shmkey_slot *claim_slot(struct shmkey_client *c, uint32_t *gen_out,
-                                      uint64_t deadline_ns)
-{
-    uint32_t start = scan_start(c->nslots);
-    for (unsigned round = 0;; round++) {
-        for (uint32_t i = 0; i < c->nslots; i++) {
-            struct shmkey_slot *s = slot_at(c->base, c->slots_offset, c->stride,
-                                            (start + i) % c->nslots);
-            uint64_t ctl = ctl_load(s);
-            if (CTL_STATE(ctl) == SHMKEY_SLOT_FREE &&
-                ctl_cas(s, ctl, CTL(CTL_GEN(ctl), SHMKEY_SLOT_CLAIMED))) {
-                *gen_out = CTL_GEN(ctl);
-                return s;
-            }
-        }
-        /* Only a misbehaving peer leaves us a token without a free slot. */
-        if (shmkey_now_ns() >= deadline_ns || ((round & 63) == 63 && !oracle_up(c)))
-            return NULL;
-        sched_yield();
-    }
-}
-
-/* Give the slot back and, if it was ours, its token too. */
-static void release_slot(struct shmkey_client *c, struct shmkey_slot *s, uint64_t ctl)
-{
-    if (ctl_cas(s, ctl, CTL(CTL_GEN(ctl) + 1, SHMKEY_SLOT_FREE)))
-        sem_post(c->free_sem);
 }
 
 /*
- * Withdraw a request after a timeout or a dead oracle. A request not yet
- * picked up is freed; one in progress is marked ABANDONED so the worker frees
- * it and its reply is never seen by anyone.
+ * Spin while it pays: a free core for us, and the reply not yet there. A
+ * client that rang the doorbell (no worker spun) counts the worker it woke:
+ * spinning on the core that worker needs would only delay it.
  */
-static void withdraw(struct shmkey_client *c, struct shmkey_slot *s, uint32_t gen)
+static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t woken)
+{
+    uint64_t ctl = ctl_load(s);
+    if (r->spin_us == 0 || CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
+        return ctl;
+    uint32_t mine = __atomic_add_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
+    if (shmkey_status_active(r->status, r->nprocs) + mine + woken > r->ncpu) {
+        __atomic_sub_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
+        return ctl;
+    }
+    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)r->spin_us * 1000u;
+    uint64_t unclaimed_until = last + SPIN_UNCLAIMED_NS;
+    for (unsigned i = 1;; i++) {
+        ctl = ctl_load(s);
+        if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
+            break;
+        shmkey_cpu_relax();
+        if ((i & 63) == 0) {
+            uint32_t busy = shmkey_status_active(r->status, r->nprocs) +
+                            __atomic_load_n(&r->spinning, __ATOMIC_RELAXED);
+            if (shmkey_spin_should_stop(&last, end, busy, r->ncpu) ||
+                (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED && last >= unclaimed_until) ||
+                __atomic_load_n(&r->dead, __ATOMIC_RELAXED))
+                break;
+        }
+    }
+    __atomic_sub_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
+    return ctl;
+}
+
+static void drain(int fd)
+{
+    char b[64];
+    while (read(fd, b, sizeof(b)) > 0)
+        ;
+}
+
+/*
+ * Wait for slot i's reply by deadline. *lost is set when the oracle hung
+ * up: 1 before any worker took the request (it may be sent again), 2 after.
+ */
+static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32_t gen,
+                      uint64_t deadline_ns, uint32_t woken, int *lost)
+{
+    /* A wake-up left over from an earlier use costs one spurious return from poll. */
+    uint64_t ctl = spin_for_reply(r, s, woken);
+    for (;;) {
+        if (CTL_GEN(ctl) != gen)
+            return SHMKEY_EPROTO;       /* our own process freed our slot */
+        if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
+            return SHMKEY_OK;
+        if (__atomic_load_n(&r->dead, __ATOMIC_ACQUIRE)) {
+            *lost = CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED ? 1 : 2;
+            return SHMKEY_EUNAVAIL;
+        }
+        uint64_t now = shmkey_now_ns();
+        if (now >= deadline_ns)
+            return SHMKEY_ETIMEDOUT;
+        /* Dekker with the worker: it stores DONE, then reads waiters. */
+        __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST) == ctl) {
+            struct pollfd p[2] = {{.fd = r->wake[i], .events = POLLIN},
+                                  {.fd = r->sock, .events = POLLIN}};
+            int ms = (int)((deadline_ns - now + 999999u) / 1000000u);
+            if (poll(p, 2, ms) > 0) {
+                if (p[0].revents)
+                    drain(r->wake[i]);
+                if (p[1].revents && sock_dead(r->sock))
+                    __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
+            }
+        }
+        ctl = ctl_load(s);
+    }
+}
+
+/*
+ * Withdraw a request after a timeout. A request not yet picked up is freed;
+ * one in progress is marked ABANDONED so the worker frees it and its reply is
+ * never seen by anyone.
+ */
+static void withdraw(struct cring *r, struct shmkey_slot *s, uint32_t gen)
 {
     uint64_t give_up = shmkey_now_ns() + 1000000ull;
     for (;;) {
@@ -281,19 +372,20 @@ static void withdraw(struct shmkey_client *c, struct shmkey_slot *s, uint32_t ge
             return;
         switch (CTL_STATE(ctl)) {
         case SHMKEY_SLOT_SUBMITTED:
-        case SHMKEY_SLOT_DONE:
-        case SHMKEY_SLOT_CLAIMED:
-            if (ctl_cas(s, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE))) {
-                sem_post(c->free_sem);
+            if (ctl_cas(s, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE)))
                 return;
-            }
+            break;
+        case SHMKEY_SLOT_DONE:
+            memset(payload_of(s), 0, r->slot_size);
+            if (ctl_cas(s, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE)))
+                return;
             break;
         case SHMKEY_SLOT_BUSY:
             if (ctl_cas(s, ctl, CTL(gen, SHMKEY_SLOT_ABANDONED)))
                 return;
             break;
         case SHMKEY_SLOT_WRITING:
-            /* A worker is copying a reply: a memcpy, unless it died there. */
+            /* A worker is copying a reply: a memcpy. */
             if (shmkey_now_ns() > give_up)
                 return;
             shmkey_cpu_relax();
@@ -304,111 +396,18 @@ static void withdraw(struct shmkey_client *c, struct shmkey_slot *s, uint32_t ge
     }
 }
 
-/*
- * A gap this long between two looks at the clock while spinning means we
- * were preempted: something outside the ring wants this core, so spinning
- * now only delays whoever must produce what we wait for. 64 pause
- * instructions take a few microseconds.
- */
-#define SPIN_PREEMPTED_NS 30000u
-
-/*
- * A request still unclaimed this long after we began to spin waits for a
- * worker that was asleep, and a worker woken across cores takes ~8 us here.
- * Longer means it is queued behind someone, quite possibly behind us, when
- * work outside the ring holds the other cores ("active" cannot see that).
- * Spinning on would keep it off this core for the whole spin budget
- * (measured: ECDSA P-256 at 550 us instead of ~40 with one of two vCPUs busy
- * elsewhere); sleeping lets it in, and it wakes us when done.
- */
-#ifndef SPIN_UNCLAIMED_NS
-#define SPIN_UNCLAIMED_NS 10000u
-#endif
-
-/* Stop spinning at end, when the ring wants more cores than exist, or when preempted. */
-static int spin_should_stop(uint64_t *last, uint64_t end, uint32_t active, uint32_t ncpu)
+static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_t *in,
+                     uint8_t *out, uint32_t out_cap, struct shmkey_resp *resp,
+                     uint64_t deadline_ns, int *lost)
 {
-    uint64_t now = shmkey_now_ns();
-    int stop = now >= end || now - *last > SPIN_PREEMPTED_NS || active > ncpu;
-    *last = now;
-    return stop;
-}
-
-/* Spin while it pays: a free core for us, and the reply not yet there. */
-static uint64_t spin_for_reply(struct shmkey_client *c, struct shmkey_slot *s)
-{
-    struct shmkey_ring_hdr *h = hdr_of(c->base);
-    uint64_t ctl = ctl_load(s);
-    if (c->spin_us == 0 || CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
-        return ctl;
-    if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) >= c->ncpu)
-        return ctl;
-    __atomic_add_fetch(&h->active, 1, __ATOMIC_RELAXED);
-    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)c->spin_us * 1000u;
-    uint64_t unclaimed_until = last + SPIN_UNCLAIMED_NS;
-    for (unsigned i = 1;; i++) {
-        ctl = ctl_load(s);
-        if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
-            break;
-        shmkey_cpu_relax();
-        if ((i & 63) == 0 &&
-            (spin_should_stop(&last, end, __atomic_load_n(&h->active, __ATOMIC_RELAXED),
-                              c->ncpu) ||
-             (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED && last >= unclaimed_until)))
-            break;
-    }
-    __atomic_sub_fetch(&h->active, 1, __ATOMIC_RELAXED);
-    return ctl;
-}
-
-static int wait_reply(struct shmkey_client *c, struct shmkey_slot *s, uint32_t gen,
-                      uint64_t deadline_ns)
-{
-    struct shmkey_ring_hdr *h = hdr_of(c->base);
-    uint64_t ctl = spin_for_reply(c, s);
-    for (;;) {
-        if (CTL_GEN(ctl) != gen)
-            return SHMKEY_EPROTO;       /* someone else freed our slot */
-        if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
-            return SHMKEY_OK;
-        if (__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) != SHMKEY_RING_RUNNING)
-            return SHMKEY_EUNAVAIL;
-        uint64_t now = shmkey_now_ns();
-        if (now >= deadline_ns)
-            return SHMKEY_ETIMEDOUT;
-        uint64_t slice = SHMKEY_LIVENESS_SLICE_MS * 1000000ull;
-        if (deadline_ns - now < slice)
-            slice = deadline_ns - now;
-        /* Dekker with the worker: it stores DONE then reads waiters. */
-        __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
-        uint64_t again = __atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST);
-        if (again == ctl)
-            futex_wait_ns(ctl_futex(s), CTL_STATE(ctl), slice);
-        ctl = ctl_load(s);
-        if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE && shmkey_now_ns() >= now + slice &&
-            !shmkey_pid_alive(c->oracle_pid))
-            return SHMKEY_EUNAVAIL;
-    }
-}
-
-int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
-                    const uint8_t *in, uint8_t *out, uint32_t out_cap,
-                    struct shmkey_resp *resp, uint64_t deadline_ns)
-{
-    uint32_t gen;
-    if (req->in_len > c->slot_size)
+    uint32_t i;
+    if (req->in_len > r->slot_size)
         return SHMKEY_ETOOBIG;
-    if (__atomic_load_n(&hdr_of(c->base)->state, __ATOMIC_ACQUIRE) != SHMKEY_RING_RUNNING)
-        return SHMKEY_EUNAVAIL;
-    int rc = take_token(c, deadline_ns);
+    int rc = take_slot(r, deadline_ns, &i);
     if (rc != SHMKEY_OK)
         return rc;
-    struct shmkey_slot *s = claim_slot(c, &gen, deadline_ns);
-    if (!s) {
-        sem_post(c->free_sem);
-        return oracle_up(c) ? SHMKEY_ETIMEDOUT : SHMKEY_EUNAVAIL;
-    }
-    s->client_pid = (uint32_t)shmkey_self_pid();
+    struct shmkey_slot *s = slot_at(r->base, r->stride, i);
+    uint32_t gen = CTL_GEN(ctl_load(s));
     s->waiters = 0;
     memcpy(&s->req, req, sizeof(*req));
     if (req->in_len)
@@ -417,28 +416,151 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
      * Dekker with spinning workers: publish the request, then look for a
      * spinner. A worker leaving its spin first stops counting itself, then
      * scans once more; so either it sees this request or we see it gone and
-     * post, which wakes a sleeper. Posting while a worker spins would wake a
+     * ring, which wakes a sleeper. Ringing while a worker spins would wake a
      * sleeping one for nothing, and it would preempt whoever runs there.
      */
     __atomic_store_n(&s->ctl, CTL(gen, SHMKEY_SLOT_SUBMITTED), __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&hdr_of(c->base)->spinners, __ATOMIC_SEQ_CST) == 0)
-        sem_post(c->req_sem);
-
-    rc = wait_reply(c, s, gen, deadline_ns);
-    if (rc != SHMKEY_OK) {
-        if (rc != SHMKEY_EPROTO)
-            withdraw(c, s, gen);
-        return rc;
+    uint32_t woken = __atomic_load_n(&r->status->spinners[r->proc], __ATOMIC_SEQ_CST) == 0;
+    if (woken) {
+        static const char bell = 'r';
+        /* Full means rung already; a hang-up shows in the wait. */
+        (void)send(r->sock, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
     }
-    memcpy(resp, &s->resp, sizeof(*resp));
-    COMPILER_BARRIER();
-    if (resp->out_len > c->slot_size || resp->out_len > out_cap) {
-        rc = SHMKEY_EPROTO;
-    } else if (resp->out_len) {
-        memcpy(out, payload_of(s), resp->out_len);
+    rc = wait_reply(r, s, i, gen, deadline_ns, woken, lost);
+    if (rc == SHMKEY_OK) {
+        memcpy(resp, &s->resp, sizeof(*resp));
+        COMPILER_BARRIER();
+        if (resp->out_len > r->slot_size || resp->out_len > out_cap)
+            rc = SHMKEY_EPROTO;
+        else if (resp->out_len)
+            memcpy(out, payload_of(s), resp->out_len);
+        /* Our copy of the reply is the only one: none stays in the shared page. */
+        memset(payload_of(s), 0, resp->out_len <= r->slot_size ? resp->out_len : r->slot_size);
+        ctl_cas(s, CTL(gen, SHMKEY_SLOT_DONE), CTL(gen + 1, SHMKEY_SLOT_FREE));
+    } else if (!*lost && rc != SHMKEY_EPROTO) {
+        withdraw(r, s, gen);
     }
-    release_slot(c, s, CTL(gen, SHMKEY_SLOT_DONE));
+    release_slot(r, i);
     return rc;
+}
+
+/* The client's current ring, (re)connected if there is none or it died; referenced. */
+static int ring_get(struct shmkey_client *c, uint64_t deadline_ns, struct cring **out,
+                    char *why, uint32_t whylen)
+{
+    struct shmkey_welcome wel;
+    int fds[SHMKEY_MAX_SLOTS + 2];
+    struct cring *old = NULL, *r;
+    int sock, rc = SHMKEY_OK;
+    pthread_mutex_lock(&c->lock);
+    if (c->owner_pid != shmkey_self_pid()) {
+        /* Forked: the parent's ring is not ours; a ring is one process's alone. */
+        shmkey_cring_forget(c->ring);
+        c->ring = NULL;
+        c->owner_pid = shmkey_self_pid();
+    }
+    r = c->ring;
+    if (r && !__atomic_load_n(&r->dead, __ATOMIC_ACQUIRE)) {
+        __atomic_add_fetch(&r->refs, 1, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&c->lock);
+        *out = r;
+        return SHMKEY_OK;
+    }
+    old = r;
+    c->ring = NULL;
+    rc = shmkey_conn_dial(c, SHMKEY_TRANSPORT_SHM, deadline_ns, &wel, fds,
+                          SHMKEY_MAX_SLOTS + 2, &sock, why, whylen);
+    if (rc == SHMKEY_OK && wel.transport != SHMKEY_TRANSPORT_SHM) {
+        shmkey_why(why, whylen, "the oracle offers no ring");
+        shmkey_close_fds(fds, wel.nfds);
+        close(sock);
+        rc = SHMKEY_EUNAVAIL;
+    } else if (rc == SHMKEY_OK) {
+        rc = shmkey_cring_attach(sock, &wel, fds, wel.nfds, &r, why, whylen);
+        if (rc != SHMKEY_OK)
+            close(sock);
+    }
+    if (rc == SHMKEY_OK) {
+        c->ring = r;
+        c->max_payload = r->slot_size;
+        __atomic_add_fetch(&r->refs, 1, __ATOMIC_RELAXED);
+        *out = r;
+    } else {
+        snprintf(c->why, sizeof(c->why), "%s", why ? why : "");
+    }
+    pthread_mutex_unlock(&c->lock);
+    shmkey_cring_put(old);
+    return rc;
+}
+
+int shmkey_shm_open(struct shmkey_client *c, uint64_t deadline_ns, char *why, uint32_t whylen)
+{
+    struct cring *r;
+    int rc = ring_get(c, deadline_ns, &r, why, whylen);
+    if (rc == SHMKEY_OK)
+        shmkey_cring_put(r);
+    return rc;
+}
+
+int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
+                    const uint8_t *in, uint8_t *out, uint32_t out_cap,
+                    struct shmkey_resp *resp, uint64_t deadline_ns)
+{
+    static const char died[] = "the oracle worker serving this request died";
+    struct cring *r;
+    char why[256];
+    int lost = 0;
+    int rc = ring_get(c, deadline_ns, &r, why, sizeof(why));
+    if (rc != SHMKEY_OK)
+        return rc;
+    rc = ring_call(r, req, in, out, out_cap, resp, deadline_ns, &lost);
+    shmkey_cring_put(r);
+    if (lost == 1) {
+        /* The connection was dead before any worker saw the request (the oracle
+           restarted since our last call): send it again, on a new connection. */
+        if ((rc = ring_get(c, deadline_ns, &r, why, sizeof(why))) != SHMKEY_OK)
+            return rc;
+        lost = 0;
+        rc = ring_call(r, req, in, out, out_cap, resp, deadline_ns, &lost);
+        shmkey_cring_put(r);
+    }
+    if (!lost)
+        return rc;
+    /*
+     * The connection died with our request in a worker's hands. If the oracle
+     * answers a new one, only the process serving us died (a worker process):
+     * say so, as the reply. Otherwise the oracle is gone.
+     */
+    if ((rc = ring_get(c, deadline_ns, &r, why, sizeof(why))) != SHMKEY_OK)
+        return rc == SHMKEY_EIDENTITY || rc == SHMKEY_EACCESS ? rc : SHMKEY_EUNAVAIL;
+    shmkey_cring_put(r);
+    resp->status = SHMKEY_EINTERNAL;
+    resp->out_len = out_cap >= sizeof(died) - 1 ? (uint32_t)sizeof(died) - 1 : 0;
+    memcpy(out, died, resp->out_len);
+    return SHMKEY_OK;
+}
+
+/* Slots free for this process right now (0 while it has no ring). */
+int shmkey_shm_free_slots(struct shmkey_client *c)
+{
+    int n = 0;
+    pthread_mutex_lock(&c->lock);
+    struct cring *r = c->owner_pid == shmkey_self_pid() ? c->ring : NULL;
+    if (r)
+        for (uint32_t i = 0; i < r->nslots; i++)
+            n += !__atomic_load_n(&r->taken[i], __ATOMIC_RELAXED) &&
+                 CTL_STATE(ctl_load(slot_at(r->base, r->stride, i))) == SHMKEY_SLOT_FREE;
+    pthread_mutex_unlock(&c->lock);
+    return n;
+}
+
+void shmkey_shm_client_close(struct shmkey_client *c)
+{
+    if (c->owner_pid == shmkey_self_pid())
+        shmkey_cring_put(c->ring);
+    else
+        shmkey_cring_forget(c->ring);
+    c->ring = NULL;
 }
 
 /* ===================================================================== */
@@ -446,351 +568,254 @@ int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
 /* ===================================================================== */
 
 /*
- * Lay out a ring in the segment behind shm_fd (created by the caller with
- * O_EXCL, sized with shmkey_ring_size) and open its two semaphores, which the
- * caller also created: req starts at 0, free at nslots.
+ * A new ring for connection k: a memfd of exactly its slots, sealed, mapped
+ * by the oracle, and one wake-up socketpair per slot. fds receives what the
+ * welcome carries: the memfd, the status page, the client's wake-up ends.
  */
-int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
-                           uint32_t spin_us, const char *req_sem,
-                           const char *free_sem, struct shmkey_server **out)
+int shmkey_ring_create(struct shmkey_server *s, struct sconn *k, int *fds, uint32_t *nfds)
 {
-    struct stat st;
-    *out = NULL;
-    if (nslots == 0 || nslots > SHMKEY_MAX_SLOTS || slot_size < SHMKEY_MIN_SLOT_SIZE ||
-        slot_size > SHMKEY_MAX_SLOT_SIZE)
-        return SHMKEY_EINVAL;
-    size_t size = shmkey_ring_size(nslots, slot_size);
-    if (fstat(shm_fd, &st) != 0)
+    size_t size = shmkey_ring_size(s->nslots, s->slot_size);
+    *nfds = 0;
+    int mfd = memfd_create("shmkey-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (mfd < 0)
         return SHMKEY_ESYSTEM;
-    if ((size_t)st.st_size < size)
-        return SHMKEY_EINVAL;
-
-    struct shmkey_server *s = calloc(1, sizeof(*s));
-    if (!s)
-        return SHMKEY_ESYSTEM;
-    s->transport = SHMKEY_TRANSPORT_SHM;
-    s->epfd = s->ctl_fd = s->listening = -1;
-    s->req_sem = s->free_sem = SEM_FAILED;
-    s->nslots = nslots;
-    s->slot_size = slot_size;
-    s->max_payload = slot_size;
-    s->slots_offset = SHMKEY_ALIGN;
-    s->stride = (uint32_t)((size - SHMKEY_ALIGN) / nslots);
-    s->spin_us = spin_us;
-    s->ncpu = shmkey_ncpu();
-    s->map_len = size;
-    s->reap_seen = calloc(nslots, sizeof(uint64_t) * 2);
-    /* Anonymous and shared: inherited by forked workers, invisible to clients. */
-    s->held = mmap(NULL, nslots * sizeof(uint64_t), PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    s->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, shm_fd, 0);
-    if (s->base == MAP_FAILED || !s->reap_seen || s->held == MAP_FAILED) {
-        if (s->base == MAP_FAILED)
-            s->base = NULL;
-        if (s->held == MAP_FAILED)
-            s->held = NULL;
-        shmkey_shm_server_close(s);
+    if (ftruncate(mfd, (off_t)size) != 0 ||
+        fcntl(mfd, F_ADD_SEALS, SHMKEY_RING_SEALS) != 0 ||
+        (k->wake = malloc(sizeof(int) * s->nslots)) == NULL) {
+        close(mfd);
         return SHMKEY_ESYSTEM;
     }
-    s->req_sem = sem_open(req_sem, 0);
-    s->free_sem = sem_open(free_sem, 0);
-    if (s->req_sem == SEM_FAILED || s->free_sem == SEM_FAILED) {
-        int rc = shmkey_status_from_errno(errno);
-        shmkey_shm_server_close(s);
-        return rc;
+    memset(k->wake, 0xff, sizeof(int) * s->nslots);
+    k->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+    if (k->base == MAP_FAILED) {
+        k->base = NULL;
+        close(mfd);
+        return SHMKEY_ESYSTEM;
     }
-    memset(s->base, 0, size);
-    for (uint32_t i = 0; i < nslots; i++)
-        slot_at(s->base, s->slots_offset, s->stride, i)->ctl = CTL(1, SHMKEY_SLOT_FREE);
-    struct shmkey_ring_hdr *h = hdr_of(s->base);
-    h->version = SHMKEY_VERSION;
-    h->nslots = nslots;
-    h->slot_size = slot_size;
-    h->slot_stride = s->stride;
-    h->slots_offset = s->slots_offset;
-    h->oracle_pid = (uint32_t)getpid();
-    h->spin_us = spin_us;
-    h->ncpu = s->ncpu;
-    h->state = SHMKEY_RING_RUNNING;
-    __atomic_store_n(&h->magic, SHMKEY_MAGIC, __ATOMIC_RELEASE);
-    *out = s;
+    k->map_len = size;
+    fds[0] = mfd;
+    fds[1] = s->status_fd;
+    *nfds = 2;
+    for (uint32_t i = 0; i < s->nslots; i++) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) {
+            for (uint32_t j = 2; j < *nfds; j++)
+                close(fds[j]);
+            close(mfd);
+            *nfds = 0;
+            return SHMKEY_ESYSTEM;
+        }
+        /* Only a byte at a time ever crosses; keep the buffers small. */
+        int small = 1024;
+        (void)setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+        k->wake[i] = sv[0];
+        fds[(*nfds)++] = sv[1];
+    }
+    for (uint32_t i = 0; i < s->nslots; i++)
+        slot_at(k->base, s->stride, i)->ctl = CTL(1, SHMKEY_SLOT_FREE);
     return SHMKEY_OK;
 }
 
-/* What a worker records while it holds a slot: its pid and the generation. */
-static uint64_t held_mark(uint64_t gen)
+void shmkey_ring_unmap(struct shmkey_server *s, struct sconn *k)
 {
-    return ((uint64_t)(uint32_t)shmkey_self_pid() << 32) | (uint32_t)(gen + 1);
-}
-
-/* Does a live worker hold this slot at this generation? */
-static int held_by_live_worker(struct shmkey_server *s, uint32_t i, uint32_t gen)
-{
-    uint64_t mark = __atomic_load_n(&s->held[i], __ATOMIC_ACQUIRE);
-    return (uint32_t)mark == gen + 1u && shmkey_pid_alive((pid_t)(mark >> 32));
-}
-
-static void leave_active(struct shmkey_server *s, struct shmkey_work *w)
-{
-    if (w->active) {
-        __atomic_sub_fetch(&hdr_of(s->base)->active, 1, __ATOMIC_RELAXED);
-        w->active = 0;
+    if (k->base)
+        munmap(k->base, k->map_len);
+    k->base = NULL;
+    if (k->wake) {
+        shmkey_close_fds(k->wake, s->nslots);
+        free(k->wake);
+        k->wake = NULL;
     }
 }
 
-static void enter_active(struct shmkey_server *s, struct shmkey_work *w)
+void shmkey_ring_enter_active(struct shmkey_server *s, struct shmkey_work *w)
 {
     if (!w->active) {
-        __atomic_add_fetch(&hdr_of(s->base)->active, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->status->active[s->proc], 1, __ATOMIC_RELAXED);
         w->active = 1;
     }
 }
 
-/* Claim a SUBMITTED slot (-> BUSY) starting at the worker's cursor; NULL if none. */
-static struct shmkey_slot *claim_submitted(struct shmkey_server *s, struct shmkey_work *w,
-                                           uint64_t *ctl_out, uint32_t *idx_out)
+void shmkey_ring_leave_active(struct shmkey_server *s, struct shmkey_work *w)
 {
-    for (uint32_t i = 0; i < s->nslots; i++) {
-        uint32_t idx = (w->cursor + i) % s->nslots;
-        struct shmkey_slot *cand = slot_at(s->base, s->slots_offset, s->stride, idx);
-        uint64_t ctl = ctl_load(cand);
-        if (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED &&
-            ctl_cas(cand, ctl, CTL(CTL_GEN(ctl), SHMKEY_SLOT_BUSY))) {
-            *ctl_out = ctl;
-            *idx_out = idx;
-            return cand;
-        }
-    }
-    return NULL;
-}
-
-/*
- * Spin for a request while a core is to spare, counted in hdr->spinners so
- * that clients do not post "req" (and wake a sleeping worker) meanwhile.
- * Returns the claimed slot, or NULL when the spin ended without one.
- */
-static struct shmkey_slot *spin_for_request(struct shmkey_server *s, struct shmkey_work *w,
-                                            uint64_t *ctl, uint32_t *idx)
-{
-    struct shmkey_ring_hdr *h = hdr_of(s->base);
-    if (s->spin_us == 0)
-        return NULL;
-    /* Our own count is in "active" while we were computing. */
-    if (__atomic_load_n(&h->active, __ATOMIC_RELAXED) > s->ncpu - (w->active ? 0 : 1))
-        return NULL;
-    enter_active(s, w);
-    __atomic_add_fetch(&h->spinners, 1, __ATOMIC_SEQ_CST);
-    struct shmkey_slot *slot = NULL;
-    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)s->spin_us * 1000u;
-    for (unsigned i = 1;; i++) {
-        if ((slot = claim_submitted(s, w, ctl, idx)) != NULL)
-            break;
-        shmkey_cpu_relax();
-        if ((i & 15) == 0 &&
-            (s->stopping ||
-             spin_should_stop(&last, end, __atomic_load_n(&h->active, __ATOMIC_RELAXED),
-                              s->ncpu)))
-            break;
-    }
-    __atomic_sub_fetch(&h->spinners, 1, __ATOMIC_SEQ_CST);
-    /* The other half of the Dekker pair in shmkey_shm_call. */
-    if (!slot)
-        slot = claim_submitted(s, w, ctl, idx);
-    /* A token posted before we started spinning is now stale; drop it. */
-    if (slot)
-        (void)sem_trywait(s->req_sem);
-    return slot;
-}
-
-static void reply_inline(struct shmkey_server *s, struct shmkey_work *w, int32_t status)
-{
-    shmkey_shm_server_reply(s, w, status, NULL, 0);
-}
-
-/*
- * Wait up to timeout_ms for a request and copy it into w. Pings and
- * malformed requests are answered here; only work for Python comes back.
- * Sleeps on "req" in liveness slices and scans the ring after each, so a
- * request whose post was skipped (a spinner count that lied) still gets
- * served. Returns SHMKEY_OK with w filled, SHMKEY_ETIMEDOUT, or
- * SHMKEY_EUNAVAIL once the server is stopping.
- */
-int shmkey_shm_server_next(struct shmkey_server *s, struct shmkey_work *w,
-                           uint32_t timeout_ms)
-{
-    uint64_t deadline = shmkey_now_ns() + (uint64_t)timeout_ms * 1000000u;
-    struct timespec ts;
-    for (;;) {
-        if (s->stopping) {
-            leave_active(s, w);
-            return SHMKEY_EUNAVAIL;
-        }
-        uint64_t ctl = 0;
-        uint32_t idx = 0;
-        struct shmkey_slot *slot = spin_for_request(s, w, &ctl, &idx);
-        if (!slot) {
-            leave_active(s, w);
-            uint64_t now = shmkey_now_ns();
-            if (now >= deadline)
-                return SHMKEY_ETIMEDOUT;
-            uint64_t slice = now + SHMKEY_LIVENESS_SLICE_MS * 1000000ull;
-            shmkey_deadline(&ts, slice < deadline ? slice : deadline);
-            if (sem_timedwait(s->req_sem, &ts) != 0 && errno != ETIMEDOUT && errno != EINTR)
-                return SHMKEY_ESYSTEM;
-            enter_active(s, w);
-            slot = claim_submitted(s, w, &ctl, &idx);
-            if (!slot)
-                continue;       /* a stale token or an empty slice */
-        }
-        w->cursor = idx + 1;
-        w->slot = idx;
-        w->gen = CTL_GEN(ctl);
-        __atomic_store_n(&s->held[idx], held_mark(w->gen), __ATOMIC_RELEASE);
-
-        /* Copy once; from here on only the private copy is read. */
-        memcpy(&w->req, &slot->req, sizeof(w->req));
-        COMPILER_BARRIER();
-        uint32_t n = w->req.in_len;
-        if (n > s->slot_size || n > w->cap) {
-            reply_inline(s, w, SHMKEY_ETOOBIG);
-            continue;
-        }
-        memcpy(w->payload, payload_of(slot), n);
-        COMPILER_BARRIER();
-        if (w->req.op == SHMKEY_OP_PING) {
-            shmkey_shm_server_reply(s, w, SHMKEY_OK, w->payload, n);
-            continue;
-        }
-        return SHMKEY_OK;
+    if (w->active) {
+        __atomic_sub_fetch(&s->status->active[s->proc], 1, __ATOMIC_RELAXED);
+        w->active = 0;
     }
 }
 
-/*
- * Publish the reply for w's slot if the request still stands. If the client
- * abandoned it, free the slot instead; the reply is dropped unseen.
- */
-int shmkey_shm_server_reply(struct shmkey_server *s, struct shmkey_work *w,
-                            int32_t status, const uint8_t *out, uint32_t out_len)
+/* Copy the claimed request out once, zero it in the ring, validate the copy. */
+static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k, uint32_t j,
+                uint64_t ctl)
 {
-    if (w->slot >= s->nslots)
-        return SHMKEY_EINVAL;
-    struct shmkey_slot *slot = slot_at(s->base, s->slots_offset, s->stride, w->slot);
-    uint32_t gen = (uint32_t)w->gen;
-    if (out_len > s->slot_size) {
-        status = SHMKEY_EINTERNAL;
-        out_len = 0;
+    struct shmkey_slot *sl = slot_at(k->base, s->stride, j);
+    shmkey_ring_enter_active(s, w);
+    w->conn = k;
+    w->slot = j;
+    w->gen = CTL_GEN(ctl);
+    memcpy(&w->req, &sl->req, sizeof(w->req));
+    COMPILER_BARRIER();
+    uint32_t n = w->req.in_len;
+    if (n > s->slot_size || n > w->cap) {
+        shmkey_ring_reply(s, w, SHMKEY_ETOOBIG, NULL, 0);
+        return -1;
     }
-    if (!ctl_cas(slot, CTL(gen, SHMKEY_SLOT_BUSY), CTL(gen, SHMKEY_SLOT_WRITING))) {
-        uint64_t ctl = ctl_load(slot);
-        if (ctl == CTL(gen, SHMKEY_SLOT_ABANDONED) &&
-            ctl_cas(slot, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE)))
-            sem_post(s->free_sem);
-        __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
-        return SHMKEY_OK;
+    memcpy(w->payload, payload_of(sl), n);
+    COMPILER_BARRIER();
+    memset(payload_of(sl), 0, n);
+    if (w->req.op == SHMKEY_OP_PING) {
+        shmkey_ring_reply(s, w, SHMKEY_OK, w->payload, n);
+        return -1;
     }
-    if (out_len)
-        memcpy(payload_of(slot), out, out_len);
-    slot->resp.status = status;
-    slot->resp.out_len = out_len;
-    __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
-    __atomic_store_n(&s->held[w->slot], 0, __ATOMIC_RELEASE);
-    if (__atomic_load_n(&slot->waiters, __ATOMIC_SEQ_CST))
-        futex_wake_all(ctl_futex(slot));
-    return SHMKEY_OK;
-}
-
-/*
- * A request whose worker died (or that a client marked BUSY itself) will
- * never be answered: answer it with an error, so its client learns what
- * happened instead of waiting out its timeout. 1 if answered.
- */
-static int answer_orphan(struct shmkey_server *s, struct shmkey_slot *slot, uint64_t ctl)
-{
-    static const char why[] = "the oracle worker serving this request died";
-    uint32_t gen = CTL_GEN(ctl);
-    if (!ctl_cas(slot, ctl, CTL(gen, SHMKEY_SLOT_WRITING)))
-        return 0;
-    memcpy(payload_of(slot), why, sizeof(why) - 1);
-    slot->resp.status = SHMKEY_EINTERNAL;
-    slot->resp.out_len = sizeof(why) - 1;
-    __atomic_store_n(&slot->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
-    futex_wake_all(ctl_futex(slot));
     return 1;
 }
 
 /*
- * Reclaim slots nobody will free: CLAIMED or DONE with a dead client pid;
- * CLAIMED slots that have not moved for REAP_STALE_ROUNDS calls (the client
- * died before writing its pid); BUSY, WRITING or ABANDONED slots that no
- * worker holds (a client wrote them, which only a misbehaving one does); and
- * states that do not exist. Only slots unchanged since the previous call are
- * touched, and "held" is the oracle's own record (shared by its worker
- * processes, mapped by no client), which no client can forge; a slot held by
- * a worker process that died counts as unheld. A SUBMITTED slot that has not moved gets its request token
- * re-posted, in case its client died between the two. Called every few
- * hundred ms by the oracle. BUSY or WRITING slots that no live worker holds
- * are answered with an error rather than freed (see answer_orphan). Returns
- * the number of slots reclaimed or answered.
+ * Claim a SUBMITTED slot in any ring, starting where the last scan left off
+ * so that no client waits behind another. 1: w holds a request for Python;
+ * -1: one was answered here (a ping, or a malformed one); 0: none waiting.
  */
-int shmkey_server_reap(struct shmkey_server *s)
+int shmkey_ring_claim(struct shmkey_server *s, struct shmkey_work *w)
 {
-    int n = 0;
-    if (s->transport != SHMKEY_TRANSPORT_SHM)
+    uint32_t hw = __atomic_load_n(&s->hw, __ATOMIC_ACQUIRE);
+    if (hw == 0)
         return 0;
-    for (uint32_t i = 0; i < s->nslots; i++) {
-        struct shmkey_slot *slot = slot_at(s->base, s->slots_offset, s->stride, i);
-        uint64_t ctl = ctl_load(slot);
-        uint64_t *seen = &s->reap_seen[2 * i], *rounds = &s->reap_seen[2 * i + 1];
-        *rounds = (ctl == *seen) ? *rounds + 1 : 0;
-        *seen = ctl;
-        if (*rounds == 0)
+    uint32_t start = w->cursor;
+    for (uint32_t n = 0; n < hw; n++) {
+        uint32_t at = (start + n) % hw;
+        struct sconn *k = __atomic_load_n(&s->conns[at], __ATOMIC_ACQUIRE);
+        if (!k || __atomic_load_n(&k->state, __ATOMIC_ACQUIRE) != CONN_RING ||
+            __atomic_load_n(&k->dead, __ATOMIC_RELAXED))
             continue;
-        uint32_t state = CTL_STATE(ctl);
-        pid_t pid = (pid_t)__atomic_load_n(&slot->client_pid, __ATOMIC_RELAXED);
-        int dead = !shmkey_pid_alive(pid);
-        int unheld = !held_by_live_worker(s, i, CTL_GEN(ctl));
-        if ((state == SHMKEY_SLOT_BUSY || state == SHMKEY_SLOT_WRITING) && unheld) {
-            if (answer_orphan(s, slot, ctl))
-                n++;
-            continue;
-        }
-        if ((state == SHMKEY_SLOT_DONE && dead) ||
-            (state == SHMKEY_SLOT_CLAIMED && (dead || *rounds >= REAP_STALE_ROUNDS)) ||
-            (state == SHMKEY_SLOT_ABANDONED && unheld) ||
-            (state > SHMKEY_SLOT_ABANDONED)) {
-            if (ctl_cas(slot, ctl, CTL(CTL_GEN(ctl) + 1, SHMKEY_SLOT_FREE))) {
-                sem_post(s->free_sem);
-                n++;
+        for (uint32_t j = 0; j < s->nslots; j++) {
+            struct shmkey_slot *sl = slot_at(k->base, s->stride, j);
+            uint64_t ctl = ctl_load(sl);
+            if (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED &&
+                ctl_cas(sl, ctl, CTL(CTL_GEN(ctl), SHMKEY_SLOT_BUSY))) {
+                w->cursor = at + 1;     /* the next scan starts with the next client */
+                return take(s, w, k, j, ctl);
             }
-        } else if (state == SHMKEY_SLOT_SUBMITTED && *rounds == 1) {
-            sem_post(s->req_sem);
         }
     }
+    return 0;
+}
+
+/* After taking a request: wake another worker if more wait and nobody spins for them. */
+void shmkey_ring_kick_if_more(struct shmkey_server *s)
+{
+    static const uint64_t one = 1;
+    if (__atomic_load_n(&s->status->spinners[s->proc], __ATOMIC_SEQ_CST))
+        return;
+    uint32_t hw = __atomic_load_n(&s->hw, __ATOMIC_ACQUIRE);
+    for (uint32_t n = 0; n < hw; n++) {
+        struct sconn *k = __atomic_load_n(&s->conns[n], __ATOMIC_ACQUIRE);
+        if (!k || __atomic_load_n(&k->state, __ATOMIC_ACQUIRE) != CONN_RING)
+            continue;
+        for (uint32_t j = 0; j < s->nslots; j++)
+            if (CTL_STATE(ctl_load(slot_at(k->base, s->stride, j))) == SHMKEY_SLOT_SUBMITTED) {
+                (void)write(s->kick, &one, sizeof(one));
+                return;
+            }
+    }
+}
+
+static uint32_t all_spinners(const struct shmkey_server *s)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < s->nprocs; i++)
+        n += __atomic_load_n(&s->status->spinners[i], __ATOMIC_RELAXED);
     return n;
 }
 
-void shmkey_shm_server_stop(struct shmkey_server *s)
+/*
+ * Spin for a request while cores are to spare and no other worker spins
+ * (one spinner finds every ring's requests),
+ * counted in the status page's spinners so that clients do not ring (and
+ * wake a sleeping worker) meanwhile. Pings found while spinning are answered
+ * and the spin goes on; every few microseconds it looks for socket messages
+ * and new connections too. Returns as shmkey_ring_claim, or 2 with a socket
+ * request in w.
+ */
+int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
 {
-    struct shmkey_ring_hdr *h = hdr_of(s->base);
-    s->stopping = 1;
-    __atomic_store_n(&h->state, SHMKEY_RING_STOPPING, __ATOMIC_SEQ_CST);
-    for (uint32_t i = 0; i < s->nslots; i++)
-        futex_wake_all(ctl_futex(slot_at(s->base, s->slots_offset, s->stride, i)));
-    /* Wake sleeping workers; the semaphore is unlinked right after. */
-    for (int i = 0; i < 64; i++)
-        sem_post(s->req_sem);
+    if (s->spin_us == 0 || __atomic_load_n(&s->nrings, __ATOMIC_RELAXED) == 0 ||
+        all_spinners(s) > 0)
+        return 0;
+    /*
+     * Busy workers other than us, plus us, plus a client that may be spinning
+     * for its reply (no oracle can see its clients spin: that is theirs to
+     * know), must fit the cores. Our own count is in "active" while we were
+     * computing.
+     */
+    uint32_t others = shmkey_status_active(s->status, s->nprocs) - (w->active ? 1 : 0);
+    if (others + 2 > s->ncpu)
+        return 0;
+    shmkey_ring_enter_active(s, w);
+    uint32_t *spinners = &s->status->spinners[s->proc];
+    __atomic_add_fetch(spinners, 1, __ATOMIC_SEQ_CST);
+    int rc = 0;
+    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)s->spin_us * 1000u;
+    for (unsigned i = 1;; i++) {
+        shmkey_server_quiescent(s, w);
+        rc = shmkey_ring_claim(s, w);
+        if (rc > 0)
+            break;
+        if (rc < 0)
+            end = shmkey_now_ns() + (uint64_t)s->spin_us * 1000u;
+        shmkey_cpu_relax();
+        if ((i & 255) == 0 && shmkey_server_peek(s, w) == 1) {
+            rc = 2;
+            break;
+        }
+        if ((i & 15) == 0 &&
+            (s->stopping ||
+             shmkey_spin_should_stop(&last, end, shmkey_status_active(s->status, s->nprocs) + 1,
+                                     s->ncpu)))
+            break;
+    }
+    __atomic_sub_fetch(spinners, 1, __ATOMIC_SEQ_CST);
+    /* The other half of the Dekker pair in ring_call. */
+    if (rc == 0) {
+        shmkey_server_quiescent(s, w);
+        rc = shmkey_ring_claim(s, w);
+    }
+    return rc;
 }
 
-void shmkey_shm_server_close(struct shmkey_server *s)
+/*
+ * Publish the reply for w's slot if the request still stands. If the client
+ * abandoned it, free the slot instead; the reply is dropped unseen. A
+ * connection already retired is still mapped (the grace period), so this is
+ * harmless there.
+ */
+int shmkey_ring_reply(struct shmkey_server *s, struct shmkey_work *w,
+                      int32_t status, const uint8_t *out, uint32_t out_len)
 {
-    if (s->base)
-        munmap(s->base, s->map_len);
-    if (s->req_sem != SEM_FAILED && s->req_sem)
-        sem_close(s->req_sem);
-    if (s->free_sem != SEM_FAILED && s->free_sem)
-        sem_close(s->free_sem);
-    free(s->reap_seen);
-    if (s->held)
-        munmap(s->held, s->nslots * sizeof(uint64_t));
-    free(s);
+    struct sconn *k = w->conn;
+    if (!k || w->slot >= s->nslots)
+        return SHMKEY_EINVAL;
+    struct shmkey_slot *sl = slot_at(k->base, s->stride, w->slot);
+    uint32_t gen = (uint32_t)w->gen;
+    w->conn = NULL;
+    if (out_len > s->slot_size) {
+        status = SHMKEY_EINTERNAL;
+        out_len = 0;
+    }
+    if (!ctl_cas(sl, CTL(gen, SHMKEY_SLOT_BUSY), CTL(gen, SHMKEY_SLOT_WRITING))) {
+        uint64_t ctl = ctl_load(sl);
+        if (ctl == CTL(gen, SHMKEY_SLOT_ABANDONED))
+            ctl_cas(sl, ctl, CTL(gen + 1, SHMKEY_SLOT_FREE));
+        return SHMKEY_OK;
+    }
+    if (out_len)
+        memcpy(payload_of(sl), out, out_len);
+    sl->resp.status = status;
+    sl->resp.out_len = out_len;
+    __atomic_store_n(&sl->ctl, CTL(gen, SHMKEY_SLOT_DONE), __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&sl->waiters, __ATOMIC_SEQ_CST)) {
+        static const char ready = 'd';
+        /* Full means woken already; per call, so no client can make it block. */
+        (void)send(k->wake[w->slot], &ready, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    return SHMKEY_OK;
 }

@@ -9,7 +9,7 @@
 
 /* ---- versioning ------------------------------------------------------ */
 #define SHMKEY_MAGIC 0x59454b53          /* "SKEY" little-endian */
-#define SHMKEY_VERSION 1
+#define SHMKEY_VERSION 2                 /* of the handshake and the ring */
 
 /* ---- status codes: 0 is success, every failure is negative ----------- */
 #define SHMKEY_OK 0
@@ -17,15 +17,16 @@
 #define SHMKEY_ETIMEDOUT -2     /* deadline passed; the request was withdrawn */
 #define SHMKEY_EUNAVAIL -3      /* the oracle is gone or shutting down */
 #define SHMKEY_EPOLICY -4       /* the oracle's policy refuses this operation */
-#define SHMKEY_EPROTO -5        /* malformed request or reply */
+#define SHMKEY_EPROTO -5        /* malformed request, reply or handshake */
 #define SHMKEY_ETOOBIG -6       /* input larger than a slot or message allows */
 #define SHMKEY_EDECRYPT -7      /* decryption failed (one error for every cause) */
 #define SHMKEY_EUNSUPPORTED -8  /* unknown operation, padding or hash */
 #define SHMKEY_ESYSTEM -9       /* an OS call failed (see errno at the caller) */
 #define SHMKEY_ENOKEY -10       /* no key with that index */
 #define SHMKEY_EINTERNAL -11    /* the crypto library failed */
-#define SHMKEY_EACCESS -12      /* permission denied on a ring object or socket */
+#define SHMKEY_EACCESS -12      /* permission denied on the socket, or the oracle refused us */
 #define SHMKEY_ETOKEN -13       /* the key's PKCS#11 token failed or is absent; the oracle re-opens it */
+#define SHMKEY_EIDENTITY -14    /* the oracle runs as a user the client does not trust */
 
 /* ---- operations and their parameters ---------------------------------- */
 #define SHMKEY_OP_PING 1        /* echo the payload; answered by the C worker loop */
@@ -49,27 +50,30 @@
 #define SHMKEY_HASH_SHA512 4
 
 /* ---- transports -------------------------------------------------------- */
-#define SHMKEY_TRANSPORT_ANY 0          /* key references: the ring, else the socket */
-#define SHMKEY_TRANSPORT_SHM 1
-#define SHMKEY_TRANSPORT_SOCKET 2
+#define SHMKEY_TRANSPORT_ANY 0          /* the oracle's choice (its ring, unless told otherwise) */
+#define SHMKEY_TRANSPORT_SHM 1          /* a ring of this connection's own */
+#define SHMKEY_TRANSPORT_SOCKET 2       /* length-prefixed messages on the connection */
 
 /* ---- slot states (low 32 bits of shmkey_slot.ctl) ---------------------- */
-#define SHMKEY_SLOT_FREE 0        /* owned by nobody */
-#define SHMKEY_SLOT_CLAIMED 1     /* a client is writing its request */
+#define SHMKEY_SLOT_FREE 0        /* the client's to fill */
 #define SHMKEY_SLOT_SUBMITTED 2   /* waiting for a worker */
 #define SHMKEY_SLOT_BUSY 3        /* a worker copied the request and works on it */
 #define SHMKEY_SLOT_WRITING 4     /* a worker is writing the reply */
 #define SHMKEY_SLOT_DONE 5        /* reply ready for the client */
 #define SHMKEY_SLOT_ABANDONED 6   /* client gave up while BUSY; worker frees it */
 
-#define SHMKEY_RING_RUNNING 1
-#define SHMKEY_RING_STOPPING 2
-
 /* Limits that both sides enforce. */
 #define SHMKEY_MIN_SLOT_SIZE 256
 #define SHMKEY_MAX_SLOT_SIZE 65536
 #define SHMKEY_MAX_SLOTS 1024
-#define SHMKEY_MAX_SOCKET_CONNS 256
+#define SHMKEY_MAX_SOCKET_CONNS 256     /* a client's pool of socket connections */
+#define SHMKEY_MAX_CONNS 1024           /* connections one oracle process serves at once */
+#define SHMKEY_MAX_PROCS 64             /* worker processes of one oracle */
+#define SHMKEY_HANDSHAKE_MS 1000        /* a hello, or a whole socket message, must arrive within this */
+
+/* Who the client accepts as the oracle (shmkey_client_open's oracle_uid). */
+#define SHMKEY_UID_DEFAULT -1           /* the caller's own uid or root */
+#define SHMKEY_UID_ANY -2               /* anyone (version 1 key references) */
 
 /* What a client asks: fixed-size, copied out of the ring in one go. */
 struct shmkey_req {
@@ -86,36 +90,59 @@ struct shmkey_resp {
 };
 
 /*
- * Shared ring header. Clients may scribble on it, so the oracle reads
- * nslots/slot_size/stride only from its own private copy; "active" is a
- * heuristic that steers spinning and cannot break correctness.
+ * The first bytes a client sends on a new connection, after the oracle has
+ * checked its SO_PEERCRED and before anything else crosses.
  */
-struct shmkey_ring_hdr {
-    uint32_t magic;
-    uint32_t version;
-    uint32_t nslots;
-    uint32_t slot_size;     /* payload bytes per slot */
-    uint32_t slot_stride;   /* bytes from one slot to the next */
-    uint32_t slots_offset;  /* bytes from the header to slot 0 */
-    uint32_t oracle_pid;
-    uint32_t state;         /* SHMKEY_RING_RUNNING or _STOPPING */
-    uint32_t spin_us;       /* how long either side spins before sleeping */
-    uint32_t ncpu;
-    uint32_t active;        /* threads spinning or computing for this ring */
-    uint32_t spinners;      /* workers spinning for requests: no need to post "req" */
-    uint32_t reserved[4];
+struct shmkey_hello {
+    uint32_t magic;         /* SHMKEY_MAGIC */
+    uint32_t version;       /* SHMKEY_VERSION */
+    uint32_t transport;     /* SHMKEY_TRANSPORT_* this connection is for */
+    uint32_t reserved;      /* zero */
 };
 
 /*
- * One slot. ctl packs (generation << 32) | state so that every transition is
- * a single compare-and-swap that also checks the generation: a worker that
- * finishes late can never write into a slot that was freed and reused.
- * The payload (slot_size bytes) follows the struct, 64-byte aligned.
+ * The oracle's answer, one message. For a ring it carries SCM_RIGHTS
+ * descriptors: the ring (a memfd sealed against shrinking, growing and
+ * further seals), the status page (sealed against writing too), then one
+ * pipe per slot whose read end says "your reply is ready". Geometry and
+ * identity come from here and SO_PEERCRED, never from the shared pages.
+ */
+struct shmkey_welcome {
+    uint32_t magic;
+    uint32_t version;
+    int32_t status;         /* SHMKEY_OK, or why the oracle refuses this connection */
+    uint32_t transport;     /* what the connection carries now */
+    uint32_t nslots;        /* ring slots (0 for the socket transport) */
+    uint32_t slot_size;     /* payload bytes per slot, or per socket message */
+    uint32_t oracle_pid;
+    uint32_t spin_us;       /* how long either side spins before sleeping */
+    uint32_t ncpu;
+    uint32_t proc;          /* which worker process serves this connection */
+    uint32_t nprocs;
+    uint32_t nfds;          /* descriptors attached */
+};
+
+/*
+ * The oracle's status page: one for all its clients, mapped read-only by
+ * them (sealed against writing, so no client can forge it). Hints that steer
+ * spinning; per worker process, so that a respawned one starts from zero.
+ */
+struct shmkey_status {
+    uint32_t active[SHMKEY_MAX_PROCS];      /* threads spinning or computing */
+    uint32_t spinners[SHMKEY_MAX_PROCS];    /* threads spinning for requests: no need to ring */
+};
+
+/*
+ * One slot of a client's ring. ctl packs (generation << 32) | state so that
+ * every transition is a single compare-and-swap that also checks the
+ * generation: a worker that finishes late can never write into a slot that
+ * was freed and reused. The payload (slot_size bytes) follows, 64-byte aligned.
+ * Slot i is at i * stride, stride = 64-aligned (sizeof + slot_size).
  */
 struct shmkey_slot {
     uint64_t ctl;
-    uint32_t waiters;       /* nonzero: the client sleeps on ctl, wake it */
-    uint32_t client_pid;
+    uint32_t waiters;       /* nonzero: the client sleeps on its pipe, wake it */
+    uint32_t reserved0;
     struct shmkey_req req;
     struct shmkey_resp resp;
     uint32_t reserved[2];
@@ -126,24 +153,28 @@ struct shmkey_work {
     struct shmkey_req req;
     uint8_t *payload;       /* private buffer, cap bytes */
     uint32_t cap;
-    uint32_t slot;          /* shm: which slot; socket: unused */
-    uint64_t gen;           /* shm: generation the request was read at */
-    int fd;                 /* socket: connection the request came on */
+    uint32_t slot;          /* ring: which slot */
+    uint64_t gen;           /* ring: generation the request was read at */
+    void *conn;             /* the connection the request came on */
     uint32_t cursor;        /* where this worker starts its next scan */
-    uint32_t active;        /* nonzero while counted in hdr->active */
+    uint32_t qs;            /* this worker's index in the oracle's grace-period table, plus one */
+    uint32_t active;        /* nonzero while counted in the status page's "active" */
 };
 
 struct shmkey_client;
 struct shmkey_server;
 
 /* ---- client side: thread-safe, blocking calls release no locks held by Python ---- */
-int shmkey_client_open_shm(const char *name, struct shmkey_client **out);
-int shmkey_client_open_socket(const char *path, int ctl_fd, uint32_t max_payload,
-                              struct shmkey_client **out);
+int shmkey_client_open(const char *path, int ctl_fd, int transport, int64_t oracle_uid,
+                       int exact_uid, uint32_t timeout_ms, char *why, uint32_t whylen,
+                       struct shmkey_client **out);
 void shmkey_client_close(struct shmkey_client *c);
 uint32_t shmkey_client_max_payload(const struct shmkey_client *c);
 int shmkey_client_transport(const struct shmkey_client *c);
-int shmkey_client_free_slots(const struct shmkey_client *c);
+int shmkey_client_free_slots(struct shmkey_client *c);
+int64_t shmkey_client_oracle_uid(const struct shmkey_client *c);
+int64_t shmkey_client_oracle_pid(const struct shmkey_client *c);
+int shmkey_client_why(struct shmkey_client *c, char *out, uint32_t cap);
 int shmkey_call(struct shmkey_client *c, const struct shmkey_req *req,
                 const uint8_t *in, uint8_t *out, uint32_t out_cap,
                 struct shmkey_resp *resp, uint32_t timeout_ms);
@@ -151,18 +182,17 @@ int shmkey_ping_loop(struct shmkey_client *c, uint32_t n, uint64_t *ns_out,
                      uint32_t timeout_ms);
 
 /* ---- oracle side ----------------------------------------------------- */
-int shmkey_server_open_shm(int shm_fd, uint32_t nslots, uint32_t slot_size,
-                           uint32_t spin_us, const char *req_sem,
-                           const char *free_sem, struct shmkey_server **out);
-int shmkey_server_open_socket(int ctl_fd, int listening, uint32_t max_payload,
-                              struct shmkey_server **out);
+int shmkey_server_open(int fd, int listening, int transport, uint32_t nslots,
+                       uint32_t slot_size, uint32_t spin_us, uint32_t nprocs,
+                       struct shmkey_server **out);
 int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w,
                        uint32_t timeout_ms);
 int shmkey_server_reply(struct shmkey_server *s, struct shmkey_work *w,
                         int32_t status, const uint8_t *out, uint32_t out_len);
 int shmkey_server_reap(struct shmkey_server *s);
 int shmkey_server_allow_peers(struct shmkey_server *s, uint32_t uid, int64_t gid);
-int shmkey_server_after_fork(struct shmkey_server *s);
+int shmkey_server_after_fork(struct shmkey_server *s, uint32_t proc);
+int shmkey_server_connections(struct shmkey_server *s);
 void shmkey_server_stop(struct shmkey_server *s);
 void shmkey_server_close(struct shmkey_server *s);
 struct shmkey_work *shmkey_work_new(uint32_t cap);
@@ -172,6 +202,7 @@ void shmkey_work_free(struct shmkey_work *w);
 const char *shmkey_version(void);       /* shmkey/_version.py's, compiled in */
 const char *shmkey_strerror(int status);
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
+uint32_t shmkey_slot_stride(uint32_t slot_size);
 int shmkey_harden_process(void);
 int shmkey_lock_memory(void);
 int shmkey_die_with_parent(int sig, int expected_parent);
@@ -183,6 +214,8 @@ int shmkey_ring_id(const char *name, char *out, uint32_t cap);
 int shmkey_runtime_dir(const char *configured, int create, char *out, uint32_t cap,
                        char *why, uint32_t whylen);
 int shmkey_socket_path(const char *dir, const char *name, char *out, uint32_t cap);
+int shmkey_find_socket(const char *configured, const char *name, char *out, uint32_t cap,
+                       char *why, uint32_t whylen);
 
 /* ---- the sandbox of a network-facing process (sandbox.c; the Python
  * extension only, not the OpenSSL module) ------------------------------- */
@@ -216,7 +249,8 @@ int shmkey_sandbox_confine(const char *root, int64_t uid, int64_t gid, uint32_t 
 int shmkey_sandbox_seal(uint32_t *applied, char *why, uint32_t whylen);
 
 /* ---- OpenSSL 3 provider (provider.c), for shmkey.openssl ---------------- */
-#define SHMKEY_KEYREF_VERSION 1         /* version field of a key reference's DER */
+#define SHMKEY_KEYREF_VERSION 2         /* version of the key references written now;
+                                           version 1 (no oracle uid) is still read */
 int shmkey_openssl_same_libcrypto(const char *module_path, char *detail, uint32_t cap);
 int shmkey_openssl_enable(char *detail, uint32_t cap);
 int shmkey_openssl_last_error(char *buf, uint32_t cap);

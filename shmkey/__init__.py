@@ -11,18 +11,18 @@ from .client import OracleClient, OracleECKey, OracleEd25519Key, OracleKey, conn
 from .config import Config
 from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsolatedError,
                      KeyLoadError, KeyMismatchError, KeyReferenceError, LibcryptoMismatchError,
-                     OracleAccessError, OracleInternalError, OracleTimeoutError,
-                     OracleUnavailableError, PolicyError, ProtocolError, ShmkeyError,
-                     StaleBuildError, SystemCallError, TokenUnavailableError,
+                     OracleAccessError, OracleIdentityError, OracleInternalError,
+                     OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
+                     ShmkeyError, StaleBuildError, SystemCallError, TokenUnavailableError,
                      UnsupportedOperationError)
 from .launcher import KeyOracle
 
 __all__ = [
     "Config", "ConfigError", "DecryptionError", "InvalidArgumentError", "KeyIsolatedError",
     "KeyLoadError", "KeyMismatchError", "KeyOracle", "KeyReferenceError", "LibcryptoMismatchError",
-    "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleInternalError",
-    "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError", "ProtocolError",
-    "ShmkeyError", "StaleBuildError", "SystemCallError", "TokenUnavailableError",
+    "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleIdentityError",
+    "OracleInternalError", "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError",
+    "ProtocolError", "ShmkeyError", "StaleBuildError", "SystemCallError", "TokenUnavailableError",
     "UnsupportedOperationError", "connect",
     "key_id",
 ]

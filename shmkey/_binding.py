@@ -10,10 +10,10 @@ from typing import NoReturn, Optional
 from . import _native
 from ._native import ffi, lib
 from ._version import __version__
-from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleInternalError,
-                     OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
-                     ShmkeyError, StaleBuildError, SystemCallError, TokenUnavailableError,
-                     UnsupportedOperationError)
+from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleIdentityError,
+                     OracleInternalError, OracleTimeoutError, OracleUnavailableError, PolicyError,
+                     ProtocolError, ShmkeyError, StaleBuildError, SystemCallError,
+                     TokenUnavailableError, UnsupportedOperationError)
 
 __all__ = ["check_build", "ensure", "ffi", "lib", "raise_for_status"]
 
@@ -62,6 +62,7 @@ _STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
     lib.SHMKEY_EINTERNAL: OracleInternalError,
     lib.SHMKEY_EACCESS: OracleAccessError,
     lib.SHMKEY_ETOKEN: TokenUnavailableError,
+    lib.SHMKEY_EIDENTITY: OracleIdentityError,
 }
 
 

@@ -1,6 +1,6 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``proxy`` terminates
-TLS with the key in one, ``demo`` shows both at work, ``clean`` removes the
-names a crashed oracle left, ``settings`` lists the environment variables,
+TLS with the key in one, ``demo`` shows both at work, ``clean`` removes what
+a killed oracle left, ``settings`` lists the environment variables,
 ``keyref`` and ``openssl-conf`` set up OpenSSL, ``bench`` compares the
 oracle's transports with an in-process key.
 
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="name clients connect to (default: random, logged)")
     serve.add_argument("--password-stdin", action="store_true",
                        help="read the key's password from standard input")
-    serve.add_argument("--group", help="make the ring/socket 0660 and owned by this group")
+    serve.add_argument("--group", help="let this group's members connect (socket 0660, this group)")
     serve.add_argument("--user", help="when started as root: run as this user once the key is read")
     serve.add_argument("--allow-root", action="store_true",
                        help="keep running as root (not recommended; use --user)")
@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=2.0,
                       help="load per mode and round, for handshakes/s (2)")
 
-    clean = sub.add_parser("clean", help="remove what a crashed oracle left in /dev/shm")
+    clean = sub.add_parser("clean", help="remove what a killed oracle left: its stale socket, "
+                                         "an older version's /dev/shm ring")
     clean.add_argument("name")
 
     sub.add_parser("settings", help="list the SHMKEY_* environment variables")
@@ -125,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     keyref.add_argument("--cert", help="PEM certificate that must be for the oracle's key")
     keyref.add_argument("-o", "--output", required=True, help="file to write, e.g. key.ref.pem")
     keyref.add_argument("--transport", choices=["shm", "socketpair"],
-                        help="how OpenSSL reaches the oracle (default: the ring, else the socket)")
+                        help="how OpenSSL reaches the oracle (default: what the oracle offers)")
+    keyref.add_argument("--oracle-user", metavar="USER",
+                        help="the user the oracle runs as, if not yours or root (its --user)")
 
     conf = sub.add_parser("openssl-conf", help="print an openssl.cnf that loads shmkey's provider")
     conf.add_argument("--timeout-ms", type=int, help="wait for the oracle this long (default 5000)")
@@ -195,16 +198,16 @@ def _proxy(args: argparse.Namespace) -> int:
 
 
 def _clean(name: str) -> int:
-    from .client import connect
-
     try:
-        connect(name, transport="shm").close()
-    except ShmkeyError:
-        names.unlink(name)
-        print(f"removed what was left of oracle {name!r}")
-        return 0
-    print(f"oracle {name!r} is running; stop it instead", file=sys.stderr)
-    return 1
+        removed = names.clean(names.check_name(name))
+    except ShmkeyError as exc:
+        print(f"shmkey: {exc}", file=sys.stderr)
+        return 1
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing to remove for oracle {name!r}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -232,9 +235,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "keyref":
             from .openssl import keyref
 
-            ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport)
+            ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport,
+                               oracle_user=args.oracle_user)
             print(f"wrote {args.output}: {keyref.describe(ref.public_key)} key of oracle "
-                  f"{ref.oracle!r}")
+                  f"{ref.oracle!r} (uid {ref.oracle_uid})")
             return 0
         if args.command == "openssl-conf":
             from .openssl import openssl_conf

@@ -64,10 +64,12 @@ def _default_workers() -> int:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("transport", "SHMKEY_TRANSPORT", "shm",
-            "How clients reach the oracle: the shared-memory ring or a socket.",
+            "How clients reach the oracle by default: a shared-memory ring of their own, or "
+            "messages on the socket.",
             choices=TRANSPORTS),
     Setting("slots", "SHMKEY_SLOTS", 16,
-            "Ring slots: requests in flight at once; more wait (backpressure).",
+            "Slots of each client's ring: its requests in flight at once; more wait "
+            "(backpressure).",
             low=1, high=1024),
     Setting("slot_size", "SHMKEY_SLOT_SIZE", 2048,
             "Payload bytes per slot (and per socket message); must hold the "
@@ -84,14 +86,15 @@ SETTINGS: tuple[Setting, ...] = (
             low=1, high=600000),
     Setting("spin_us", "SHMKEY_SPIN_US", 500,
             "Microseconds either side of the ring spins before sleeping, when a "
-            "core is free (0: always sleep on the semaphore).", low=0, high=100000),
+            "core is free (0: always sleep).", low=0, high=100000),
     Setting("start_timeout_ms", "SHMKEY_START_TIMEOUT_MS", 15000,
             "How long starting an oracle may take before it is an error.",
             low=100, high=600000),
     Setting("runtime_dir", "SHMKEY_RUNTIME_DIR", "",
-            "Directory of named socket oracles. Default: a private 0700 directory "
-            "($XDG_RUNTIME_DIR/shmkey or /tmp/shmkey-UID). Set it (to a directory no "
-            "group or other may write) to share an oracle across users.", path=True),
+            "Directory of oracle sockets. Default: /run/shmkey as root, else "
+            "$XDG_RUNTIME_DIR/shmkey, else /tmp/shmkey-UID (~/.shmkey if another user took "
+            "that); clients also look in /run/shmkey. Set it to a directory no group or other "
+            "may write to, e.g. inside a chroot.", path=True),
     Setting("pkcs11_module", "SHMKEY_PKCS11_MODULE", "",
             "PKCS#11 module (.so) for key URIs without module-path= "
             "(pkcs11:token=...;object=...); read by the oracle only.", path=True, file=True),
@@ -163,7 +166,7 @@ def markdown_table() -> str:
     """README's table of settings, rendered from :data:`SETTINGS`."""
     rows = ["| variable | default | valid | what it does |", "|---|---|---|---|"]
     for s in SETTINGS:
-        default = {"workers": "CPU count (max 16)", "runtime_dir": "(private)",
+        default = {"workers": "CPU count (max 16)", "runtime_dir": "(see text)",
                    "pkcs11_module": "(none)"}.get(s.field, s.default)
         rows.append(f"| `{s.env}` | `{default}` | {s.valid()} | {s.help} |")
     return "\n".join(rows)

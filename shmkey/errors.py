@@ -30,12 +30,14 @@ class DecryptionError(ShmkeyError, builtins.ValueError):
     """Decryption failed. One error for every cause, by design."""
 
 
-class OracleTimeoutError(ShmkeyError, builtins.TimeoutError):
-    """The oracle did not answer before the deadline; the request was withdrawn."""
-
-
 class OracleUnavailableError(ShmkeyError):
     """The oracle is not running, stopped, or died."""
+
+
+class OracleTimeoutError(OracleUnavailableError, builtins.TimeoutError):
+    """The oracle did not answer before the deadline; the request was withdrawn.
+    For that request the oracle was unavailable (overloaded, or stopped with
+    SIGSTOP, which no hang-up reveals), hence the base class."""
 
 
 class PolicyError(ShmkeyError, builtins.PermissionError):
@@ -43,7 +45,12 @@ class PolicyError(ShmkeyError, builtins.PermissionError):
 
 
 class OracleAccessError(ShmkeyError, builtins.PermissionError):
-    """Permission denied on the oracle's ring or socket."""
+    """Permission denied on the oracle's socket, or the oracle refused this process."""
+
+
+class OracleIdentityError(ShmkeyError):
+    """The process serving an oracle's socket runs as a user this client does
+    not trust (a squatter or a fake oracle); the message names both users."""
 
 
 class TokenUnavailableError(ShmkeyError):

@@ -2,26 +2,30 @@
 
 :class:`KeyOracle` fork+execs ``python -m shmkey serve`` (a clean process
 image: nothing of the caller's memory is inherited), which opens the key
-file itself. The caller never reads the key; it gets a client and an
-:class:`~shmkey.keys.OracleKey` (or its EC and Ed25519 siblings).
+file itself. The caller never reads the key; it gets a client, connected to the very
+process it started, and an :class:`~shmkey.keys.OracleKey` (or its EC and
+Ed25519 siblings).
 """
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import select
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from . import _p11uri, _process, names
 from .client import OracleClient
 from .client.keys import AnyOracleKey
 from .config import Config
-from .errors import (ConfigError, KeyLoadError, OracleUnavailableError, ShmkeyError)
+from .errors import (ConfigError, KeyLoadError, OracleIdentityError, OracleUnavailableError,
+                     ShmkeyError)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -42,10 +46,12 @@ class KeyOracle:
         name: an oracle name others may ``connect()`` to; random by default.
         allow_pkcs1v15_decrypt: allow PKCS#1 v1.5 decryption (off by default).
         allow_oaep_decrypt: allow OAEP decryption (on by default).
-        group: make the ring or socket 0660 and owned by this group.
-        by_name: let other processes ``connect(name)`` to it. The ring always
-            has a name; with ``"socketpair"`` this makes the oracle listen on
-            its named socket instead of a control socket only this process holds.
+        group: make the oracle's socket 0660 and owned by this group, and
+            let the group's members connect.
+        by_name: let other processes ``connect(name)`` to it. An oracle with
+            the ring always listens on its named socket; with ``"socketpair"``
+            this makes it listen there instead of on a control socket only
+            this process holds.
         user: started by root, the user the oracle drops to once it has read
             the key (``shmkey serve --user``); None keeps root (``--allow-root``).
 
@@ -80,7 +86,7 @@ class KeyOracle:
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._client: Optional[OracleClient] = None
         self._lifeline: Optional[int] = None
-        self._created = False       # the oracle made its ring: ours to unlink if it dies
+        self._created = False       # the oracle made its socket: ours to remove if it dies
 
     @property
     def pid(self) -> Optional[int]:
@@ -151,19 +157,14 @@ class KeyOracle:
                 password = None if self._password is None else self._password.decode("latin-1")
                 self._proc.stdin.write(json.dumps({"password": password, "pins": self._pins}).encode())
                 self._proc.stdin.close()
-            info = self._await_ready(status_r, cfg.start_timeout_ms / 1000)
+            self._await_ready(status_r, cfg.start_timeout_ms / 1000)
             self._created = True
-            if cfg.transport == "shm":
-                self._client = OracleClient.open_shm(info["name"], cfg.timeout_ms)
-            elif self._by_name:
-                self._client = OracleClient.open_socket(
-                    path=str(names.socket_path(self.name, cfg.runtime_dir)), max_payload=cfg.slot_size,
-                    timeout_ms=cfg.timeout_ms, name=self.name)
+            if ctl_parent is not None:
+                self._client = OracleClient.open(ctl_fd=ctl_parent.fileno(),
+                                                 transport=cfg.transport,
+                                                 timeout_ms=cfg.timeout_ms, name=self.name)
             else:
-                assert ctl_parent is not None
-                self._client = OracleClient.open_socket(
-                    ctl_fd=ctl_parent.fileno(), max_payload=cfg.slot_size,
-                    timeout_ms=cfg.timeout_ms, name=self.name)
+                self._client = self._connect_own()
         except BaseException:
             self.stop()
             raise
@@ -172,6 +173,31 @@ class KeyOracle:
             if ctl_parent is not None:
                 ctl_parent.close()
         return self
+
+    def _connect_own(self) -> OracleClient:
+        """Connect to the oracle this object started, and to no other: its
+        socket must be served by our uid and by the very process we started."""
+        assert self._proc is not None
+        cfg = self.config
+        client = OracleClient.open(path=str(self._socket_path()), transport=cfg.transport,
+                                   oracle_uid=self._oracle_uid(), exact_uid=True,
+                                   timeout_ms=cfg.timeout_ms, name=self.name)
+        if client.oracle_pid != self._proc.pid:
+            client.close()
+            raise OracleIdentityError(
+                f"the socket of oracle {self.name!r} is served by pid {client.oracle_pid}, "
+                f"not by the oracle this process started (pid {self._proc.pid})")
+        return client
+
+    def _oracle_uid(self) -> int:
+        """The uid our oracle serves under: ours, or the ``user`` it drops to."""
+        if self._user is None:
+            return os.geteuid()
+        name = self._user.split(":", 1)[0]
+        return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+
+    def _socket_path(self) -> Path:
+        return names.socket_path(self.name, self.config.runtime_dir)
 
     def _await_ready(self, fd: int, timeout: float) -> dict[str, Any]:
         assert self._proc is not None
@@ -209,10 +235,11 @@ class KeyOracle:
             _process.stop(proc, timeout)
             # An oracle killed hard cannot clean up after itself. One that never
             # started created nothing: what exists under its name is someone else's.
-            if self._created:
-                names.unlink(self.name)
-                if self._by_name and self.config.transport == "socketpair":
-                    names.socket_path(self.name, self.config.runtime_dir).unlink(missing_ok=True)
+            if self._created and (self.config.transport == "shm" or self._by_name):
+                try:
+                    names.remove_stale(self._socket_path())
+                except ShmkeyError:
+                    pass            # another oracle took the name meanwhile: not ours
             self._created = False
         if self._lifeline is not None:
             os.close(self._lifeline)

@@ -1,32 +1,38 @@
-"""Names and life cycle of an oracle's IPC objects: the shared-memory ring and
-its two semaphores (created with ``posix_ipc``, ``O_EXCL``, mode 0600 or 0660
-for a named group) and the socket path of a named socket oracle.
+"""Names of oracles and where they listen: the runtime directory, the socket
+path, listening on it (replacing a stale socket, refusing a live one), and
+removing what a killed oracle, or an old version's ring, left behind.
+The rules themselves are C's (``csrc/common.c``), shared with the provider.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import grp
 import os
+import pwd
 import secrets
-from dataclasses import dataclass
+import socket
+import stat
+import struct
 from pathlib import Path
-from typing import Callable, Optional
-
-import posix_ipc
+from typing import Optional, Union
 
 from ._binding import ffi, lib
 from .config import Config
-from .errors import ConfigError, OracleAccessError, ShmkeyError
+from .errors import ConfigError, OracleAccessError, OracleUnavailableError, ShmkeyError
 
-_SHM_DIR = Path("/dev/shm")
 _PATH_MAX = 4096
 _WHY_MAX = 4096 + 256
+# What versions before the socket handshake left in /dev/shm: a ring and two semaphores.
+_OLD_SHM = Path("/dev/shm")
+_OLD_MAGIC, _OLD_PID_AT = 0x59454B53, 24
 
 
 def check_name(name: str) -> str:
     """Validate an operator-chosen oracle name (letters, digits, ``_.-``).
 
-    The rule is C's (``shmkey_check_name``), the one the ring and the
-    OpenSSL provider apply too.
+    The rule is C's (``shmkey_check_name``), the one the OpenSSL provider
+    applies too.
 
     Raises:
         ConfigError: it is not a valid name.
@@ -45,7 +51,7 @@ def random_name() -> str:
 
 
 def ring_id(name: str) -> str:
-    """The POSIX IPC base name of oracle ``name`` (no leading slash)."""
+    """The base name of oracle ``name``'s objects: ``shmkey-NAME``."""
     out = ffi.new("char[]", lib.SHMKEY_NAME_MAX + 16)
     if lib.shmkey_ring_id(check_name(name).encode(), out, len(out)) != lib.SHMKEY_OK:
         raise ConfigError(f"oracle name {name!r} is invalid")
@@ -53,39 +59,69 @@ def ring_id(name: str) -> str:
     return ring
 
 
-def runtime_dir(configured: Optional[str] = None) -> Path:
-    """Directory of named oracle sockets, created if it is the default one.
+def _configured(configured: Optional[str]) -> str:
+    return Config.load().runtime_dir if configured is None else configured
 
-    ``SHMKEY_RUNTIME_DIR`` if set: the operator's choice, trusted if no group
-    or other may write to it. Otherwise a directory private to this user
-    (0700, ours): ``$XDG_RUNTIME_DIR/shmkey`` or ``/tmp/shmkey-UID``, created
-    if missing; anything else there is refused, so nobody can plant a socket
-    for us to talk to. The rule is C's (``shmkey_runtime_dir``), the one the
-    OpenSSL provider applies too; this side checks the variable's syntax first.
+
+def _raise(rc: int, why: str) -> None:
+    if rc == lib.SHMKEY_EINVAL:
+        raise ConfigError(why)
+    if rc == lib.SHMKEY_EUNAVAIL:
+        raise OracleUnavailableError(why)
+    raise OracleAccessError(why)
+
+
+def runtime_dir(configured: Optional[str] = None, create: bool = True) -> Path:
+    """The directory an oracle listens in, created if it is a default one.
+
+    ``SHMKEY_RUNTIME_DIR`` if set; else ``/run/shmkey`` as root, else
+    ``$XDG_RUNTIME_DIR/shmkey``, else ``/tmp/shmkey-UID`` (or ``~/.shmkey``
+    if another user took that name). It must be a directory no group or other
+    user may write to (a default one owned by root or by us). The rule is C's
+    (``shmkey_runtime_dir``), the one the OpenSSL provider applies too.
 
     Raises:
         ConfigError: ``SHMKEY_RUNTIME_DIR`` is not an absolute path.
-        OracleAccessError: the directory is missing, unsafe or cannot be created.
+        OracleAccessError: the directory is unsafe or cannot be created.
+        OracleUnavailableError: it does not exist (``create=False``).
     """
-    if configured is None:
-        configured = Config.load().runtime_dir
     out = ffi.new("char[]", _PATH_MAX)
     why = ffi.new("char[]", _WHY_MAX)
-    rc = lib.shmkey_runtime_dir(os.fsencode(configured), 1, out, _PATH_MAX, why, _WHY_MAX)
+    rc = lib.shmkey_runtime_dir(os.fsencode(_configured(configured)), int(create), out, _PATH_MAX,
+                                why, _WHY_MAX)
     if rc != lib.SHMKEY_OK:
-        raise OracleAccessError(os.fsdecode(ffi.string(why)))
+        _raise(rc, os.fsdecode(ffi.string(why)))
     return Path(os.fsdecode(ffi.string(out)))
 
 
 def socket_path(name: str, configured_dir: Optional[str] = None) -> Path:
-    """Where a named socket-transport oracle listens; ``configured_dir`` is
-    the resolved ``runtime_dir`` setting (by default, the environment's)."""
+    """Where oracle ``name`` listens when started here (the directory is made
+    if it is a default one); ``configured_dir`` is the resolved
+    ``runtime_dir`` setting (by default, the environment's)."""
     directory = os.fsencode(runtime_dir(configured_dir))
     out = ffi.new("char[]", _PATH_MAX)
     if lib.shmkey_socket_path(directory, check_name(name).encode(), out, _PATH_MAX) \
             != lib.SHMKEY_OK:
         raise OracleAccessError(f"the socket path of oracle {name!r} in "
                                 f"{os.fsdecode(directory)} is too long")
+    return Path(os.fsdecode(ffi.string(out)))
+
+
+def find_socket(name: str, configured_dir: Optional[str] = None) -> Path:
+    """Where a client finds oracle ``name``: in our runtime directory, else in
+    ``/run/shmkey`` (oracles started as root); only ``SHMKEY_RUNTIME_DIR``
+    if it is set. C's rule (``shmkey_find_socket``), as the provider's.
+
+    Raises:
+        OracleUnavailableError: no socket of that name.
+        OracleAccessError, ConfigError: as :func:`runtime_dir`.
+    """
+    out = ffi.new("char[]", _PATH_MAX)
+    why = ffi.new("char[]", _WHY_MAX)
+    rc = lib.shmkey_find_socket(os.fsencode(_configured(configured_dir)),
+                                check_name(name).encode(), out, _PATH_MAX, why, _WHY_MAX)
+    if rc != lib.SHMKEY_OK:
+        _raise(rc, os.fsdecode(ffi.string(why)))
     return Path(os.fsdecode(ffi.string(out)))
 
 
@@ -99,94 +135,144 @@ def group_id(group: Optional[str]) -> Optional[int]:
         raise ConfigError(f"group {group!r} does not exist") from None
 
 
-@dataclass
-class RingObjects:
-    """The IPC objects of one shared-memory ring, owned by its oracle."""
-
-    base: str
-    fd: int
-    size: int
-
-    @property
-    def req_sem(self) -> str:
-        return f"/{self.base}-req"
-
-    @property
-    def free_sem(self) -> str:
-        return f"/{self.base}-free"
-
-
-def create(name: str, nslots: int, slot_size: int, gid: Optional[int] = None) -> RingObjects:
-    """Create the ring segment and semaphores of oracle ``name``, exclusively.
-
-    O_EXCL means a name that exists (left by a crashed oracle, or planted by
-    someone else) is an error here, never silently reused.
+def user_id(user: Union[str, int]) -> int:
+    """Resolve a user name or number to a uid.
 
     Raises:
-        ShmkeyError: the name exists, or creation failed.
+        ConfigError: no such user name.
     """
-    base = ring_id(name)
-    size = lib.shmkey_ring_size(nslots, slot_size)
-    mode = 0o660 if gid is not None else 0o600
-    made: list[str] = []
+    if isinstance(user, int) or str(user).isdigit():
+        return int(user)
     try:
-        shm = posix_ipc.SharedMemory(f"/{base}", posix_ipc.O_CREX, mode=mode, size=size)
-        made.append("shm")
-        fd = os.dup(shm.fd)
-        shm.close_fd()
-        _restrict(fd, None, mode, gid)
-        posix_ipc.Semaphore(f"/{base}-req", posix_ipc.O_CREX, mode=mode, initial_value=0).close()
-        made.append("req")
-        posix_ipc.Semaphore(f"/{base}-free", posix_ipc.O_CREX, mode=mode,
-                            initial_value=nslots).close()
-        made.append("free")
-        for sem in ("req", "free"):
-            _restrict(None, _SHM_DIR / f"sem.{base}-{sem}", mode, gid)
-    except posix_ipc.ExistentialError:
-        unlink(name, only=made)
-        raise ShmkeyError(
-            f"an oracle named {name!r} already exists (/dev/shm/{base}); stop it, or "
-            f"remove a stale one with 'shmkey clean {name}'") from None
-    except (posix_ipc.Error, OSError) as exc:
-        unlink(name, only=made)
-        raise ShmkeyError(f"cannot create ring {base}: {exc}") from exc
-    return RingObjects(base, fd, size)
+        return pwd.getpwnam(str(user)).pw_uid
+    except KeyError:
+        raise ConfigError(f"user {user!r} does not exist") from None
 
 
-def _restrict(fd: Optional[int], path: Optional[Path], mode: int, gid: Optional[int]) -> None:
-    # The umask may have narrowed the mode; a group must be set after creation.
-    if fd is not None:
-        if gid is not None:
-            os.fchown(fd, -1, gid)
-        os.fchmod(fd, mode)
-    elif path is not None and path.exists():
+def listening(path: Path) -> bool:
+    """Whether something accepts connections on the socket at ``path`` (a
+    stopped oracle's backlog still does: it counts as alive)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(str(path))
+        return True
+    except BlockingIOError:
+        return True                     # a full backlog: alive, and busy
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise
+    finally:
+        probe.close()
+
+
+def remove_stale(path: Path) -> bool:
+    """Remove the socket at ``path`` if nothing listens on it; True if removed.
+
+    Raises:
+        ShmkeyError: something listens there, or ``path`` is not a socket.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ShmkeyError(f"{path} exists and is not a socket; refusing to touch it")
+    if listening(path):
+        raise ShmkeyError(f"an oracle is already listening on {path}; stop it first")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def listen(name: str, configured_dir: Optional[str] = None,
+           gid: Optional[int] = None) -> tuple[socket.socket, Path]:
+    """Listen on oracle ``name``'s socket, mode 0600 (0660 and group ``gid``).
+
+    A socket left by an oracle that died (nothing accepts on it) is replaced;
+    one that something listens on is refused. Starting oracles take a lock on
+    the directory meanwhile, so two of them cannot both decide a socket is stale.
+
+    Raises:
+        ShmkeyError: an oracle of that name is listening.
+        OracleAccessError: the runtime directory is unsafe.
+    """
+    path = socket_path(name, configured_dir)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        try:
+            remove_stale(path)
+        except ShmkeyError:
+            raise ShmkeyError(f"an oracle named {name!r} is already listening on {path}; stop "
+                              "it, or start this one under another name") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)               # never reachable by anyone else, not for a moment
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
         if gid is not None:
             os.chown(path, -1, gid)
-        os.chmod(path, mode)
+        os.chmod(path, 0o660 if gid is not None else 0o600)
+        sock.listen(128)
+        return sock, path
+    finally:
+        os.close(dfd)
 
 
-def unlink(name: str, only: Optional[list[str]] = None) -> None:
-    """Remove the ring objects of oracle ``name`` that exist; never raises."""
+def _old_ring_alive(path: Path) -> bool:
+    """Whether a ring of a version before the socket handshake still has its oracle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_OLD_PID_AT + 4)
+    except OSError:
+        return False
+    if len(head) < _OLD_PID_AT + 4 or struct.unpack_from("<I", head)[0] != _OLD_MAGIC:
+        return False
+    pid = int(struct.unpack_from("<I", head, _OLD_PID_AT)[0])
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def clean(name: str, configured_dir: Optional[str] = None) -> list[str]:
+    """Remove what a dead oracle named ``name`` left: its socket, and the ring
+    objects of a version before the socket handshake in /dev/shm.
+
+    Returns:
+        The paths removed (empty: nothing to remove).
+
+    Raises:
+        ShmkeyError: an oracle of that name is running.
+    """
+    removed: list[str] = []
     base = ring_id(name)
-    steps: dict[str, Callable[[], None]] = {
-        "shm": lambda: posix_ipc.unlink_shared_memory(f"/{base}"),
-        "req": lambda: posix_ipc.unlink_semaphore(f"/{base}-req"),
-        "free": lambda: posix_ipc.unlink_semaphore(f"/{base}-free"),
-    }
-    for key, step in steps.items():
-        if only is None or key in only:
-            try:
-                step()
-            except posix_ipc.ExistentialError:
-                pass
-
-
-def shm_path(name: str, part: str) -> str:
-    """File of a ring object in /dev/shm: ``part`` is "shm", "req" or "free"."""
-    base = ring_id(name)
-    return str(_SHM_DIR / (base if part == "shm" else f"sem.{base}-{part}"))
-
-
-def exists(name: str) -> bool:
-    """Whether a ring segment named for oracle ``name`` exists."""
-    return (_SHM_DIR / ring_id(name)).exists()
+    try:
+        path: Optional[Path] = runtime_dir(configured_dir, create=False) / f"{base}.sock"
+    except ShmkeyError:
+        path = None
+    if path is not None:
+        try:
+            if remove_stale(path):
+                removed.append(str(path))
+        except ShmkeyError:
+            raise ShmkeyError(f"oracle {name!r} is running; stop it instead") from None
+    ring = _OLD_SHM / base
+    if _old_ring_alive(ring):
+        raise ShmkeyError(f"oracle {name!r} (an older shmkey) is running; stop it instead")
+    for old in (ring, _OLD_SHM / f"sem.{base}-req", _OLD_SHM / f"sem.{base}-free"):
+        try:
+            old.unlink()
+            removed.append(str(old))
+        except FileNotFoundError:
+            pass
+    return removed

@@ -65,7 +65,7 @@ class Serve:
                 "--status-fd", str(w), "--log-level", "warning", *self.extra]
         if RUN_AS_ROOT:
             # As deployed: read the key as root, then serve as another user,
-            # with the ring open to the group nginx's workers run in.
+            # with the socket open to the group nginx's workers run in.
             args += ["--user", "nobody", "--group", WORKER_GROUP]
         try:
             self.proc = subprocess.Popen(args, pass_fds=[w])
@@ -86,10 +86,8 @@ class Serve:
         proc, self.proc = self.proc, None
         if proc is not None:
             _process.stop(proc, 10)
-        names.unlink(self.name)
-        if self.transport == "socketpair":
-            # An oracle that dropped root cannot unlink its socket in root's directory.
-            names.socket_path(self.name).unlink(missing_ok=True)
+        # An oracle that dropped root cannot remove its socket in root's directory.
+        names.clean(self.name)
 
 
 class TLSServer:

@@ -1,6 +1,7 @@
 """Shared fixtures: keys made by the system ``openssl`` (so no test process
 generates private keys itself), oracles per transport, and a check that the
-suite leaves nothing of ours in /dev/shm; running a job in a forked child.
+suite puts nothing in /dev/shm and leaves no stale oracle socket; running a job
+in a forked child.
 """
 from __future__ import annotations
 
@@ -15,29 +16,49 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import shmkey
-from shmkey._binding import ffi
+from shmkey import names
 
 TRANSPORTS = ("shm", "socketpair")
 SHM = Path("/dev/shm")
 
 
 def ours_in_shm() -> set[str]:
-    """Entries in /dev/shm that belong to shmkey (segments and semaphores)."""
+    """Entries in /dev/shm that look like shmkey's: there should be none at all."""
     return {p.name for p in SHM.iterdir() if "shmkey-" in p.name}
 
 
-def _oracle_pid(segment: str) -> int:
-    """The oracle pid recorded in a ring header, 0 if unreadable."""
+def stale_sockets() -> set[str]:
+    """Oracle sockets in the runtime directories that nothing listens on."""
+    out = set()
+    for d in {names.runtime_dir(create=False) if _has_runtime_dir() else None, Path("/run/shmkey")}:
+        if d is None or not d.is_dir():
+            continue
+        for p in d.glob("shmkey-*.sock"):
+            try:
+                if not names.listening(p):
+                    out.add(str(p))
+            except OSError:
+                pass
+    return out
+
+
+def _has_runtime_dir() -> bool:
+    try:
+        names.runtime_dir(create=False)
+        return True
+    except shmkey.ShmkeyError:
+        return False
+
+
+def _ring_pid(segment: str) -> int:
+    """The oracle pid a ring header of the old /dev/shm layout records (offset
+    24), 0 if unreadable: other sessions on this machine may run old shmkeys."""
     try:
         with open(SHM / segment, "rb") as f:
-            raw = f.read(ffi.sizeof("struct shmkey_ring_hdr"))
+            raw = f.read(28)
     except OSError:
         return 0
-    if len(raw) != ffi.sizeof("struct shmkey_ring_hdr"):
-        return 0
-    header = ffi.new("struct shmkey_ring_hdr *")
-    ffi.memmove(header, raw, len(raw))
-    return int(header.oracle_pid)
+    return int.from_bytes(raw[24:28], "little") if len(raw) == 28 else 0
 
 
 def _descends_from_us(pid: int) -> bool:
@@ -54,27 +75,25 @@ def _descends_from_us(pid: int) -> bool:
 
 
 def leaked(before: set[str]) -> list[str]:
-    """New entries whose oracle is dead or is still a process of this test run.
-
-    Entries of oracles started by other programs on the machine (a benchmark
-    in another terminal) are not this run's leaks.
-    """
+    """What appeared in /dev/shm since ``before`` that a process of this run
+    made: nothing should, ever (entries of other programs do not count)."""
     out = []
     for entry in sorted(ours_in_shm() - before):
         segment = entry[len("sem."):].rsplit("-", 1)[0] if entry.startswith("sem.") else entry
-        pid = _oracle_pid(segment)
-        if not pid or not os.path.exists(f"/proc/{pid}") or _descends_from_us(pid):
+        if _descends_from_us(_ring_pid(segment)):
             out.append(entry)
     return out
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_ipc_leaks() -> Iterator[None]:
-    """Fail the run if it leaves ring segments or semaphores behind."""
-    before = ours_in_shm()
+    """Fail the run if it puts anything in /dev/shm, or leaves sockets nobody serves."""
+    before, stale = ours_in_shm(), stale_sockets()
     yield
     left = leaked(before)
     assert not left, f"the test run left these in /dev/shm: {left}"
+    left = sorted(stale_sockets() - stale)
+    assert not left, f"the test run left stale oracle sockets: {left}"
 
 
 def unique(prefix: str) -> str:

@@ -15,7 +15,7 @@ try:
     import build_native
 finally:
     sys.path.pop(0)
-LIB_SOURCES = [CSRC / n for n in ("common.c", "ring.c", "sock.c", "api.c")]
+LIB_SOURCES = [CSRC / n for n in ("common.c", "conn.c", "ring.c", "sock.c", "api.c")]
 # What every compile of LIB_SOURCES needs: the header and the package version.
 LIB_CFLAGS = ["-std=gnu11", "-I", str(CSRC), *build_native.VERSION_CFLAGS]
 

@@ -19,10 +19,27 @@ from cryptography.hazmat.primitives.asymmetric import padding
 import shmkey
 from shmkey import _process, names
 from shmkey._binding import lib
+from shmkey.tools.procfs import stat_fields
 
 from .conftest import TRANSPORTS, unique
 
 PKCS1 = padding.PKCS1v15()
+
+
+def listening(name: str) -> bool:
+    """Whether oracle ``name``'s socket is there (a dead oracle's counts too)."""
+    return names.socket_path(name).exists()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def sigstop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it has stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert wait_until(lambda: all((stat_fields(t) or ["T"])[0] == "T" for t in threads))
 
 
 def wait_until(cond, timeout: float = 10.0) -> bool:
@@ -39,7 +56,7 @@ def test_kill_oracle_mid_load(rsa4096: Path, transport: str) -> None:
     """Every caller gets OracleUnavailableError, long before its 60 s timeout."""
     with shmkey.KeyOracle(rsa4096, transport=transport, workers=2, timeout_ms=60000) as oracle:
         _kill_oracle_mid_load(oracle)
-    assert not names.exists(oracle.name)
+    assert not listening(oracle.name)
 
 
 def _kill_oracle_mid_load(oracle: shmkey.KeyOracle) -> None:
@@ -88,10 +105,14 @@ for line in sys.stdin:
 
 
 def test_kill_clients_mid_request_slots_come_back(rsa2048: Path, tmp_path: Path) -> None:
-    """100 clients SIGKILLed at random points; every slot returns, service goes on."""
+    """100 clients SIGKILLed at random points; the oracle sees each hang up and
+    frees its ring (its descriptors come back), and service goes on."""
     slots = 4
     with shmkey.KeyOracle(rsa2048, name=unique("killc"), slots=slots,
                           workers=2) as oracle:
+        assert oracle.pid is not None
+        oracle.client.ping()
+        baseline = open_fds(oracle.pid)
         zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, oracle.name], text=True,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert zygote.stdin is not None and zygote.stdout is not None
@@ -113,6 +134,8 @@ def test_kill_clients_mid_request_slots_come_back(rsa2048: Path, tmp_path: Path)
             _process.stop(zygote, 10, sig=None)
         assert wait_until(lambda: oracle.client.free_slots() == slots, timeout=15), \
             f"free slots stuck at {oracle.client.free_slots()} of {slots}"
+        assert wait_until(lambda: open_fds(oracle.pid) == baseline, timeout=15), \
+            f"the oracle holds {open_fds(oracle.pid)} descriptors, {baseline} before"
         for _ in range(slots * 3):
             msg = os.urandom(8)
             key.public_key().verify(key.sign(msg, PKCS1, hashes.SHA256()), msg, PKCS1,
@@ -143,6 +166,43 @@ def test_late_reply_never_reaches_the_next_request(rsa4096: Path, transport: str
             assert wait_until(lambda: client.free_slots() == 1)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_stopped_oracle_is_unavailable_within_the_timeout(rsa2048: Path, transport: str) -> None:
+    """SIGSTOP keeps the oracle's socket open, so no hang-up tells the client:
+    the request times out, OracleTimeoutError (an OracleUnavailableError), not
+    a hang and not a wait beyond the deadline."""
+    with shmkey.KeyOracle(rsa2048, transport=transport, workers=2, timeout_ms=1500) as oracle:
+        key = oracle.private_key()
+        key.sign(b"before", PKCS1, hashes.SHA256())
+        assert oracle.pid is not None
+        sigstop(oracle.pid)
+        try:
+            started = time.monotonic()
+            with pytest.raises(shmkey.OracleUnavailableError):
+                key.sign(b"during", PKCS1, hashes.SHA256())
+            took = time.monotonic() - started
+        finally:
+            os.kill(oracle.pid, signal.SIGCONT)
+        assert took < 1.5 + 1.0, took
+        msg = b"after SIGCONT"
+        key.public_key().verify(key.sign(msg, PKCS1, hashes.SHA256()), msg, PKCS1, hashes.SHA256())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_killed_oracle_is_unavailable_at_once(rsa2048: Path, transport: str) -> None:
+    """SIGKILL: the hang-up reaches a sleeping client at once, not at its timeout."""
+    with shmkey.KeyOracle(rsa2048, transport=transport, workers=1, timeout_ms=30000,
+                          spin_us=0) as oracle:
+        key = oracle.private_key()
+        key.sign(b"before", PKCS1, hashes.SHA256())
+        assert oracle.pid is not None
+        os.kill(oracle.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(shmkey.OracleUnavailableError):
+            key.sign(b"after", PKCS1, hashes.SHA256())
+        assert time.monotonic() - started < 2.0
+
+
 def test_owned_oracle_exits_with_its_owner(rsa2048: Path) -> None:
     code = f"""
 import shmkey, sys, time
@@ -154,7 +214,7 @@ time.sleep(60)
     assert owner.stdout is not None
     pid_s, name = owner.stdout.readline().split()
     pid = int(pid_s)
-    assert names.exists(name)
+    assert listening(name)
     owner.kill()
     owner.wait()
 
@@ -168,7 +228,7 @@ time.sleep(60)
             return True
 
     assert wait_until(gone, timeout=15), "the oracle outlived its owner"
-    assert not names.exists(name), "an orphaned oracle left its ring behind"
+    assert not listening(name), "an orphaned oracle left its socket behind"
 
 
 def test_stopped_oracle_is_unavailable_to_attached_clients(rsa2048: Path, tmp_path: Path) -> None:
@@ -210,9 +270,9 @@ time.sleep(60)
             time.sleep(0.001)
         else:
             os.kill(pid, signal.SIGKILL)
-            names.unlink(name)
+            names.clean(name)
             raise AssertionError("the oracle hung while stopping")
-        assert wait_until(lambda name=name: not names.exists(name)), "it died without unlinking its ring"
+        assert wait_until(lambda name=name: not listening(name)), "it died without removing its socket"
 
 
 def test_stop_request_takes_no_lock() -> None:

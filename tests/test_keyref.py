@@ -54,13 +54,24 @@ def test_known_answer():
     assert base64.b64decode("".join(lines[1:-1])) == der
 
 
+def test_known_answer_version_2():
+    """Version 2 adds the oracle's uid after the public key; version 1 has none."""
+    der = keyref.KeyReference(oracle="web", public_key=PUBLIC, transport="shm",
+                              oracle_uid=998).to_der()
+    body = (bytes.fromhex("020102" "0c03776562" "020101" "0420")
+            + hashlib.sha256(SPKI).digest() + SPKI + bytes.fromhex("020203e6"))
+    assert der == bytes.fromhex("3082") + len(body).to_bytes(2, "big") + body
+    assert keyref.KeyReference.from_der(der).oracle_uid == 998
+
+
 @settings(max_examples=60, deadline=None)
 @given(name=st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}", fullmatch=True),
-       transport=st.sampled_from([None, "shm", "socketpair"]))
-def test_round_trip(name, transport):
-    ref = keyref.KeyReference(oracle=name, public_key=PUBLIC, transport=transport)
+       transport=st.sampled_from([None, "shm", "socketpair"]),
+       uid=st.one_of(st.none(), st.integers(0, 2**32 - 2)))
+def test_round_trip(name, transport, uid):
+    ref = keyref.KeyReference(oracle=name, public_key=PUBLIC, transport=transport, oracle_uid=uid)
     again = keyref.KeyReference.from_pem(b"junk before\n" + ref.to_pem() + b"junk after\n")
-    assert (again.oracle, again.transport) == (name, transport)
+    assert (again.oracle, again.transport, again.oracle_uid) == (name, transport, uid)
     assert again.key_id == hashlib.sha256(SPKI).digest()
     assert again.public_key.public_numbers() == PUBLIC.public_numbers()
     assert again.to_der() == ref.to_der()
@@ -69,7 +80,8 @@ def test_round_trip(name, transport):
 @pytest.mark.parametrize("mangle, message", [
     (lambda der: der[:-1], "truncated"),
     (lambda der: der + b"\x00", "trailing"),
-    (lambda der: der[:4] + b"\x02\x01\x02" + der[7:], "version 2"),
+    (lambda der: der[:4] + b"\x02\x01\x02" + der[7:], "version 2 key reference without an oracle uid"),
+    (lambda der: der[:4] + b"\x02\x01\x03" + der[7:], "version 3; this shmkey reads versions 1 to 2"),
     (lambda der: der[:12] + b"\x02\x01\x07" + der[15:], "transport code 7"),
     (lambda der: b"\x31" + der[1:], "unexpected DER element"),
     (lambda der: der[:17] + bytes([der[17] ^ 1]) + der[18:], "key id is not the SHA-256"),

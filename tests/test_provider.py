@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey.openssl
+from shmkey import names
 from shmkey.openssl import keyref
 from shmkey.errors import LibcryptoMismatchError
 
@@ -174,7 +175,7 @@ def test_mismatched_certificate_is_openssls_key_mismatch(oracles, material):
 
 def test_malformed_reference_is_named(oracles, material):
     der = keyref.load(oracles["shm"].keyref).to_der()
-    future = der[:4] + b"\x02\x01\x02" + der[7:]          # version 2
+    future = der[:4] + b"\x02\x01\x03" + der[7:]          # version 3
     bad = material.dir / "future.ref.pem"
     bad.write_bytes(b"-----BEGIN SHMKEY KEY REFERENCE-----\n" + base64.encodebytes(future) +
                     b"-----END SHMKEY KEY REFERENCE-----\n")
@@ -182,7 +183,7 @@ def test_malformed_reference_is_named(oracles, material):
     with pytest.raises(ssl.SSLError):
         ctx.load_cert_chain(str(material.cert), str(bad))
     assert shmkey.openssl.last_error() == \
-        "malformed shmkey key reference: version 2; this shmkey reads version 1"
+        "malformed shmkey key reference: version 3; this shmkey reads versions 1 to 2"
 
 
 def test_oracle_holding_another_key_is_named(oracles, material):
@@ -214,7 +215,8 @@ def test_oracle_down_then_back(material, transport):
             wait_for_errors(server, 1)
             exc, reason = server.errors[0]
             assert isinstance(exc, ssl.SSLError)
-            assert reason == f"the key oracle is not running: oracle '{oracle.name}'"
+            assert reason == f"the key oracle is not running: oracle '{oracle.name}': no oracle " \
+                f"named '{oracle.name}' is running (no socket {names.socket_path(oracle.name)})"
 
             oracle.serve.start()        # same name, new process, same SSLContext
             assert handshake(server.port, ctx)[0] == "hello TLSv1.3"

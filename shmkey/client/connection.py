@@ -1,5 +1,6 @@
 """The network side: a handle on a running oracle (:class:`OracleClient`),
-usable from many threads, and :func:`connect` to attach to one by name.
+usable from many threads, and :func:`connect` to reach one by name, checking
+who serves it.
 """
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from typing import Any, Optional, Union
 from .. import _wire, names
 from .._binding import ensure, ffi, lib, raise_for_status
 from ..config import Config
-from ..errors import InvalidArgumentError, OracleUnavailableError, ProtocolError
+from ..errors import InvalidArgumentError, ProtocolError
 from .keys import AnyOracleKey, from_spki
 
 _NO_PARAMS = (0, 0, 0, 0)
+# Statuses of a failed reconnection, whose reason the client keeps.
+_CONNECT_ERRORS = frozenset({lib.SHMKEY_EIDENTITY, lib.SHMKEY_EACCESS})
+_TRANSPORTS = {None: lib.SHMKEY_TRANSPORT_ANY, "shm": lib.SHMKEY_TRANSPORT_SHM,
+               "socketpair": lib.SHMKEY_TRANSPORT_SOCKET}
 
 
 class OracleClient:
@@ -32,22 +37,34 @@ class OracleClient:
         self.name = name
 
     @classmethod
-    def open_shm(cls, name: str, timeout_ms: int) -> OracleClient:
-        """Attach to the shared-memory ring of oracle ``name``."""
-        out = ffi.new("struct shmkey_client **")
-        ensure(lib.shmkey_client_open_shm(names.ring_id(name).encode(), out),
-               f"ring {names.ring_id(name)!r}")
-        return cls(out[0], timeout_ms, name)
+    def open(cls, *, path: Optional[str] = None, ctl_fd: int = -1,
+             transport: Optional[str] = None, oracle_uid: Optional[int] = None,
+             exact_uid: bool = False, timeout_ms: int,
+             name: Optional[str] = None) -> OracleClient:
+        """Connect to an oracle: a named one's socket ``path``, or an owned
+        one's control socket ``ctl_fd``.
 
-    @classmethod
-    def open_socket(cls, *, path: Optional[str] = None, ctl_fd: int = -1,
-                    max_payload: int, timeout_ms: int,
-                    name: Optional[str] = None) -> OracleClient:
-        """Attach over a socket: a named oracle's path, or a forked one's control fd."""
+        Args:
+            transport: ``"shm"``, ``"socketpair"``, or None for the oracle's choice.
+            oracle_uid: a uid to trust besides our own and root's; with
+                ``exact_uid``, the only one.
+            timeout_ms: for connecting and every request.
+
+        Raises:
+            OracleUnavailableError: nothing listens there.
+            OracleIdentityError: the oracle runs as a user not trusted here.
+            OracleAccessError: the socket or the oracle refuses this process.
+        """
+        if transport not in _TRANSPORTS:
+            raise InvalidArgumentError(f"transport {transport!r} is not 'shm' or 'socketpair'")
         out = ffi.new("struct shmkey_client **")
-        ensure(lib.shmkey_client_open_socket(path.encode() if path else ffi.NULL, ctl_fd,
-                                             max_payload, out),
-               f"socket {path}" if path else "control socket")
+        why = ffi.new("char[]", 1024)
+        uid = lib.SHMKEY_UID_DEFAULT if oracle_uid is None else oracle_uid
+        rc = lib.shmkey_client_open(path.encode() if path else ffi.NULL, ctl_fd,
+                                    _TRANSPORTS[transport], uid, int(exact_uid), timeout_ms, why,
+                                    len(why), out)
+        ensure(rc, ffi.string(why).decode("utf-8", "replace") or
+               (f"socket {path}" if path else "control socket"))
         return cls(out[0], timeout_ms, name)
 
     @property
@@ -55,6 +72,18 @@ class OracleClient:
         """``"shm"`` or ``"socketpair"``."""
         return "shm" if lib.shmkey_client_transport(self._handle) == lib.SHMKEY_TRANSPORT_SHM \
             else "socketpair"
+
+    @property
+    def oracle_uid(self) -> int:
+        """The uid of the oracle serving this client (its SO_PEERCRED)."""
+        uid: int = lib.shmkey_client_oracle_uid(self._handle)
+        return uid
+
+    @property
+    def oracle_pid(self) -> int:
+        """The pid of the oracle serving this client (its SO_PEERCRED; 0 over a control socket)."""
+        pid: int = lib.shmkey_client_oracle_pid(self._handle)
+        return pid
 
     @property
     def max_payload(self) -> int:
@@ -84,11 +113,15 @@ class OracleClient:
         req = ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
                                               "key_id": key_id})
         resp, out = self._buffers()
-        rc = lib.shmkey_call(self._handle, req, payload, out, self._max, resp,
+        rc = lib.shmkey_call(self._handle, req, payload, out, len(out), resp,
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         return self._result(rc, resp, out)
 
     def _result(self, rc: int, resp: Any, out: Any) -> bytes:
+        if rc in _CONNECT_ERRORS:
+            why = ffi.new("char[]", 256)
+            lib.shmkey_client_why(self._handle, why, len(why))
+            ensure(rc, ffi.string(why).decode("utf-8", "replace"))
         ensure(rc)
         data: bytes = ffi.buffer(out, resp.out_len)[:]
         if resp.status != lib.SHMKEY_OK:
@@ -98,7 +131,7 @@ class OracleClient:
     def ping(self, timeout_ms: Optional[int] = None) -> None:
         """A no-op round trip through the oracle: health check, transport cost."""
         resp, out = self._buffers()
-        rc = lib.shmkey_call(self._handle, self._ping_req, ffi.NULL, out, self._max, resp,
+        rc = lib.shmkey_call(self._handle, self._ping_req, ffi.NULL, out, len(out), resp,
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         self._result(rc, resp, out)
 
@@ -113,7 +146,7 @@ class OracleClient:
         return list(ns)
 
     def free_slots(self) -> int:
-        """Ring slots free right now (shared-memory transport only)."""
+        """Slots of this process's ring free right now (shared-memory transport only)."""
         n: int = lib.shmkey_client_free_slots(self._handle)
         ensure(min(n, 0))
         return n
@@ -158,26 +191,24 @@ class OracleClient:
             ffi.release(handle)
 
 
-def connect(name: str, *, transport: Optional[str] = None,
-            timeout_ms: Optional[int] = None) -> OracleClient:
-    """Attach to a running ``shmkey serve --name NAME`` of the same user.
+def connect(name: str, *, transport: Optional[str] = None, timeout_ms: Optional[int] = None,
+            oracle_user: Union[str, int, None] = None) -> OracleClient:
+    """Connect to a running ``shmkey serve --name NAME``.
 
     Args:
         name: the oracle's name.
-        transport: ``"shm"`` or ``"socketpair"``; by default whichever the
-            oracle offers (its ring first).
+        transport: ``"shm"`` or ``"socketpair"``; by default what the oracle offers.
         timeout_ms: per-request timeout; ``SHMKEY_TIMEOUT_MS`` by default.
+        oracle_user: the user the oracle runs as (name or uid), if not ours
+            or root: the only others trusted.
 
     Raises:
         OracleUnavailableError: no oracle of that name is running.
+        OracleIdentityError: the process on its socket runs as another user.
+        ConfigError: no such ``oracle_user``.
     """
     cfg = Config.load(timeout_ms=timeout_ms)
-    if transport in (None, "shm") and (transport == "shm" or names.exists(name)):
-        return OracleClient.open_shm(name, cfg.timeout_ms)
-    if transport in (None, "socketpair"):
-        path = names.socket_path(name)
-        if transport == "socketpair" or path.exists():
-            return OracleClient.open_socket(path=str(path), max_payload=cfg.slot_size,
-                                            timeout_ms=cfg.timeout_ms, name=name)
-        raise OracleUnavailableError(f"no oracle named {name!r} is running")
-    raise InvalidArgumentError(f"transport {transport!r} is not 'shm' or 'socketpair'")
+    uid = None if oracle_user is None else names.user_id(oracle_user)
+    path = names.find_socket(name, cfg.runtime_dir)
+    return OracleClient.open(path=str(path), transport=transport, oracle_uid=uid,
+                             timeout_ms=cfg.timeout_ms, name=name)

@@ -2,15 +2,17 @@
 the oracle holding a key and carries the key's public half. It holds no secret;
 OpenSSL loads it as the private key through shmkey's provider (``shmkey.openssl``).
 
-The body is DER (``SHMKEY_KEYREF_VERSION`` 1)::
+The body is DER (``SHMKEY_KEYREF_VERSION`` 2; version 1 is still read)::
 
     ShmkeyKeyReference ::= SEQUENCE {
-        version    INTEGER,              -- 1
+        version    INTEGER,              -- 2 (1: no oracleUid)
         oracle     UTF8String,           -- the name given to `shmkey serve --name`
-        transport  INTEGER,              -- 0 ring, else socket; 1 ring; 2 socket
+        transport  INTEGER,              -- 0 the oracle's choice; 1 ring; 2 socket
         keyId      OCTET STRING,         -- SHA-256 of publicKey's DER: the key's
                                          -- name in requests to the oracle
-        publicKey  SubjectPublicKeyInfo }   -- RSA, EC P-256/P-384 or Ed25519
+        publicKey  SubjectPublicKeyInfo, -- RSA, EC P-256/P-384 or Ed25519
+        oracleUid  INTEGER OPTIONAL }    -- version 2: the uid the oracle runs as;
+                                         -- the provider refuses any other
 """
 from __future__ import annotations
 
@@ -54,18 +56,22 @@ class KeyReference:
     Attributes:
         oracle: name of the ``shmkey serve`` that holds the key.
         public_key: the key's public half.
-        transport: ``"shm"``, ``"socketpair"``, or None for the ring if there
-            is one, else the socket.
+        transport: ``"shm"``, ``"socketpair"``, or None for what the oracle offers.
+        oracle_uid: the uid the oracle runs as (version 2); None for a
+            version 1 reference, which names none.
     """
 
     oracle: str
     public_key: PublicKey
     transport: Optional[str] = None
+    oracle_uid: Optional[int] = None
 
     def __post_init__(self) -> None:
         names.check_name(self.oracle)
         if self.transport not in _TRANSPORTS:
             raise KeyReferenceError(f"transport {self.transport!r} is not 'shm' or 'socketpair'")
+        if self.oracle_uid is not None and not 0 <= self.oracle_uid < 2**32 - 1:
+            raise KeyReferenceError(f"oracle uid {self.oracle_uid} is out of range")
         check_supported(self.public_key)
 
     @property
@@ -77,9 +83,10 @@ class KeyReference:
         """The DER body."""
         spki = self.public_key.public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-        return _tlv(_SEQUENCE, _der_int(VERSION) + _tlv(_UTF8STRING, self.oracle.encode())
+        version, uid = (1, b"") if self.oracle_uid is None else (VERSION, _der_int(self.oracle_uid))
+        return _tlv(_SEQUENCE, _der_int(version) + _tlv(_UTF8STRING, self.oracle.encode())
                     + _der_int(_TRANSPORTS[self.transport]) + _tlv(_OCTETSTRING, self.key_id)
-                    + spki)
+                    + spki + uid)
 
     def to_pem(self) -> bytes:
         """The PEM block, as written to a key reference file."""
@@ -105,19 +112,27 @@ class KeyReference:
                 value, pos = _read(body, pos, tag)
                 fields.append(value)
             version, name, transport, kid = fields
-            spki = body[pos:]
-            if _int_value(version) != VERSION:
-                raise KeyReferenceError(f"key reference version {_int_value(version)}; "
-                                        f"this shmkey reads version {VERSION}")
+            number = _int_value(version)
+            if number not in (1, VERSION):
+                raise KeyReferenceError(f"key reference version {number}; "
+                                        f"this shmkey reads versions 1 to {VERSION}")
             code = _int_value(transport)
             if code not in _TRANSPORT_NAMES:
                 raise KeyReferenceError(f"unknown transport code {code}")
-            _, end = _read(spki, 0, _SEQUENCE)
-            if end != len(spki):
-                raise KeyReferenceError("trailing bytes after the public key")
+            _, end = _read(body, pos, _SEQUENCE)
+            spki, uid = body[pos:end], None
+            if number == VERSION:
+                if end == len(body):
+                    raise KeyReferenceError(f"a version {VERSION} key reference without an "
+                                            "oracle uid")
+                value, end = _read(body, end, _INTEGER)
+                uid = _int_value(value)
+            if end != len(body):
+                raise KeyReferenceError("trailing bytes after the " +
+                                        ("oracle uid" if uid is not None else "public key"))
             public_key = serialization.load_der_public_key(spki)
             ref = cls(oracle=name.decode("utf-8"), public_key=public_key,  # type: ignore[arg-type]
-                      transport=_TRANSPORT_NAMES[code])
+                      transport=_TRANSPORT_NAMES[code], oracle_uid=uid)
             if kid != ref.key_id:
                 raise KeyReferenceError("the key id is not the SHA-256 of the public key")
             return ref
@@ -144,8 +159,10 @@ class KeyReference:
 
 
 def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[str] = None,
-           key: Union[int, bytes, None] = None, timeout_ms: Optional[int] = None) -> KeyReference:
-    """Ask a running oracle for a public key and describe it as a reference.
+           key: Union[int, bytes, None] = None, timeout_ms: Optional[int] = None,
+           oracle_user: Union[str, int, None] = None) -> KeyReference:
+    """Ask a running oracle for a public key and describe it as a reference
+    that names the uid the oracle runs as (and so trusts no other).
 
     Args:
         oracle: name of a running ``shmkey serve``.
@@ -155,12 +172,15 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
             reach the oracle.
         key: without ``cert``: which key (index or key id); the first by default.
         timeout_ms: how long to wait for the oracle.
+        oracle_user: the user the oracle runs as, if not ours or root.
 
     Raises:
         OracleUnavailableError: no oracle of that name is running.
+        OracleIdentityError: it runs as another user than ours, root or ``oracle_user``.
         KeyMismatchError: no key in the oracle matches the certificate.
     """
-    client = connect(oracle, transport=transport, timeout_ms=timeout_ms)
+    client = connect(oracle, transport=transport, timeout_ms=timeout_ms, oracle_user=oracle_user)
+    uid = client.oracle_uid
     try:
         public_key: object
         if cert is None:
@@ -177,7 +197,8 @@ def create(oracle: str, *, cert: Optional[PathLike] = None, transport: Optional[
     finally:
         client.close()
     # The constructor checks that the oracle's key is a kind references carry.
-    return KeyReference(oracle=oracle, public_key=cast(PublicKey, public_key), transport=transport)
+    return KeyReference(oracle=oracle, public_key=cast(PublicKey, public_key), transport=transport,
+                        oracle_uid=uid)
 
 
 def check_supported(public_key: object) -> None:
@@ -233,15 +254,17 @@ def check_certificate(ref: KeyReference, cert: PathLike) -> None:
 
 def write(oracle: str, output: PathLike, *, cert: Optional[PathLike] = None,
           transport: Optional[str] = None, key: Union[int, bytes, None] = None,
-          timeout_ms: Optional[int] = None) -> KeyReference:
+          timeout_ms: Optional[int] = None,
+          oracle_user: Union[str, int, None] = None) -> KeyReference:
     """Write a key reference file for a running oracle (see :func:`create`).
 
     The file is replaced atomically and readable by all (0644): it holds no secret.
 
     Raises:
-        OracleUnavailableError, KeyMismatchError: as :func:`create`.
+        OracleUnavailableError, OracleIdentityError, KeyMismatchError: as :func:`create`.
     """
-    ref = create(oracle, cert=cert, transport=transport, key=key, timeout_ms=timeout_ms)
+    ref = create(oracle, cert=cert, transport=transport, key=key, timeout_ms=timeout_ms,
+                 oracle_user=oracle_user)
     out = Path(output)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
     try:

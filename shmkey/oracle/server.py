@@ -1,10 +1,13 @@
 """The key process: loads the private key, then serves sign and decrypt
-requests from its ring or socket with worker threads until told to stop.
+requests from its clients' rings or sockets with worker threads until told
+to stop.
 
 It runs as ``shmkey serve`` (foreground, or forked+exec'd by
-:class:`shmkey.KeyOracle`). Requests are copied out of shared memory by the C
-worker loop; only the private copy reaches this module, which checks it
-against the policy and does the math with ``cryptography``.
+:class:`shmkey.KeyOracle`). It listens on its named socket (or an owned
+oracle's control socket); the C layer checks each peer, hands each client a
+ring of its own, and copies requests out of it once. Only the private copy
+reaches this module, which checks it against the policy and does the math
+with ``cryptography``.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import select
 import signal
 import socket
@@ -32,7 +36,7 @@ from .handler import Handler, Policy, PrivateKey, load_key, needs_worker_process
 log = logging.getLogger("shmkey.oracle")
 
 _WAIT_MS = 200          # workers look at the stop flag this often
-_REAP_INTERVAL = 0.25   # seconds between scans for slots of dead clients
+_REAP_INTERVAL = 0.25   # seconds between scans for overdue handshakes and freed connections
 
 
 class _SignalFlag:
@@ -108,7 +112,6 @@ class Oracle:
         self._worker_pids: list[int] = []
         self._handler: Optional[Handler] = None
         self._srv: Any = None
-        self._ring: Optional[names.RingObjects] = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
 
@@ -140,46 +143,45 @@ class Oracle:
         opts, cfg = self.opts, self.opts.config
         handler = Handler(keys, opts.policy)
         self._check_slot_size(keys, handler)
-        out = ffi.new("struct shmkey_server **")
-        if cfg.transport == "shm":
-            self._ring = names.create(self.name, cfg.slots, cfg.slot_size,
-                                     names.group_id(opts.group))
-            rc = lib.shmkey_server_open_shm(self._ring.fd, cfg.slots, cfg.slot_size, cfg.spin_us,
-                                            self._ring.req_sem.encode(),
-                                            self._ring.free_sem.encode(), out)
-            os.close(self._ring.fd)
-        elif opts.socket_fd >= 0:
-            rc = lib.shmkey_server_open_socket(opts.socket_fd, 0, cfg.slot_size, out)
-            os.close(opts.socket_fd)
-        else:
-            self._listen()
-            assert self._listener is not None
-            rc = lib.shmkey_server_open_socket(self._listener.fileno(), 1, cfg.slot_size, out)
-        if rc != lib.SHMKEY_OK:
-            raise_for_status(rc, "opening the oracle's transport")
-        self._srv = out[0]
         gid = names.group_id(opts.group)
+        kind = cfg.worker_kind
+        if kind == "auto":
+            kind = "process" if any(needs_worker_process(k) for k in keys) else "thread"
+        out = ffi.new("struct shmkey_server **")
+        transport = lib.SHMKEY_TRANSPORT_SHM if cfg.transport == "shm" else lib.SHMKEY_TRANSPORT_SOCKET
+        nprocs = cfg.workers if kind == "process" else 1
+        if opts.socket_fd >= 0:
+            fd, listening = opts.socket_fd, 0
+        else:
+            self._listener, path = names.listen(self.name, cfg.runtime_dir, gid)
+            self._sock_path = str(path)
+            fd, listening = self._listener.fileno(), 1
+        rc = lib.shmkey_server_open(fd, listening, transport, cfg.slots, cfg.slot_size,
+                                    cfg.spin_us, nprocs, out)
+        if opts.socket_fd >= 0:
+            os.close(opts.socket_fd)
+        if rc != lib.SHMKEY_OK:
+            raise_for_status(rc, "opening the oracle's socket")
+        self._srv = out[0]
         if opts.user:
             self._drop_privileges(opts.user, gid)
         lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
         self._handler = handler
-        kind = cfg.worker_kind
-        if kind == "auto":
-            kind = "process" if any(needs_worker_process(k) for k in keys) else "thread"
         for i in range(cfg.workers):
             if kind == "process":
-                self._worker_pids.append(self._fork_worker())
+                self._worker_pids.append(self._fork_worker(i))
             else:
                 t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
                                      args=(self._srv, handler, cfg.slot_size, self._stopping))
                 t.start()
                 self._workers.append(t)
 
-    def _fork_worker(self) -> int:
-        """A worker process: for keys whose signing holds the GIL (Ed25519).
+    def _fork_worker(self, index: int) -> int:
+        """Worker process ``index``: for keys whose signing holds the GIL (Ed25519).
 
         Forked, not exec'd: it is the oracle, with the keys already loaded.
-        It dies with the oracle (PR_SET_PDEATHSIG) and stops on SIGTERM.
+        It serves the connections it accepts itself. It dies with the oracle
+        (PR_SET_PDEATHSIG) and stops on SIGTERM.
         """
         parent = os.getpid()
         pid = os.fork()
@@ -192,7 +194,7 @@ class Oracle:
             signal.signal(signal.SIGTERM, stopping.set)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             lib.shmkey_die_with_parent(signal.SIGKILL, parent)
-            if lib.shmkey_server_after_fork(self._srv) != lib.SHMKEY_OK:
+            if lib.shmkey_server_after_fork(self._srv, index) != lib.SHMKEY_OK:
                 raise OSError(ffi.errno, "cannot set up the worker's event loop")
             for fd in (self.opts.status_fd, self.opts.lifeline_fd):
                 if fd >= 0:
@@ -210,50 +212,26 @@ class Oracle:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done and not self._stopping.is_set():
                 log.warning("worker process %d exited (status %d); starting another", pid, status)
-                self._worker_pids[i] = self._fork_worker()
+                self._worker_pids[i] = self._fork_worker(i)
 
     def _drop_privileges(self, user: str, gid: Optional[int]) -> None:
-        """Become ``user`` once the key is read and the transport is open.
+        """Become ``user`` once the key is read and the socket is open.
 
-        The ring and socket are handed to that user first, so the oracle can
-        still unlink them (/dev/shm is sticky) and its clients can attach.
+        The socket is handed to that user first, so that clients of its uid
+        may connect.
         """
         try:
             pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
         except KeyError:
             raise ConfigError(f"user {user!r} does not exist") from None
-        owned = [names.shm_path(self.name, part) for part in ("shm", "req", "free")] \
-            if self._ring else []
         if self._sock_path:
-            owned.append(self._sock_path)
-        for path in owned:
-            os.chown(path, pw.pw_uid, -1 if gid is None else gid)
+            os.chown(self._sock_path, pw.pw_uid, -1 if gid is None else gid)
         os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
         os.setgid(pw.pw_gid)
         os.setuid(pw.pw_uid)
         if os.geteuid() == 0 or os.getuid() == 0:
             raise ShmkeyError("failed to drop root privileges")
         log.info("dropped privileges to %s (uid %d)", pw.pw_name, pw.pw_uid)
-
-    def _listen(self) -> None:
-        path = names.socket_path(self.name, self.opts.config.runtime_dir)
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                raise ShmkeyError(f"an oracle named {self.name!r} is already listening on {path}")
-            except (ConnectionRefusedError, FileNotFoundError):
-                path.unlink()           # left by an oracle that died
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        gid = names.group_id(self.opts.group)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, 0o660 if gid is not None else 0o600)
-        sock.listen(128)
-        self._listener, self._sock_path = sock, str(path)
 
     def run(self, ready: Callable[[], None], wake_fd: int) -> None:
         """Serve until stopped (see :meth:`request_stop`) or the owner's lifeline closes.
@@ -272,9 +250,7 @@ class Oracle:
                 if wake_fd in readable:
                     os.read(wake_fd, 64)
                 self._respawn_dead_workers()
-                reaped = lib.shmkey_server_reap(self._srv)
-                if reaped:
-                    log.info("reclaimed %d slot(s) of dead clients", reaped)
+                lib.shmkey_server_reap(self._srv)
         finally:
             self.stop()
 
@@ -298,8 +274,6 @@ class Oracle:
         self._worker_pids = []
 
     def _cleanup(self) -> None:
-        if self._ring is not None:
-            names.unlink(self.name)
         if self._listener is not None:
             self._listener.close()
             if self._sock_path:
@@ -308,8 +282,8 @@ class Oracle:
                 except FileNotFoundError:
                     pass
                 except PermissionError:
-                    log.warning("cannot remove %s after dropping privileges: give the user "
-                                "a SHMKEY_RUNTIME_DIR of its own", self._sock_path)
+                    log.info("cannot remove %s after dropping privileges; the next oracle "
+                             "of this name replaces it", self._sock_path)
         if self._srv is not None and not any(t.is_alive() for t in self._workers) \
                 and not self._worker_pids:
             lib.shmkey_server_close(self._srv)
@@ -343,6 +317,11 @@ def serve(opts: ServeOptions) -> int:
         lib.shmkey_die_with_parent(signal.SIGTERM, opts.parent_pid)
     if lib.shmkey_harden_process() != lib.SHMKEY_OK:
         log.warning("could not fully harden the key process (core dumps / ptrace)")
+    # Each client connection holds a socket and a wake-up socket per slot.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     os.umask(0o077)
     try:
         if os.geteuid() == 0 and not opts.user and not opts.allow_root:

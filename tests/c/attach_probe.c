@@ -1,7 +1,7 @@
 /*
- * attach_probe.c - attach to an oracle from C, as any process of another
+ * attach_probe.c - connect to an oracle from C, as any process of another
  * uid would, and echo one request. Prints the status and exits 0 if the
- * echo came back intact. Usage: attach_probe RING_ID | /SOCKET/PATH
+ * echo came back intact. Usage: attach_probe SOCKET_PATH [shm|socket]
  */
 #include "internal.h"
 
@@ -11,12 +11,15 @@
 int main(int argc, char **argv)
 {
     struct shmkey_client *c;
-    if (argc != 2)
+    char why[512];
+    if (argc < 2 || argc > 3)
         return 2;
-    int rc = argv[1][0] == '/' ? shmkey_client_open_socket(argv[1], -1, 2048, &c)
-                               : shmkey_client_open_shm(argv[1], &c);
+    int transport = argc == 3 && strcmp(argv[2], "socket") == 0 ? SHMKEY_TRANSPORT_SOCKET
+                                                                 : SHMKEY_TRANSPORT_SHM;
+    int rc = shmkey_client_open(argv[1], -1, transport, SHMKEY_UID_DEFAULT, 0, 5000, why,
+                                sizeof(why), &c);
     if (rc != SHMKEY_OK) {
-        printf("open: %s\n", shmkey_strerror(rc));
+        printf("open: %s: %s\n", shmkey_strerror(rc), why);
         return 1;
     }
     struct shmkey_req req = {.op = SHMKEY_OP_PING, .in_len = 5};

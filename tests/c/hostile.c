@@ -1,21 +1,19 @@
 /*
- * hostile.c - a client that attacks the ring it is allowed to open.
+ * hostile.c - a client that attacks the only ring it can reach: its own.
  *
- * It claims slots the proper way (so honest clients' slots stay theirs),
- * then fills them with garbage, flips op/in_len/payload while the oracle
- * works on them, writes garbage into their control words, scribbles the
- * header's static fields and posts request tokens for nothing. It never
- * reads a reply. Usage: hostile RING_ID SECONDS SEED
+ * It connects like any client, then fills its slots with garbage, flips op,
+ * in_len and the payload while the oracle works on them, writes garbage
+ * into its control words (states that do not exist, other generations,
+ * BUSY and DONE it made up), rings the doorbell for nothing, and now and then
+ * sends junk on its socket (the oracle must hang up on it) and connects
+ * again. It never reads a reply. Usage: hostile SOCKET_PATH SECONDS SEED
  */
 #include "internal.h"
 
-#include <fcntl.h>
-#include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 static uint64_t rng_state;
@@ -28,97 +26,91 @@ static uint64_t rnd(void)
     return rng_state;
 }
 
+static struct shmkey_client *open_ring(const char *path)
+{
+    struct shmkey_client *c = NULL;
+    char why[256];
+    if (shmkey_client_open(path, -1, SHMKEY_TRANSPORT_SHM, SHMKEY_UID_DEFAULT, 0, 5000, why,
+                           sizeof(why), &c) != SHMKEY_OK) {
+        fprintf(stderr, "hostile: %s\n", why);
+        return NULL;
+    }
+    return c;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 4)
         return 2;
-    char path[256];
-    struct stat st;
-    snprintf(path, sizeof(path), "/%s", argv[1]);
-    int fd = shm_open(path, O_RDWR, 0);
-    if (fd < 0 || fstat(fd, &st) != 0)
+    struct shmkey_client *c = open_ring(argv[1]);
+    if (!c)
         return 3;
-    uint8_t *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED)
-        return 3;
-    snprintf(path, sizeof(path), "/%s-req", argv[1]);
-    sem_t *req = sem_open(path, 0);
-    if (req == SEM_FAILED)
-        return 3;
-    struct shmkey_ring_hdr *h = (struct shmkey_ring_hdr *)base;
-    /* Our own copy, taken before we start lying in the header. */
-    uint32_t nslots = h->nslots, stride = h->slot_stride, size = h->slot_size;
     double seconds = atof(argv[2]);
     rng_state = strtoull(argv[3], NULL, 10) | 1;
     uint64_t end = shmkey_now_ns() + (uint64_t)(seconds * 1e9);
-    unsigned long actions[8] = {0};
+    unsigned long actions[8] = {0}, reconnects = 0;
 
     while (shmkey_now_ns() < end) {
-        uint32_t i = (uint32_t)(rnd() % nslots);
-        struct shmkey_slot *s = (struct shmkey_slot *)(base + SHMKEY_ALIGN + (size_t)i * stride);
+        struct cring *r = c->ring;
+        uint32_t i = (uint32_t)(rnd() % r->nslots);
+        struct shmkey_slot *s = (struct shmkey_slot *)(r->base + (size_t)i * r->stride);
         uint8_t *payload = (uint8_t *)(s + 1);
         uint64_t ctl = __atomic_load_n(&s->ctl, __ATOMIC_ACQUIRE);
         int action = (int)(rnd() % 8);
-        if (action == 6) {             /* header's static fields: the oracle must not care */
-            uint32_t *words = (uint32_t *)h;
-            int w = (int)(rnd() % 7);  /* magic .. oracle_pid; state is DoS, not tested */
-            words[w] ^= (uint32_t)rnd();
-            actions[6]++;
+        if (action == 6) {              /* junk on the socket: the oracle hangs up on us */
+            if (rnd() % 64 == 0) {
+                char junk[64];
+                for (size_t k = 0; k < sizeof(junk); k++)
+                    junk[k] = (char)rnd();
+                (void)send(r->sock, junk, sizeof(junk), MSG_NOSIGNAL | MSG_DONTWAIT);
+                usleep(2000);
+                shmkey_client_close(c);
+                if (!(c = open_ring(argv[1])))
+                    return 4;
+                reconnects++;
+                actions[6]++;
+            }
             continue;
         }
-        if (action == 7) {             /* a request token with no request behind it */
-            sem_post(req);
+        if (action == 7) {              /* a doorbell with no request behind it */
+            (void)send(r->sock, "r", 1, MSG_NOSIGNAL | MSG_DONTWAIT);
             actions[7]++;
             continue;
         }
-        if ((uint32_t)ctl != SHMKEY_SLOT_FREE)
+        if (action == 5) {              /* a made-up state and generation */
+            __atomic_store_n(&s->ctl, rnd(), __ATOMIC_RELEASE);
+            actions[5]++;
             continue;
-        uint64_t mine = (ctl & 0xffffffff00000000ull) | SHMKEY_SLOT_CLAIMED;
-        if (!__atomic_compare_exchange_n(&s->ctl, &ctl, mine, 0, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_ACQUIRE))
-            continue;
-        /* The slot is ours now: attack it. */
-        s->client_pid = (uint32_t)getpid();
+        }
         uint8_t *raw = (uint8_t *)&s->req;
         for (size_t k = 0; k < sizeof(s->req); k++)
             raw[k] = (uint8_t)rnd();
         if (action < 3)
             s->req.op = 1 + (uint32_t)(rnd() % 4);      /* valid ops, garbage params */
         if (action == 1)
-            s->req.in_len = (uint32_t)(rnd() % (size + 1));
-        for (uint32_t k = 0; k < size; k += 8)
+            s->req.in_len = (uint32_t)(rnd() % (r->slot_size + 1));
+        for (uint32_t k = 0; k + 8 <= r->slot_size; k += 8)
             *(uint64_t *)(payload + k) = rnd();
-        uint64_t submitted = (mine & 0xffffffff00000000ull) | SHMKEY_SLOT_SUBMITTED;
+        s->waiters = (uint32_t)rnd();
+        uint64_t submitted = (ctl & 0xffffffff00000000ull) | SHMKEY_SLOT_SUBMITTED;
         __atomic_store_n(&s->ctl, submitted, __ATOMIC_RELEASE);
-        sem_post(req);
+        (void)send(r->sock, "r", 1, MSG_NOSIGNAL | MSG_DONTWAIT);
         actions[action]++;
         /* While the oracle picks it up and works: keep changing it. */
         for (int k = 0; k < 2000; k++) {
             s->req.in_len = (uint32_t)rnd();
             s->req.op = (uint32_t)rnd() % 6;
             s->req.p[rnd() % 4] = (uint32_t)rnd();
-            payload[rnd() % size] ^= 0xff;
-            if (action == 5 && k == 1000)  /* garbage in our own control word */
-                __atomic_store_n(&s->ctl, rnd(), __ATOMIC_RELEASE);
-        }
-        /* Give the slot back once answered, as a client would; a slot whose
-           control word we wrecked is left for the oracle's reaper. */
-        uint64_t done = (submitted & 0xffffffff00000000ull) | SHMKEY_SLOT_DONE;
-        uint64_t give_up = shmkey_now_ns() + 50000000ull;
-        while (shmkey_now_ns() < give_up) {
-            uint64_t now = __atomic_load_n(&s->ctl, __ATOMIC_ACQUIRE);
-            if (now == done) {
-                __atomic_compare_exchange_n(&s->ctl, &now, done + (1ull << 32) - SHMKEY_SLOT_DONE,
-                                            0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-                break;
-            }
-            if ((uint32_t)now > SHMKEY_SLOT_ABANDONED || (now >> 32) != (submitted >> 32))
-                break;
+            payload[rnd() % r->slot_size] ^= 0xff;
+            if (action == 4 && k == 1000)
+                __atomic_store_n(&s->ctl, (ctl & 0xffffffff00000000ull) | SHMKEY_SLOT_DONE,
+                                 __ATOMIC_RELEASE);
         }
     }
     printf("hostile actions:");
     for (int a = 0; a < 8; a++)
         printf(" %lu", actions[a]);
-    printf("\n");
+    printf("\nreconnects: %lu\n", reconnects);
+    shmkey_client_close(c);
     return 0;
 }

@@ -1,6 +1,7 @@
 """Write the libFuzzer seed corpus: one well-formed request per operation, for
-the ring and for the socket framing, laid out by the cffi build of shmkey.h
-so the seeds always match the real structs. Run: python3 tests/fuzz/make_seeds.py
+the ring and for the socket framing (after a hello), laid out by the cffi
+build of shmkey.h so the seeds always match the real structs.
+Run: python3 tests/fuzz/make_seeds.py
 """
 from __future__ import annotations
 
@@ -28,15 +29,17 @@ REQUESTS = {
 def ring_seed(op: int, p: tuple[int, ...], payload: bytes) -> bytes:
     slot = ffi.new("struct shmkey_slot *")
     slot.ctl = lib.SHMKEY_SLOT_SUBMITTED          # the worker takes it as it is
-    slot.client_pid = 1
     slot.req = {"op": op, "p": p, "in_len": len(payload)}
-    return b"\x00\x01" + ffi.buffer(slot)[:] + payload
+    return b"\x00\x01\x01" + ffi.buffer(slot)[:] + payload
 
 
 def socket_seed(op: int, p: tuple[int, ...], payload: bytes) -> bytes:
+    hello = ffi.new("struct shmkey_hello *", {"magic": lib.SHMKEY_MAGIC,
+                                              "version": lib.SHMKEY_VERSION,
+                                              "transport": lib.SHMKEY_TRANSPORT_SOCKET})
     req = ffi.new("struct shmkey_req *", {"op": op, "p": p, "in_len": len(payload)})
     body = ffi.buffer(req)[:] + payload
-    return b"\x80" + struct.pack("<I", len(body)) + body
+    return b"\x80" + ffi.buffer(hello)[:] + struct.pack("<I", len(body)) + body
 
 
 def main() -> None:

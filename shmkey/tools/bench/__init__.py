@@ -3,7 +3,7 @@ what key isolation costs and what the ring saves over a socket, the same
 operation in-process, through a socketpair oracle and a shm oracle, side by side.
 """
 from .cli import Options, main, run
-from .measure import (KINDS, Busy, Latency, LoadMeter, Throughput, latency, throughput,
+from .measure import (KINDS, Busy, Latency, LoadMeter, Throughput, idle_cpu, latency, throughput,
                       throughput_round_robin)
 from .plot import plot
 from .report import DESIGN_TARGETS, Check, DesignTarget, Report, format_report, machine
@@ -13,7 +13,7 @@ from .workloads import MODES, OPERATIONS, TRANSPORTS, Lab, Target, Workload, ope
 __all__ = [
     "MODES", "TRANSPORTS", "OPERATIONS", "KINDS",
     "Lab", "Target", "Workload", "open_target", "workload", "write_key",
-    "Busy", "Latency", "Throughput", "LoadMeter", "latency", "throughput",
+    "Busy", "Latency", "Throughput", "LoadMeter", "idle_cpu", "latency", "throughput",
     "throughput_round_robin",
     "Check", "DesignTarget", "DESIGN_TARGETS", "Report", "format_report", "machine", "plot",
     "Options", "run", "main",

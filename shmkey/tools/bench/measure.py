@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 from ... import _process
+from ...client import connect
 from ..procfs import cpu_seconds
 from ..stats import percentile
 from .workloads import Lab, Workload
@@ -329,6 +330,28 @@ def throughput(w: Workload, bits: int, clients: int, kind: str = "processes", *,
     res = run(w, clients, count, seconds)
     return Throughput(w.op, w.mode, bits, kind, clients, dict(settings or {}),
                       [n for n, _ in res], [s for _, s in res])
+
+
+def idle_cpu(oracle_name: str, oracle_pid: int, clients: int, seconds: float,
+             transport: Optional[str] = None) -> float:
+    """Cores the oracle uses while ``clients`` connections to it sit idle (each
+    made one request first, so its ring is set up): CPU time from
+    ``/proc/PID/stat`` over ``seconds``.
+
+    Raises:
+        ShmkeyError: a client could not connect.
+    """
+    conns = [connect(oracle_name, transport=transport) for _ in range(clients)]
+    try:
+        for c in conns:
+            c.ping()
+        time.sleep(0.3)                 # the workers' spins after those pings are over
+        t0, c0 = time.monotonic(), cpu_seconds(oracle_pid)
+        time.sleep(seconds)
+        return (cpu_seconds(oracle_pid) - c0) / (time.monotonic() - t0)
+    finally:
+        for c in conns:
+            c.close()
 
 
 class LoadMeter:
