@@ -48,6 +48,7 @@ const char *shmkey_strerror(int status)
     case SHMKEY_EINTERNAL: return "the key oracle's crypto library failed";
     case SHMKEY_EACCESS: return "permission denied";
     case SHMKEY_EIDENTITY: return "the key oracle runs as an unexpected user";
+    case SHMKEY_ERATELIMIT: return "rate limit exceeded";
     default: return "unknown shmkey status";
     }
 }

@@ -276,7 +276,7 @@ int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],
         sk_reason_copy(why, sizeof(why), out, resp.out_len < cap ? resp.out_len : cap);
     }
     if (rc != SHMKEY_OK) {
-        int reason = (rc <= SHMKEY_EINVAL && rc >= SHMKEY_EIDENTITY) ? -rc
+        int reason = (rc <= SHMKEY_EINVAL && rc >= SHMKEY_ERATELIMIT) ? -rc
                      : rc == -SK_R_KEY_MISMATCH ? SK_R_KEY_MISMATCH : -SHMKEY_EPROTO;
         SK_FAIL(pc, reason, "oracle '%s'%s%s", o->name, why[0] ? ": " : "", why);
         return 0;

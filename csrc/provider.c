@@ -78,7 +78,7 @@ static void sk_reasons_init(void)
         {SK_R_LIBCRYPTO, "a libcrypto call failed"},
     };
     size_t n = 0;
-    for (int status = SHMKEY_EINVAL; status >= SHMKEY_EIDENTITY; status--)
+    for (int status = SHMKEY_EINVAL; status >= SHMKEY_ERATELIMIT; status--)
         sk_reasons[n++] = (OSSL_ITEM){(unsigned)-status, (char *)shmkey_strerror(status)};
     for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
         sk_reasons[n++] = (OSSL_ITEM){(unsigned)own[i].code, (char *)own[i].text};

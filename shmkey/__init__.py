@@ -12,7 +12,8 @@ from .config import Config
 from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsolatedError,
                      KeyLoadError, KeyMismatchError, KeyReferenceError, LibcryptoMismatchError,
                      OracleAccessError, OracleIdentityError, OracleInternalError,
-                     OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError, ShmkeyError,
+                     OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError, RateLimitError,
+                     ShmkeyError,
                      StaleBuildError, SystemCallError, UnsupportedOperationError)
 from .launcher import KeyOracle
 
@@ -21,6 +22,6 @@ __all__ = [
     "KeyLoadError", "KeyMismatchError", "KeyOracle", "KeyReferenceError", "LibcryptoMismatchError",
     "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleIdentityError",
     "OracleInternalError", "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError", "ProtocolError",
-    "ShmkeyError", "StaleBuildError", "SystemCallError", "UnsupportedOperationError", "connect",
+    "RateLimitError", "ShmkeyError", "StaleBuildError", "SystemCallError", "UnsupportedOperationError", "connect",
     "key_id",
 ]

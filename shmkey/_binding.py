@@ -11,8 +11,9 @@ from . import _native
 from ._native import ffi, lib
 from ._version import __version__
 from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleIdentityError,
-                     OracleInternalError, OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
-                     ShmkeyError, StaleBuildError, SystemCallError, UnsupportedOperationError)
+                     OracleInternalError, OracleTimeoutError, OracleUnavailableError, PolicyError,
+                     ProtocolError, RateLimitError, ShmkeyError, StaleBuildError, SystemCallError,
+                     UnsupportedOperationError)
 
 __all__ = ["check_build", "ensure", "ffi", "lib", "raise_for_status"]
 
@@ -61,6 +62,7 @@ _STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
     lib.SHMKEY_EINTERNAL: OracleInternalError,
     lib.SHMKEY_EACCESS: OracleAccessError,
     lib.SHMKEY_EIDENTITY: OracleIdentityError,
+    lib.SHMKEY_ERATELIMIT: RateLimitError,
 }
 
 

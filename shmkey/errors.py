@@ -53,6 +53,11 @@ class OracleIdentityError(ShmkeyError):
     not trust (a squatter or a fake oracle); the message names both users."""
 
 
+class RateLimitError(ShmkeyError):
+    """The oracle's ``--rate-limit`` refused this request: this connection asked
+    for more private-key operations per second than it allows."""
+
+
 class ProtocolError(ShmkeyError):
     """A malformed request or reply crossed the transport."""
 

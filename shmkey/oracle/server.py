@@ -21,22 +21,29 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .. import _process, names
+from .. import _process, _wire, names
 from .._binding import ffi, lib, raise_for_status
 from .._process import close_inherited_fds
+from .._version import __version__
 from ..config import Config, env_name
 from ..errors import ConfigError, ShmkeyError
+from . import status
+from .audit import Audit, Summary
+from .dispatch import Dispatcher, KeySet
 from .handler import Handler, Policy, PrivateKey, load_key
+from .limits import RateLimits
+from .stats import Meter, Region
 
 log = logging.getLogger("shmkey.oracle")
 
 _WAIT_MS = 200          # workers look at the stop flag this often
 _REAP_INTERVAL = 0.25   # seconds between scans for overdue handshakes and freed connections
+_AUDIT_INTERVAL = 0.25  # seconds between a worker process's looks at its connection events
 
 
 class _SignalFlag:
@@ -53,7 +60,7 @@ class _SignalFlag:
         return self._value
 
 
-def _serve_worker(srv: Any, handler: Handler, cap: int,
+def _serve_worker(srv: Any, dispatcher: Dispatcher, cap: int,
                   stopping: Union[threading.Event, _SignalFlag]) -> None:
     work = ffi.gc(lib.shmkey_work_new(cap), lib.shmkey_work_free)
     if work == ffi.NULL:
@@ -64,8 +71,8 @@ def _serve_worker(srv: Any, handler: Handler, cap: int,
     while True:
         rc = next_request(srv, work, _WAIT_MS)        # GIL released while waiting
         if rc == ok:
-            status, out = handler.handle(req.op, buffer(req.key_id)[:], tuple(req.p),
-                                         buffer(work.payload, req.in_len)[:])
+            status, out = dispatcher.serve(work, buffer(req.key_id)[:], tuple(req.p),
+                                           buffer(work.payload, req.in_len)[:])
             reply(srv, work, status, out, len(out))
         elif rc == timed_out:
             if stopping.is_set():
@@ -93,6 +100,7 @@ class ServeOptions:
     user: Optional[str] = None   # drop to this user after reading the key
     allow_root: bool = False     # keep running as root (owned oracles of a root caller)
     parent_pid: int = -1         # die with this parent (PR_SET_PDEATHSIG)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
     def keep_fds(self) -> set[int]:
         """Inherited descriptors the oracle was told about; all others are closed."""
@@ -110,7 +118,13 @@ class Oracle:
         self._stop_requested = _SignalFlag()
         self._workers: list[threading.Thread] = []
         self._worker_pids: list[int] = []
-        self._handler: Optional[Handler] = None
+        self._keys: Optional[KeySet] = None
+        self._region: Optional[Region] = None
+        self._dispatcher: Optional[Dispatcher] = None
+        self._audit: Optional[Audit] = None
+        self._summary: Optional[Summary] = None
+        self._kind = "thread"
+        self._started = time.time()
         self._srv: Any = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
@@ -157,6 +171,10 @@ class Oracle:
             self._listener, path = names.listen(self.name, cfg.runtime_dir, gid)
             self._sock_path = str(path)
             fd, listening = self._listener.fileno(), 1
+        self._kind = kind
+        self._region = Region(nprocs)
+        self._keys = self._key_set(keys, handler)
+        self._summary = Summary(self._region, self._describe_keys)
         rc = lib.shmkey_server_open(fd, listening, transport, cfg.slots, cfg.slot_size,
                                     cfg.spin_us, nprocs, out)
         if opts.socket_fd >= 0:
@@ -167,15 +185,61 @@ class Oracle:
         if opts.user:
             self._drop_privileges(opts.user, gid)
         lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
-        self._handler = handler
+        if kind != "process":
+            self._dispatcher, self._audit = self._front(0)
         for i in range(cfg.workers):
             if kind == "process":
                 self._worker_pids.append(self._fork_worker(i))
             else:
                 t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
-                                     args=(self._srv, handler, cfg.slot_size, self._stopping))
+                                     args=(self._srv, self._dispatcher, cfg.slot_size,
+                                           self._stopping))
                 t.start()
                 self._workers.append(t)
+
+    def _key_set(self, keys: list[PrivateKey], handler: Handler) -> KeySet:
+        """The keys with their ids, kinds and rate limits; each id given a counter row."""
+        ids = [_wire.key_id(k.public_key()) for k in keys]
+        assert self._region is not None
+        self._region.add_keys(ids)
+        return KeySet(handler, ids, [_describe(k) for k in keys],
+                      self.opts.rate_limits.resolve(ids))
+
+    def _describe_keys(self) -> list[tuple[str, str, int]]:
+        assert self._keys is not None and self._region is not None
+        slots = self._region.key_slots()
+        return [(kid.hex(), kind, slots[kid]) for kid, kind in zip(self._keys.ids, self._keys.kinds)]
+
+    def _front(self, proc: int) -> tuple[Dispatcher, Audit]:
+        """A worker process's dispatcher and audit (thread workers share one of each)."""
+        assert self._keys is not None and self._region is not None
+        dispatcher = Dispatcher(self._keys, Meter(self._region, proc), self.status_document,
+                                self.opts.config.slot_size)
+        dispatcher.audit = Audit(self._srv, dispatcher.meter, dispatcher.forget)
+        return dispatcher, dispatcher.audit
+
+    def status_document(self) -> dict[str, Any]:
+        """What ``shmkey status`` shows: see docs/operations.md."""
+        so, cfg = self.opts, self.opts.config
+        assert self._region is not None
+        dispatcher = self._dispatcher
+        keys = dispatcher.keys if dispatcher is not None else self._keys
+        assert keys is not None
+        info = {
+            "name": self.name, "pid": os.getpid() if self._kind != "process" else os.getppid(),
+            "uid": os.geteuid(), "user": names.user_name(os.geteuid()),
+            "transport": cfg.transport, "version": __version__, "started": self._started,
+            "socket": self._sock_path,
+            "settings": {"slots": cfg.slots, "slot_size": cfg.slot_size,
+                         "workers": cfg.workers, "worker_kind": self._kind,
+                         "spin_us": cfg.spin_us, "timeout_ms": cfg.timeout_ms,
+                         "group": so.group,
+                         "allow_oaep_decrypt": so.policy.allow_oaep_decrypt,
+                         "allow_pkcs1v15_decrypt": so.policy.allow_pkcs1v15_decrypt,
+                         **so.rate_limits.describe()},
+            "worker_restarts": self._region.restarts,
+        }
+        return status.document(info, keys, self._region)
 
     def _fork_worker(self, index: int) -> int:
         """Worker process ``index``: for keys whose signing holds the GIL (Ed25519).
@@ -200,19 +264,32 @@ class Oracle:
             for fd in (self.opts.status_fd, self.opts.lifeline_fd):
                 if fd >= 0:
                     os.close(fd)
-            assert self._handler is not None
-            _serve_worker(self._srv, self._handler, self.opts.config.slot_size, stopping)
+            self._dispatcher, self._audit = self._front(index)
+            threading.Thread(target=self._audit_loop, args=(self._audit, stopping),
+                             name="shmkey-audit", daemon=True).start()
+            _serve_worker(self._srv, self._dispatcher, self.opts.config.slot_size, stopping)
+            lib.shmkey_server_stop(self._srv)     # hang up on this process's clients,
+            self._audit.poll()                    # and say so
         except BaseException:
             log.exception("worker process failed")
             code = 1
         finally:
             os._exit(code)
 
+    @staticmethod
+    def _audit_loop(audit: Audit, stopping: _SignalFlag) -> None:
+        """A worker process's look at its connections' comings and goings."""
+        while not stopping.is_set():
+            audit.poll()
+            time.sleep(_AUDIT_INTERVAL)
+
     def _respawn_dead_workers(self) -> None:
         for i, pid in enumerate(self._worker_pids):
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, code = os.waitpid(pid, os.WNOHANG)
             if done and not self._stopping.is_set():
-                log.warning("worker process %d exited (status %d); starting another", pid, status)
+                log.warning("worker process %d exited (status %d); starting another", pid, code)
+                assert self._region is not None
+                self._region.count_restart()
                 self._worker_pids[i] = self._fork_worker(i)
 
     def _drop_privileges(self, user: str, gid: Optional[int]) -> None:
@@ -252,6 +329,10 @@ class Oracle:
                     os.read(wake_fd, 64)
                 self._respawn_dead_workers()
                 lib.shmkey_server_reap(self._srv)
+                if self._audit is not None:
+                    self._audit.poll()
+                if self._summary is not None:
+                    self._summary.tick()
         finally:
             self.stop()
 
@@ -268,6 +349,8 @@ class Oracle:
             for t in self._workers:
                 t.join(timeout=5)
             self._stop_worker_processes()
+            if self._audit is not None:
+                self._audit.poll()          # the hang-ups of stopping
         self._cleanup()
 
     def _stop_worker_processes(self, timeout: float = 5.0) -> None:
