@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .. import _process, _wire, names
+from .. import _notify, _process, _wire, names
 from .._binding import ffi, lib, raise_for_status
 from .._process import close_inherited_fds
 from .._version import __version__
@@ -318,8 +318,14 @@ class Oracle:
         """
         try:
             ready()
+            _notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.name}")
+            dog = _notify.watchdog_interval()
+            next_dog = 0.0
             watch = [wake_fd] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
             while not self._stopping.is_set() and not self._stop_requested.is_set():
+                if dog is not None and time.monotonic() >= next_dog and self._workers_answer():
+                    _notify.notify("WATCHDOG=1")
+                    next_dog = time.monotonic() + dog
                 readable, _, _ = select.select(watch, [], [], _REAP_INTERVAL)
                 if self.opts.lifeline_fd in readable:
                     if not os.read(self.opts.lifeline_fd, 64):
@@ -341,8 +347,19 @@ class Oracle:
         lock (the main thread may hold the one of an Event when it runs)."""
         self._stop_requested.set()
 
+    def _workers_answer(self) -> bool:
+        """Whether every worker is there to answer: threads alive, worker
+        processes not exited (a dead one is replaced first)."""
+        if self._worker_pids:
+            # WNOWAIT: look without reaping; replacing a dead worker is _respawn_dead_workers' job.
+            return all(os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+                       for pid in self._worker_pids)
+        return all(t.is_alive() for t in self._workers)
+
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""
+        if not self._stopping.is_set() and self._srv is not None:
+            _notify.notify("STOPPING=1")
         self._stopping.set()
         if self._srv is not None:
             lib.shmkey_server_stop(self._srv)
