@@ -143,6 +143,7 @@ struct shmkey_server {
     uint64_t next_reap_ns;
     uint32_t nqs;               /* workers registered (atomic) */
     struct qs_slot qs[SHMKEY_MAX_PROCS];
+    uint64_t last_work_ns;      /* atomic: when a worker last took a request; spin only soon after */
     uint64_t next_serial;       /* under lock */
     struct shmkey_conn_event events[SHMKEY_MAX_EVENTS];  /* a queue, under lock */
     uint32_t ev_head, ev_count;

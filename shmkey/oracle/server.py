@@ -41,7 +41,7 @@ from .stats import Meter, Region
 
 log = logging.getLogger("shmkey.oracle")
 
-_WAIT_MS = 200          # workers look at the stop flag this often
+_WAIT_MS = 1000         # workers look at the stop flag this often (stopping also wakes them)
 _REAP_INTERVAL = 0.25   # seconds between scans for overdue handshakes and freed connections
 _AUDIT_INTERVAL = 0.25  # seconds between a worker process's looks at its connection events
 
@@ -58,6 +58,9 @@ class _SignalFlag:
 
     def is_set(self) -> bool:
         return self._value
+
+    def clear(self) -> None:
+        self._value = False
 
 
 def _serve_worker(srv: Any, dispatcher: Dispatcher, cap: int,
@@ -116,6 +119,8 @@ class Oracle:
         self.name = opts.name or names.random_name()
         self._stopping = threading.Event()
         self._stop_requested = _SignalFlag()
+        self._reload_requested = _SignalFlag()
+        self._loaded: list[PrivateKey] = []       # the key of each --key, as served now
         self._workers: list[threading.Thread] = []
         self._worker_pids: list[int] = []
         self._keys: Optional[KeySet] = None
@@ -125,6 +130,7 @@ class Oracle:
         self._summary: Optional[Summary] = None
         self._kind = "thread"
         self._started = time.time()
+        self._main_pid = os.getpid()
         self._srv: Any = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
@@ -133,6 +139,7 @@ class Oracle:
         """Load the keys, open the transport and start the workers."""
         opts = self.opts
         keys = [load_key(path, opts.password) for path in opts.key_paths]
+        self._loaded = keys
         if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
             log.info("could not lock the keys in memory (mlockall: %s); they may be swapped",
                      os.strerror(ffi.errno))
@@ -197,11 +204,16 @@ class Oracle:
                 t.start()
                 self._workers.append(t)
 
-    def _key_set(self, keys: list[PrivateKey], handler: Handler) -> KeySet:
-        """The keys with their ids, kinds and rate limits; each id given a counter row."""
+    def _key_set(self, keys: list[PrivateKey], handler: Handler, register: bool = True) -> KeySet:
+        """The keys with their ids, kinds and rate limits; with ``register``,
+        each new id is given a counter row."""
         ids = [_wire.key_id(k.public_key()) for k in keys]
         assert self._region is not None
-        self._region.add_keys(ids)
+        if register:
+            try:
+                self._region.add_keys(ids)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return KeySet(handler, ids, [_describe(k) for k in keys],
                       self.opts.rate_limits.resolve(ids))
 
@@ -258,6 +270,7 @@ class Oracle:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGTERM, stopping.set)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, self._reload_requested.set)
             lib.shmkey_die_with_parent(signal.SIGKILL, parent)
             if lib.shmkey_server_after_fork(self._srv, index) != lib.SHMKEY_OK:
                 raise OSError(ffi.errno, "cannot set up the worker's event loop")
@@ -276,12 +289,52 @@ class Oracle:
         finally:
             os._exit(code)
 
-    @staticmethod
-    def _audit_loop(audit: Audit, stopping: _SignalFlag) -> None:
-        """A worker process's look at its connections' comings and goings."""
+    def _audit_loop(self, audit: Audit, stopping: _SignalFlag) -> None:
+        """A worker process's look at its connections' comings and goings, and its reloads."""
         while not stopping.is_set():
             audit.poll()
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._reload()
             time.sleep(_AUDIT_INTERVAL)
+
+    def request_reload(self, *_: object) -> None:
+        """The SIGHUP handler: reload the keys from the main loop."""
+        self._reload_requested.set()
+
+    def _reload(self) -> None:
+        """Read every --key again; serve the new set from the next request on.
+
+        A key that fails to load (unreadable after dropping privileges,
+        malformed, encrypted: the password is not kept) keeps the one it
+        replaces, with a log line. Clients stay connected; a request in
+        flight finishes with the keys it started with. The main process
+        reloads first (giving new key ids their counter rows), then tells
+        its worker processes, which reload the same way.
+        """
+        assert self._keys is not None and self._region is not None
+        keys = []
+        for path, old in zip(self.opts.key_paths, self._loaded):
+            try:
+                keys.append(load_key(path, None))
+            except ShmkeyError as exc:
+                log.warning("reload: %s; keeping the key loaded before", exc)
+                keys.append(old)
+        try:
+            handler = Handler(keys, self.opts.policy)
+            self._check_slot_size(keys, handler)
+            # Only the main process gives key ids counter rows; its workers find them there.
+            keyset = self._key_set(keys, handler, register=os.getpid() == self._main_pid)
+        except ShmkeyError as exc:
+            log.warning("reload refused, keeping every key loaded before: %s", exc)
+            return
+        self._loaded, self._keys = keys, keyset
+        if self._dispatcher is not None:
+            self._dispatcher.use(keyset)
+        for pid in self._worker_pids:
+            os.kill(pid, signal.SIGHUP)
+        if os.getpid() == self._main_pid:
+            log.info("reloaded: serving %s", _key_summary(keyset))
 
     def _respawn_dead_workers(self) -> None:
         for i, pid in enumerate(self._worker_pids):
@@ -333,6 +386,9 @@ class Oracle:
                         break
                 if wake_fd in readable:
                     os.read(wake_fd, 64)
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._reload()
                 self._respawn_dead_workers()
                 lib.shmkey_server_reap(self._srv)
                 if self._audit is not None:
@@ -399,6 +455,10 @@ def _describe(key: PrivateKey) -> str:
     return "Ed25519"
 
 
+def _key_summary(keys: KeySet) -> str:
+    return ", ".join(f"{kind} {kid.hex()[:16]}" for kid, kind in zip(keys.ids, keys.kinds))
+
+
 def _report(fd: int, message: dict[str, Any]) -> None:
     if fd >= 0:
         os.write(fd, (json.dumps(message) + "\n").encode())
@@ -414,6 +474,7 @@ def serve(opts: ServeOptions) -> int:
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, oracle.request_stop)
+    signal.signal(signal.SIGHUP, oracle.request_reload)
     if opts.parent_pid > 0:
         lib.shmkey_die_with_parent(signal.SIGTERM, opts.parent_pid)
     if lib.shmkey_harden_process() != lib.SHMKEY_OK:
