@@ -136,10 +136,10 @@ def test_counts_after_n_signatures_are_n_over_every_worker(started, tmp_path, rs
     for c in clients:
         c.close()
     log = o.stop()
-    assert "refused by policy: pid %d" % os.getpid() in log
+    assert f"refused by policy: pid {os.getpid()}" in log
     assert "PKCS#1 v1.5 decryption is disabled" in log
-    assert log.count("client connected: pid %d" % os.getpid()) == len(clients)
-    assert log.count("client disconnected: pid %d" % os.getpid()) == len(clients)
+    assert log.count(f"client connected: pid {os.getpid()}") == len(clients)
+    assert log.count(f"client disconnected: pid {os.getpid()}") == len(clients)
 
 
 def test_status_and_list_commands(started, tmp_path, rsa2048, ec_key) -> None:
@@ -199,7 +199,7 @@ def test_rate_limit_lets_about_n_per_second_through(started, tmp_path, rsa2048) 
     client.close()
     other.close()
     log = o.stop()
-    assert log.count("rate limit: pid %d" % os.getpid()) == 1     # once a minute at most
+    assert log.count(f"rate limit: pid {os.getpid()}") == 1     # once a minute at most
 
 
 def test_rate_limit_for_one_key_only(started, tmp_path, rsa2048, ec_key) -> None:
