@@ -251,3 +251,27 @@ def test_disconnection_line_carries_the_totals(started, tmp_path, rsa2048) -> No
     log = _stopped_log(o, signal.SIGTERM)
     (line,) = [ln for ln in log.splitlines() if "client disconnected" in ln and "7 oper" in ln]
     assert "process python3" in line and "uid 0 (root)" in line
+
+
+def test_minute_summary_only_while_there_is_traffic(caplog: pytest.LogCaptureFixture) -> None:
+    from shmkey.oracle.audit import Summary
+    from shmkey.oracle.stats import ERRORS, SIGNS, Meter, Region
+
+    region = Region(2)
+    kid = bytes(range(32))
+    region.add_keys([kid])
+    # Two worker processes' rows, added up in one line.
+    for proc, n in ((0, 3), (1, 2)):
+        meter = Meter(region, proc)
+        for _ in range(n):
+            meter.record(0, -1, SIGNS, 300_000)
+    Meter(region, 1).record(0, -1, ERRORS, 1000)
+    summary = Summary(region, lambda: [(kid.hex(), "RSA-2048", 0)])
+    now = time.monotonic()
+    with caplog.at_level("INFO", logger="shmkey.oracle"):
+        summary.tick(now + 1)            # not a minute yet
+        summary.tick(now + 61)
+        summary.tick(now + 122)          # no traffic since: no line
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"key {kid.hex()[:16]} (RSA-2048) in the last minute: 5 signs, 0 decrypts, "
+                     "0 refused by policy, 0 rate-limited, 1 errors"]
