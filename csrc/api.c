@@ -203,6 +203,15 @@ int64_t shmkey_client_oracle_pid(const struct shmkey_client *c)
 /* oracle                                                                */
 /* ===================================================================== */
 
+/* Who sent w's request: read from the oracle's own record of the connection. */
+static void work_peer(struct shmkey_work *w)
+{
+    const struct sconn *k = w->conn;
+    w->conn_serial = k->serial;
+    w->peer_pid = (int32_t)k->pid;
+    w->peer_uid = (uint32_t)k->uid;
+}
+
 /*
  * Wait up to timeout_ms for a request and copy it into w: from a ring
  * (scanned, then spun for while a core is free) or from a socket message.
@@ -224,6 +233,7 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w, uint32_t 
             rc = shmkey_ring_spin(s, w);
         if (rc == 1) {
             shmkey_ring_kick_if_more(s);
+            work_peer(w);
             return SHMKEY_OK;
         }
         if (rc < 0)
@@ -234,8 +244,10 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w, uint32_t 
         }
         if (rc == 1 || rc == 2) {
             shmkey_ring_enter_active(s, w);
-            if (w->req.op != SHMKEY_OP_PING)
+            if (w->req.op != SHMKEY_OP_PING) {
+                work_peer(w);
                 return SHMKEY_OK;
+            }
             shmkey_frames_reply(s, w, SHMKEY_OK, w->payload, w->req.in_len);
             continue;
         }

@@ -49,6 +49,7 @@ const char *shmkey_strerror(int status)
     case SHMKEY_EACCESS: return "permission denied";
     case SHMKEY_ETOKEN: return "the key's token is unavailable";
     case SHMKEY_EIDENTITY: return "the key oracle runs as an unexpected user";
+    case SHMKEY_ERATELIMIT: return "rate limit exceeded";
     default: return "unknown shmkey status";
     }
 }

@@ -347,8 +347,50 @@ static void sconn_free(struct shmkey_server *s, struct sconn *k)
 /* oracle: the table                                                     */
 /* ===================================================================== */
 
+/* Queue a connection's coming or going for the audit (under s->lock). */
+static void push_event_locked(struct shmkey_server *s, const struct sconn *k, uint32_t kind)
+{
+    if (s->ev_count == SHMKEY_MAX_EVENTS) {
+        s->ev_dropped++;
+        return;
+    }
+    struct shmkey_conn_event *e = &s->events[(s->ev_head + s->ev_count) % SHMKEY_MAX_EVENTS];
+    e->serial = k->serial;
+    e->pid = (int32_t)k->pid;
+    e->uid = (uint32_t)k->uid;
+    e->kind = kind;
+    e->transport = k->state == CONN_RING ? SHMKEY_TRANSPORT_SHM : SHMKEY_TRANSPORT_SOCKET;
+    memcpy(e->comm, k->comm, sizeof(e->comm));
+    s->ev_count++;
+}
+
+/*
+ * Move up to cap queued connection events to out, oldest first; *dropped
+ * gets how many were lost to a full queue since the last call. Returns the
+ * number moved.
+ */
+int shmkey_server_events(struct shmkey_server *s, struct shmkey_conn_event *out, uint32_t cap,
+                         uint64_t *dropped)
+{
+    uint32_t n = 0;
+    pthread_mutex_lock(&s->lock);
+    while (n < cap && s->ev_count) {
+        out[n++] = s->events[s->ev_head];
+        s->ev_head = (s->ev_head + 1) % SHMKEY_MAX_EVENTS;
+        s->ev_count--;
+    }
+    if (dropped) {
+        *dropped = s->ev_dropped;
+        s->ev_dropped = 0;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return (int)n;
+}
+
 static void retire_locked(struct shmkey_server *s, struct sconn *k)
 {
+    if (k->announced)
+        push_event_locked(s, k, SHMKEY_CONN_CLOSED);
     for (uint32_t i = 0; i < s->hw; i++)
         if (s->conns[i] == k) {
             __atomic_store_n(&s->conns[i], NULL, __ATOMIC_RELEASE);
@@ -516,6 +558,23 @@ static void refuse(struct shmkey_server *s, int fd, const struct ucred *cred, in
     close(fd);
 }
 
+/* A process's name, for the audit: read now, while the peer surely lives; "?" if unreadable. */
+static void read_comm(pid_t pid, char *out, size_t cap)
+{
+    char path[40];
+    snprintf(path, sizeof(path), "/proc/%d/comm", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    ssize_t n = fd >= 0 ? read(fd, out, cap - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0) {
+        snprintf(out, cap, "?");
+        return;
+    }
+    out[n] = '\0';
+    out[strcspn(out, "\n")] = '\0';
+}
+
 /* Accept one connection: check the peer first, then wait for its hello. */
 static void accept_one(struct shmkey_server *s)
 {
@@ -554,8 +613,10 @@ static void accept_one(struct shmkey_server *s)
     k->state = CONN_HELLO;
     k->uid = cred.uid;
     k->pid = cred.pid;
+    read_comm(cred.pid, k->comm, sizeof(k->comm));
     k->deadline_ns = shmkey_now_ns() + SHMKEY_HANDSHAKE_MS * 1000000ull;
     pthread_mutex_lock(&s->lock);
+    k->serial = ((uint64_t)(s->proc + 1) << 40) | ++s->next_serial;
     uint32_t slot = SHMKEY_MAX_CONNS;
     for (uint32_t i = 0; i < SHMKEY_MAX_CONNS; i++)
         if (!s->conns[i]) {
@@ -673,6 +734,8 @@ static void on_hello(struct shmkey_server *s, struct sconn *k)
             __atomic_add_fetch(&s->nrings, 1, __ATOMIC_RELAXED);
         __atomic_store_n(&k->state, transport == SHMKEY_TRANSPORT_SHM ? CONN_RING : CONN_FRAMES,
                          __ATOMIC_RELEASE);
+        push_event_locked(s, k, SHMKEY_CONN_OPENED);
+        k->announced = 1;
     }
     pthread_mutex_unlock(&s->lock);
     shmkey_sconn_rearm(s, k);
@@ -892,6 +955,9 @@ int shmkey_server_after_fork(struct shmkey_server *s, uint32_t proc)
     s->hw = s->nconns = s->nqs = s->nrings = 0;
     s->grave = NULL;
     memset(s->qs, 0, sizeof(s->qs));
+    s->ev_head = s->ev_count = 0;
+    s->ev_dropped = 0;
+    s->next_serial = 0;
     s->proc = proc;
     __atomic_store_n(&s->status->active[proc], 0, __ATOMIC_RELAXED);
     __atomic_store_n(&s->status->spinners[proc], 0, __ATOMIC_SEQ_CST);

@@ -19,7 +19,7 @@
 #include "shmkey.h"
 
 /* The last SHMKEY_E* status (shmkey.h): where C range checks over them end. */
-#define SHMKEY_ELAST SHMKEY_EIDENTITY
+#define SHMKEY_ELAST SHMKEY_ERATELIMIT
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "ctl packs state in the low word");
@@ -104,6 +104,9 @@ struct sconn {
     uint8_t *buf;               /* socket message: its payload, slot_size bytes */
     uid_t uid;
     pid_t pid;
+    uint64_t serial;            /* unique within the oracle: worker process in the top bits */
+    int announced;              /* an OPENED event was queued: CLOSED follows */
+    char comm[16];              /* the client's process name, read when it connected */
     /* ring */
     uint8_t *base;
     size_t map_len;
@@ -143,6 +146,11 @@ struct shmkey_server {
     uint64_t next_reap_ns;
     uint32_t nqs;               /* workers registered (atomic) */
     struct qs_slot qs[SHMKEY_MAX_PROCS];
+    uint64_t last_work_ns;      /* atomic: when a worker last took a request; spin only soon after */
+    uint64_t next_serial;       /* under lock */
+    struct shmkey_conn_event events[SHMKEY_MAX_EVENTS];  /* a queue, under lock */
+    uint32_t ev_head, ev_count;
+    uint64_t ev_dropped;
 };
 
 /* ===================================================================== */

@@ -23,6 +23,9 @@
  */
 #include "internal.h"
 
+/* Workers spin for requests only this soon after the last one (any worker's). */
+#define SPIN_RECENT_NS 100000000ull
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -650,6 +653,7 @@ static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k,
 {
     struct shmkey_slot *sl = slot_at(k->base, s->stride, j);
     shmkey_ring_enter_active(s, w);
+    __atomic_store_n(&s->last_work_ns, shmkey_now_ns(), __ATOMIC_RELAXED);
     w->conn = k;
     w->slot = j;
     w->gen = CTL_GEN(ctl);
@@ -740,6 +744,10 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
 {
     if (s->spin_us == 0 || __atomic_load_n(&s->nrings, __ATOMIC_RELAXED) == 0 ||
         all_spinners(s) > 0)
+        return 0;
+    /* An idle oracle sleeps: spinning pays only while requests keep coming. */
+    if (shmkey_now_ns() - __atomic_load_n(&s->last_work_ns, __ATOMIC_RELAXED) >
+        SPIN_RECENT_NS)
         return 0;
     /*
      * Busy workers other than us, plus us, plus a client that may be spinning

@@ -27,6 +27,7 @@
 #define SHMKEY_EACCESS -12      /* permission denied on the socket, or the oracle refused us */
 #define SHMKEY_ETOKEN -13       /* the key's PKCS#11 token failed or is absent; the oracle re-opens it */
 #define SHMKEY_EIDENTITY -14    /* the oracle runs as a user the client does not trust */
+#define SHMKEY_ERATELIMIT -15   /* this connection asked faster than the oracle's --rate-limit */
 
 /* ---- operations and their parameters ---------------------------------- */
 #define SHMKEY_OP_PING 1        /* echo the payload; answered by the C worker loop */
@@ -35,6 +36,8 @@
                                    in = digest (Ed25519: the message itself) */
 #define SHMKEY_OP_DECRYPT 4     /* p[0]=padding p[1]=hash p[2]=mgf1 hash p[3]=label len; in = ct || label */
 #define SHMKEY_OP_KEYS 5        /* reply: the keys, each a u16 little-endian length and an SPKI DER */
+#define SHMKEY_OP_STATUS 6      /* p[0]=byte offset; reply: that part of the oracle's status JSON,
+                                   slot_size bytes unless it is the last part */
 
 /* Signature schemes (p[0] of a sign) and RSA decryption paddings. */
 #define SHMKEY_PAD_PKCS1V15 1
@@ -159,6 +162,22 @@ struct shmkey_work {
     uint32_t cursor;        /* where this worker starts its next scan */
     uint32_t qs;            /* this worker's index in the oracle's grace-period table, plus one */
     uint32_t active;        /* nonzero while counted in the status page's "active" */
+    uint64_t conn_serial;   /* the connection's number, unique within the oracle */
+    int32_t peer_pid;       /* the client, from SO_PEERCRED when it connected */
+    uint32_t peer_uid;
+};
+
+/* A client connection that came or went, as the oracle's audit reads them. */
+#define SHMKEY_CONN_OPENED 1
+#define SHMKEY_CONN_CLOSED 2
+#define SHMKEY_MAX_EVENTS 4096          /* queued per worker process; more are counted, not kept */
+struct shmkey_conn_event {
+    uint64_t serial;
+    int32_t pid;
+    uint32_t uid;
+    uint32_t kind;          /* SHMKEY_CONN_* */
+    uint32_t transport;     /* SHMKEY_TRANSPORT_SHM or _SOCKET */
+    char comm[16];          /* the client's process name when it connected (/proc/PID/comm) */
 };
 
 struct shmkey_client;
@@ -193,6 +212,8 @@ int shmkey_server_reap(struct shmkey_server *s);
 int shmkey_server_allow_peers(struct shmkey_server *s, uint32_t uid, int64_t gid);
 int shmkey_server_after_fork(struct shmkey_server *s, uint32_t proc);
 int shmkey_server_connections(struct shmkey_server *s);
+int shmkey_server_events(struct shmkey_server *s, struct shmkey_conn_event *out, uint32_t cap,
+                         uint64_t *dropped);
 void shmkey_server_stop(struct shmkey_server *s);
 void shmkey_server_close(struct shmkey_server *s);
 struct shmkey_work *shmkey_work_new(uint32_t cap);

@@ -13,8 +13,8 @@ from .errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsol
                      KeyLoadError, KeyMismatchError, KeyReferenceError, LibcryptoMismatchError,
                      OracleAccessError, OracleIdentityError, OracleInternalError,
                      OracleTimeoutError, OracleUnavailableError, PolicyError, ProtocolError,
-                     ShmkeyError, StaleBuildError, SystemCallError, TokenUnavailableError,
-                     UnsupportedOperationError)
+                     RateLimitError, ShmkeyError, StaleBuildError, SystemCallError,
+                     TokenUnavailableError, UnsupportedOperationError)
 from .launcher import KeyOracle
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "KeyLoadError", "KeyMismatchError", "KeyOracle", "KeyReferenceError", "LibcryptoMismatchError",
     "OracleAccessError", "OracleClient", "OracleECKey", "OracleEd25519Key", "OracleIdentityError",
     "OracleInternalError", "OracleKey", "OracleTimeoutError", "OracleUnavailableError", "PolicyError",
-    "ProtocolError", "ShmkeyError", "StaleBuildError", "SystemCallError", "TokenUnavailableError",
-    "UnsupportedOperationError", "connect",
+    "ProtocolError", "RateLimitError", "ShmkeyError", "StaleBuildError", "SystemCallError",
+    "TokenUnavailableError", "UnsupportedOperationError", "connect",
     "key_id",
 ]

@@ -12,7 +12,7 @@ from ._native import ffi, lib
 from ._version import __version__
 from .errors import (DecryptionError, InvalidArgumentError, OracleAccessError, OracleIdentityError,
                      OracleInternalError, OracleTimeoutError, OracleUnavailableError, PolicyError,
-                     ProtocolError, ShmkeyError, StaleBuildError, SystemCallError,
+                     ProtocolError, RateLimitError, ShmkeyError, StaleBuildError, SystemCallError,
                      TokenUnavailableError, UnsupportedOperationError)
 
 __all__ = ["check_build", "ensure", "ffi", "lib", "raise_for_status"]
@@ -63,6 +63,7 @@ _STATUS_ERRORS: dict[int, type[ShmkeyError]] = {
     lib.SHMKEY_EACCESS: OracleAccessError,
     lib.SHMKEY_ETOKEN: TokenUnavailableError,
     lib.SHMKEY_EIDENTITY: OracleIdentityError,
+    lib.SHMKEY_ERATELIMIT: RateLimitError,
 }
 
 

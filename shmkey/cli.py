@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     serve.add_argument("--secrets-stdin", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--rate-limit", action="append", default=[], metavar="[KEYID=]N",
+                       help="at most N private-key operations per second per client connection "
+                            "(burst N), for every key or for the key whose id starts with KEYID; "
+                            "repeat for several")
     for hidden in ("--status-fd", "--lifeline-fd", "--socket-fd", "--parent-pid"):
         serve.add_argument(hidden, type=int, default=-1, help=argparse.SUPPRESS)
     _add_settings(serve)
@@ -121,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("settings", help="list the SHMKEY_* environment variables")
 
+    status = sub.add_parser("status", help="a running oracle's keys, counters and clients")
+    status.add_argument("name")
+    status.add_argument("--json", action="store_true", help="the status document as JSON")
+    listing = sub.add_parser("list", help="the running oracles this user can see, one a line")
+    listing.add_argument("--json", action="store_true", help="their status documents as JSON")
+
     keyref = sub.add_parser("keyref", help="write a key reference file for OpenSSL (no secret in it)")
     keyref.add_argument("--oracle", required=True, help="name of a running 'shmkey serve'")
     keyref.add_argument("--cert", help="PEM certificate that must be for the oracle's key")
@@ -142,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from .oracle.handler import Policy
+    from .oracle.limits import RateLimits
     from .oracle.server import ServeOptions, serve
 
     hid_pins = _p11uri.hide_pins_in_cmdline() if any(
@@ -169,7 +180,8 @@ def _serve(args: argparse.Namespace) -> int:
                       allow_pkcs1v15_decrypt=args.allow_pkcs1v15_decrypt),
         password=password, group=args.group, socket_fd=args.socket_fd,
         status_fd=args.status_fd, lifeline_fd=args.lifeline_fd, user=args.user,
-        allow_root=args.allow_root, parent_pid=args.parent_pid)
+        allow_root=args.allow_root, parent_pid=args.parent_pid,
+        rate_limits=RateLimits.parse(args.rate_limit))
     return serve(opts)
 
 
@@ -229,6 +241,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return demo_main(args.seconds)
         if args.command == "clean":
             return _clean(args.name)
+        if args.command in ("status", "list"):
+            from .tools import opsview
+
+            return opsview.main(args.command, getattr(args, "name", None), args.json)
         if args.command == "settings":
             print(config.markdown_table())
             return 0

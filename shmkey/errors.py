@@ -59,6 +59,11 @@ class TokenUnavailableError(ShmkeyError):
     one may succeed."""
 
 
+class RateLimitError(ShmkeyError):
+    """The oracle's ``--rate-limit`` refused this request: this connection asked
+    for more private-key operations per second than it allows."""
+
+
 class ProtocolError(ShmkeyError):
     """A malformed request or reply crossed the transport."""
 

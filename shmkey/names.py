@@ -135,6 +135,14 @@ def group_id(group: Optional[str]) -> Optional[int]:
         raise ConfigError(f"group {group!r} does not exist") from None
 
 
+def user_name(uid: int) -> str:
+    """A uid's name, or the number when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def user_id(user: Union[str, int]) -> int:
     """Resolve a user name or number to a uid.
 

@@ -4,6 +4,7 @@ who serves it.
 """
 from __future__ import annotations
 
+import json
 import struct
 import threading
 from typing import Any, Optional, Union
@@ -164,6 +165,35 @@ class OracleClient:
         if pos != len(data) or not out:
             raise ProtocolError("malformed key list")
         return out
+
+    def status(self) -> dict[str, Any]:
+        """The oracle's status document (docs/operations.md), read a slot at a time.
+
+        Its ``pid`` and ``uid`` are replaced by what this connection's
+        SO_PEERCRED says, the only word on who serves it.
+
+        Raises:
+            ProtocolError: the document is not JSON.
+        """
+        parts: list[bytes] = []
+        offset = 0
+        while True:
+            part = self.call(lib.SHMKEY_OP_STATUS, (offset, 0, 0, 0))
+            parts.append(part)
+            offset += len(part)
+            if len(part) < self._max or offset > 1 << 26:
+                break
+        try:
+            doc = json.loads(b"".join(parts))
+        except ValueError as exc:
+            raise ProtocolError(f"the oracle's status is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ProtocolError("the oracle's status is not a JSON object")
+        if self.oracle_pid:
+            doc["pid"] = self.oracle_pid
+        doc["uid"] = self.oracle_uid
+        doc["user"] = names.user_name(self.oracle_uid)
+        return doc
 
     def private_keys(self) -> list[AnyOracleKey]:
         """Every key the oracle holds, as oracle-held private keys."""

@@ -21,22 +21,29 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .. import _process, names
+from .. import _notify, _p11uri, _process, _wire, names
 from .._binding import ffi, lib, raise_for_status
 from .._process import close_inherited_fds
+from .._version import __version__
 from ..config import Config, env_name
 from ..errors import ConfigError, ShmkeyError
+from . import status
+from .audit import Audit, Summary
+from .dispatch import Dispatcher, KeySet
 from .handler import Handler, Policy, PrivateKey, load_key, needs_worker_process
+from .limits import RateLimits
+from .stats import Meter, Region
 
 log = logging.getLogger("shmkey.oracle")
 
-_WAIT_MS = 200          # workers look at the stop flag this often
+_WAIT_MS = 1000         # workers look at the stop flag this often (stopping also wakes them)
 _REAP_INTERVAL = 0.25   # seconds between scans for overdue handshakes and freed connections
+_AUDIT_INTERVAL = 0.25  # seconds between a worker process's looks at its connection events
 
 
 class _SignalFlag:
@@ -52,8 +59,11 @@ class _SignalFlag:
     def is_set(self) -> bool:
         return self._value
 
+    def clear(self) -> None:
+        self._value = False
 
-def _serve_worker(srv: Any, handler: Handler, cap: int,
+
+def _serve_worker(srv: Any, dispatcher: Dispatcher, cap: int,
                   stopping: Union[threading.Event, _SignalFlag]) -> None:
     work = ffi.gc(lib.shmkey_work_new(cap), lib.shmkey_work_free)
     if work == ffi.NULL:
@@ -64,8 +74,8 @@ def _serve_worker(srv: Any, handler: Handler, cap: int,
     while True:
         rc = next_request(srv, work, _WAIT_MS)        # GIL released while waiting
         if rc == ok:
-            status, out = handler.handle(req.op, buffer(req.key_id)[:], tuple(req.p),
-                                         buffer(work.payload, req.in_len)[:])
+            status, out = dispatcher.serve(work, buffer(req.key_id)[:], tuple(req.p),
+                                           buffer(work.payload, req.in_len)[:])
             reply(srv, work, status, out, len(out))
         elif rc == timed_out:
             if stopping.is_set():
@@ -93,6 +103,7 @@ class ServeOptions:
     user: Optional[str] = None   # drop to this user after reading the key
     allow_root: bool = False     # keep running as root (owned oracles of a root caller)
     parent_pid: int = -1         # die with this parent (PR_SET_PDEATHSIG)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
     def keep_fds(self) -> set[int]:
         """Inherited descriptors the oracle was told about; all others are closed."""
@@ -108,9 +119,18 @@ class Oracle:
         self.name = opts.name or names.random_name()
         self._stopping = threading.Event()
         self._stop_requested = _SignalFlag()
+        self._reload_requested = _SignalFlag()
+        self._loaded: list[PrivateKey] = []       # the key of each --key, as served now
         self._workers: list[threading.Thread] = []
         self._worker_pids: list[int] = []
-        self._handler: Optional[Handler] = None
+        self._keys: Optional[KeySet] = None
+        self._region: Optional[Region] = None
+        self._dispatcher: Optional[Dispatcher] = None
+        self._audit: Optional[Audit] = None
+        self._summary: Optional[Summary] = None
+        self._kind = "thread"
+        self._started = time.time()
+        self._main_pid = os.getpid()
         self._srv: Any = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
@@ -119,6 +139,7 @@ class Oracle:
         """Load the keys, open the transport and start the workers."""
         opts = self.opts
         keys = [load_key(path, opts.password, opts.config.pkcs11_module) for path in opts.key_paths]
+        self._loaded = keys
         if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
             log.info("could not lock the keys in memory (mlockall: %s); they may be swapped",
                      os.strerror(ffi.errno))
@@ -156,6 +177,10 @@ class Oracle:
             self._listener, path = names.listen(self.name, cfg.runtime_dir, gid)
             self._sock_path = str(path)
             fd, listening = self._listener.fileno(), 1
+        self._kind = kind
+        self._region = Region(nprocs)
+        self._keys = self._key_set(keys, handler)
+        self._summary = Summary(self._region, self._describe_keys)
         rc = lib.shmkey_server_open(fd, listening, transport, cfg.slots, cfg.slot_size,
                                     cfg.spin_us, nprocs, out)
         if opts.socket_fd >= 0:
@@ -166,15 +191,66 @@ class Oracle:
         if opts.user:
             self._drop_privileges(opts.user, gid)
         lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
-        self._handler = handler
+        if kind != "process":
+            self._dispatcher, self._audit = self._front(0)
         for i in range(cfg.workers):
             if kind == "process":
                 self._worker_pids.append(self._fork_worker(i))
             else:
                 t = threading.Thread(target=_serve_worker, name=f"shmkey-worker-{i}", daemon=True,
-                                     args=(self._srv, handler, cfg.slot_size, self._stopping))
+                                     args=(self._srv, self._dispatcher, cfg.slot_size,
+                                           self._stopping))
                 t.start()
                 self._workers.append(t)
+
+    def _key_set(self, keys: list[PrivateKey], handler: Handler, register: bool = True) -> KeySet:
+        """The keys with their ids, kinds and rate limits; with ``register``,
+        each new id is given a counter row."""
+        ids = [_wire.key_id(k.public_key()) for k in keys]
+        assert self._region is not None
+        if register:
+            try:
+                self._region.add_keys(ids)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return KeySet(handler, ids, [_describe(k) for k in keys],
+                      self.opts.rate_limits.resolve(ids))
+
+    def _describe_keys(self) -> list[tuple[str, str, int]]:
+        assert self._keys is not None and self._region is not None
+        slots = self._region.key_slots()
+        return [(kid.hex(), kind, slots[kid]) for kid, kind in zip(self._keys.ids, self._keys.kinds)]
+
+    def _front(self, proc: int) -> tuple[Dispatcher, Audit]:
+        """A worker process's dispatcher and audit (thread workers share one of each)."""
+        assert self._keys is not None and self._region is not None
+        dispatcher = Dispatcher(self._keys, Meter(self._region, proc), self.status_document,
+                                self.opts.config.slot_size)
+        dispatcher.audit = Audit(self._srv, dispatcher.meter, dispatcher.forget)
+        return dispatcher, dispatcher.audit
+
+    def status_document(self) -> dict[str, Any]:
+        """What ``shmkey status`` shows: see docs/operations.md."""
+        so, cfg = self.opts, self.opts.config
+        assert self._region is not None
+        dispatcher = self._dispatcher
+        keys = dispatcher.keys if dispatcher is not None else self._keys
+        assert keys is not None
+        info = {
+            "name": self.name, "pid": os.getpid() if self._kind != "process" else os.getppid(),
+            "uid": os.geteuid(), "user": names.user_name(os.geteuid()),
+            "transport": cfg.transport, "version": __version__, "started": self._started,
+            "socket": self._sock_path,
+            "settings": {"slots": cfg.slots, "slot_size": cfg.slot_size,
+                         "workers": cfg.workers, "worker_kind": self._kind,
+                         "spin_us": cfg.spin_us, "timeout_ms": cfg.timeout_ms,
+                         "group": so.group,
+                         "allow_oaep_decrypt": so.policy.allow_oaep_decrypt,
+                         "allow_pkcs1v15_decrypt": so.policy.allow_pkcs1v15_decrypt,
+                         **so.rate_limits.describe()},
+            "worker_restarts": self._region.restarts,
+        }
+        return status.document(info, keys, self._region)
 
     def _fork_worker(self, index: int) -> int:
         """Worker process ``index``: for keys whose signing holds the GIL (Ed25519).
@@ -193,25 +269,82 @@ class Oracle:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGTERM, stopping.set)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, self._reload_requested.set)
             lib.shmkey_die_with_parent(signal.SIGKILL, parent)
             if lib.shmkey_server_after_fork(self._srv, index) != lib.SHMKEY_OK:
                 raise OSError(ffi.errno, "cannot set up the worker's event loop")
             for fd in (self.opts.status_fd, self.opts.lifeline_fd):
                 if fd >= 0:
                     os.close(fd)
-            assert self._handler is not None
-            _serve_worker(self._srv, self._handler, self.opts.config.slot_size, stopping)
+            self._dispatcher, self._audit = self._front(index)
+            threading.Thread(target=self._audit_loop, args=(self._audit, stopping),
+                             name="shmkey-audit", daemon=True).start()
+            _serve_worker(self._srv, self._dispatcher, self.opts.config.slot_size, stopping)
+            lib.shmkey_server_stop(self._srv)     # hang up on this process's clients,
+            self._audit.poll()                    # and say so
         except BaseException:
             log.exception("worker process failed")
             code = 1
         finally:
             os._exit(code)
 
+    def _audit_loop(self, audit: Audit, stopping: _SignalFlag) -> None:
+        """A worker process's look at its connections' comings and goings, and its reloads."""
+        while not stopping.is_set():
+            audit.poll()
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._reload()
+            time.sleep(_AUDIT_INTERVAL)
+
+    def request_reload(self, *_: object) -> None:
+        """The SIGHUP handler: reload the keys from the main loop."""
+        self._reload_requested.set()
+
+    def _reload(self) -> None:
+        """Read every --key again; serve the new set from the next request on.
+
+        A key that fails to load (unreadable after dropping privileges,
+        malformed, encrypted: the password is not kept) keeps the one it
+        replaces, with a log line. Clients stay connected; a request in
+        flight finishes with the keys it started with. The main process
+        reloads first (giving new key ids their counter rows), then tells
+        its worker processes, which reload the same way.
+        """
+        assert self._keys is not None and self._region is not None
+        keys = []
+        for path, old in zip(self.opts.key_paths, self._loaded):
+            if _p11uri.is_uri(path):
+                keys.append(old)        # a token key lives in its token: nothing to read again
+                continue
+            try:
+                keys.append(load_key(path, None))
+            except ShmkeyError as exc:
+                log.warning("reload: %s; keeping the key loaded before", exc)
+                keys.append(old)
+        try:
+            handler = Handler(keys, self.opts.policy)
+            self._check_slot_size(keys, handler)
+            # Only the main process gives key ids counter rows; its workers find them there.
+            keyset = self._key_set(keys, handler, register=os.getpid() == self._main_pid)
+        except ShmkeyError as exc:
+            log.warning("reload refused, keeping every key loaded before: %s", exc)
+            return
+        self._loaded, self._keys = keys, keyset
+        if self._dispatcher is not None:
+            self._dispatcher.use(keyset)
+        for pid in self._worker_pids:
+            os.kill(pid, signal.SIGHUP)
+        if os.getpid() == self._main_pid:
+            log.info("reloaded: serving %s", _key_summary(keyset))
+
     def _respawn_dead_workers(self) -> None:
         for i, pid in enumerate(self._worker_pids):
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, code = os.waitpid(pid, os.WNOHANG)
             if done and not self._stopping.is_set():
-                log.warning("worker process %d exited (status %d); starting another", pid, status)
+                log.warning("worker process %d exited (status %d); starting another", pid, code)
+                assert self._region is not None
+                self._region.count_restart()
                 self._worker_pids[i] = self._fork_worker(i)
 
     def _drop_privileges(self, user: str, gid: Optional[int]) -> None:
@@ -240,8 +373,14 @@ class Oracle:
         """
         try:
             ready()
+            _notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.name}")
+            dog = _notify.watchdog_interval()
+            next_dog = 0.0
             watch = [wake_fd] + ([self.opts.lifeline_fd] if self.opts.lifeline_fd >= 0 else [])
             while not self._stopping.is_set() and not self._stop_requested.is_set():
+                if dog is not None and time.monotonic() >= next_dog and self._workers_answer():
+                    _notify.notify("WATCHDOG=1")
+                    next_dog = time.monotonic() + dog
                 readable, _, _ = select.select(watch, [], [], _REAP_INTERVAL)
                 if self.opts.lifeline_fd in readable:
                     if not os.read(self.opts.lifeline_fd, 64):
@@ -249,8 +388,15 @@ class Oracle:
                         break
                 if wake_fd in readable:
                     os.read(wake_fd, 64)
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._reload()
                 self._respawn_dead_workers()
                 lib.shmkey_server_reap(self._srv)
+                if self._audit is not None:
+                    self._audit.poll()
+                if self._summary is not None:
+                    self._summary.tick()
         finally:
             self.stop()
 
@@ -259,14 +405,27 @@ class Oracle:
         lock (the main thread may hold the one of an Event when it runs)."""
         self._stop_requested.set()
 
+    def _workers_answer(self) -> bool:
+        """Whether every worker is there to answer: threads alive, worker
+        processes not exited (a dead one is replaced first)."""
+        if self._worker_pids:
+            # WNOWAIT: look without reaping; replacing a dead worker is _respawn_dead_workers' job.
+            return all(os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+                       for pid in self._worker_pids)
+        return all(t.is_alive() for t in self._workers)
+
     def stop(self) -> None:
         """Stop workers, then unlink every name this oracle created."""
+        if not self._stopping.is_set() and self._srv is not None:
+            _notify.notify("STOPPING=1")
         self._stopping.set()
         if self._srv is not None:
             lib.shmkey_server_stop(self._srv)
             for t in self._workers:
                 t.join(timeout=5)
             self._stop_worker_processes()
+            if self._audit is not None:
+                self._audit.poll()          # the hang-ups of stopping
         self._cleanup()
 
     def _stop_worker_processes(self, timeout: float = 5.0) -> None:
@@ -298,6 +457,10 @@ def _describe(key: PrivateKey) -> str:
     return "Ed25519"
 
 
+def _key_summary(keys: KeySet) -> str:
+    return ", ".join(f"{kind} {kid.hex()[:16]}" for kid, kind in zip(keys.ids, keys.kinds))
+
+
 def _report(fd: int, message: dict[str, Any]) -> None:
     if fd >= 0:
         os.write(fd, (json.dumps(message) + "\n").encode())
@@ -313,6 +476,7 @@ def serve(opts: ServeOptions) -> int:
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, oracle.request_stop)
+    signal.signal(signal.SIGHUP, oracle.request_reload)
     if opts.parent_pid > 0:
         lib.shmkey_die_with_parent(signal.SIGTERM, opts.parent_pid)
     if lib.shmkey_harden_process() != lib.SHMKEY_OK:
