@@ -195,9 +195,39 @@ def remove_stale(path: Path) -> bool:
     return True
 
 
-def listen(name: str, configured_dir: Optional[str] = None,
-           gid: Optional[int] = None) -> tuple[socket.socket, Path]:
-    """Listen on oracle ``name``'s socket, mode 0600 (0660 and group ``gid``).
+class BoundSocket:
+    """An oracle's socket, bound (mode set) but not yet listening.
+
+    ``SO_PEERCRED`` on a Unix stream socket names whoever called ``listen()``,
+    so an oracle that drops privileges binds as root (the directory may be
+    root's) and listens only once it is its own user: clients then see, and
+    check, the user that really serves them. The directory lock is held
+    until then, so no other oracle of that name can take the bound socket
+    for a stale one meanwhile.
+    """
+
+    def __init__(self, sock: socket.socket, path: Path, lock_fd: int) -> None:
+        self.sock, self.path, self._lock_fd = sock, path, lock_fd
+
+    def listen(self, backlog: int = 128) -> socket.socket:
+        """Start accepting and release the directory lock; returns the socket."""
+        try:
+            self.sock.listen(backlog)
+        finally:
+            self.release()
+        return self.sock
+
+    def release(self) -> None:
+        """Release the directory lock (idempotent)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def bind(name: str, configured_dir: Optional[str] = None,
+         gid: Optional[int] = None) -> BoundSocket:
+    """Bind oracle ``name``'s socket, mode 0600 (0660 and group ``gid``);
+    :meth:`BoundSocket.listen` makes it reachable.
 
     A socket left by an oracle that died (nothing accepts on it) is replaced;
     one that something listens on is refused. Starting oracles take a lock on
@@ -225,10 +255,10 @@ def listen(name: str, configured_dir: Optional[str] = None,
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, 0o660 if gid is not None else 0o600)
-        sock.listen(128)
-        return sock, path
-    finally:
+        return BoundSocket(sock, path, dfd)
+    except BaseException:
         os.close(dfd)
+        raise
 
 
 def _old_ring_alive(path: Path) -> bool:

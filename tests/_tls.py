@@ -56,6 +56,8 @@ class Serve:
         self.transport, self.extra = transport, extra
         self.name = name or names.random_name()
         self.proc: Optional[subprocess.Popen] = None
+        # Who serves once it dropped root: the uid clients must be told to trust.
+        self.user: Optional[str] = "nobody" if RUN_AS_ROOT else None
 
     def start(self) -> Serve:
         r, w = os.pipe()
@@ -66,7 +68,7 @@ class Serve:
         if RUN_AS_ROOT:
             # As deployed: read the key as root, then serve as another user,
             # with the socket open to the group nginx's workers run in.
-            args += ["--user", "nobody", "--group", WORKER_GROUP]
+            args += ["--user", str(self.user), "--group", WORKER_GROUP]
         try:
             self.proc = subprocess.Popen(args, pass_fds=[w])
         finally:
@@ -81,6 +83,10 @@ class Serve:
             self.stop()
             raise RuntimeError(f"shmkey serve did not start: {info}")
         return self
+
+    def trust_args(self) -> list[str]:
+        """The command-line option that makes a client trust this oracle's user."""
+        return ["--oracle-user", self.user] if self.user else []
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

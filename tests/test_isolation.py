@@ -88,7 +88,7 @@ def test_tls_server_memory_holds_no_key_after_handshakes(tmp_path: Path) -> None
     oracle = Serve(key_path).start()
     try:
         ref = tmp_path / "server.ref.pem"
-        keyref.write(oracle.name, ref, cert=cert)
+        keyref.write(oracle.name, ref, cert=cert, oracle_user=oracle.user)
         n = 200
         server = subprocess.Popen([sys.executable, "-c", TLS_SERVER, str(cert), str(ref), str(n)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

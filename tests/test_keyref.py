@@ -143,7 +143,8 @@ def test_bad_fields_are_refused():
 
 def test_write_for_running_oracle(material):
     out = material.dir / "key.ref.pem"
-    ref = keyref.write(material.serve.name, out, cert=material.cert)
+    ref = keyref.write(material.serve.name, out, cert=material.cert,
+                       oracle_user=material.serve.user)
     assert out.stat().st_mode & 0o777 == 0o644
     loaded = keyref.load(out)
     assert loaded == ref or loaded.to_der() == ref.to_der()
@@ -156,7 +157,8 @@ def test_write_for_running_oracle(material):
 def test_certificate_for_another_key_is_refused(material):
     out = material.dir / "mismatch.ref.pem"
     with pytest.raises(KeyMismatchError, match=material.serve.name):
-        keyref.write(material.serve.name, out, cert=material.other_cert)
+        keyref.write(material.serve.name, out, cert=material.other_cert,
+                     oracle_user=material.serve.user)
     assert not out.exists()
 
 
@@ -168,14 +170,16 @@ def test_oracle_not_running():
 def test_cli(material):
     out = material.dir / "cli.ref.pem"
     run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle",
-                          material.serve.name, "--cert", str(material.cert), "-o", str(out)],
+                          material.serve.name, *material.serve.trust_args(), "--cert",
+                          str(material.cert), "-o", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert f"oracle '{material.serve.name}'" in run.stdout
     assert keyref.load(out).oracle == material.serve.name
 
     run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle",
-                          material.serve.name, "--cert", str(material.other_cert),
+                          material.serve.name, *material.serve.trust_args(),
+                          "--cert", str(material.other_cert),
                           "-o", str(material.dir / "bad.ref.pem")], capture_output=True, text=True)
     assert run.returncode == 2
     assert "is not for any key that oracle" in run.stderr
@@ -188,14 +192,15 @@ def test_several_keys_the_certificate_picks(tmp_path):
     serve = Serve([rsa_key, ec_key]).start()
     try:
         for cert, kind in ((ec_cert, ec.EllipticCurvePublicKey), (rsa_cert, rsa.RSAPublicKey)):
-            ref = keyref.write(serve.name, tmp_path / "k.ref.pem", cert=cert)
+            ref = keyref.write(serve.name, tmp_path / "k.ref.pem", cert=cert, oracle_user=serve.user)
             assert isinstance(ref.public_key, kind)
             keyref.check_certificate(keyref.load(tmp_path / "k.ref.pem"), cert)
         with pytest.raises(KeyMismatchError, match=r"\(RSA-2048 SHA256:\w+, EC P-256 SHA256:\w+\)"):
-            keyref.create(serve.name, cert=ed_cert)
+            keyref.create(serve.name, cert=ed_cert, oracle_user=serve.user)
         with pytest.raises(KeyMismatchError, match="EC P-256"):
-            keyref.check_certificate(keyref.create(serve.name, cert=ec_cert), rsa_cert)
-        run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle", serve.name,
+            keyref.check_certificate(keyref.create(serve.name, cert=ec_cert, oracle_user=serve.user),
+                                     rsa_cert)
+        run = subprocess.run([sys.executable, "-m", "shmkey", "keyref", "--oracle", serve.name, *serve.trust_args(),
                               "--cert", str(ec_cert), "-o", str(tmp_path / "cli.ref.pem")],
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr

@@ -155,7 +155,7 @@ SALTS = (apad.PSS.DIGEST_LENGTH, 0, 20, apad.PSS.MAX_LENGTH)
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_every_operation_verifies(oracles: dict[str, Serve], token: SoftHSM, transport: str) -> None:
-    client = shmkey.connect(oracles[transport].name)
+    client = shmkey.connect(oracles[transport].name, oracle_user=oracles[transport].user)
     try:
         keys = {shmkey.key_id(k.public_key()): k for k in client.private_keys()}
         twins = {label: token.keys[label].public_key for label in LABELS}
@@ -284,7 +284,7 @@ def test_token_lost_gives_typed_error_then_recovers(token: SoftHSM, pin_file: Pa
     away = token.tokendir.with_name("tokens.away")
     public = token.keys["tls-ec"].public_key
     try:
-        key = shmkey.connect(serve.name).private_key()
+        key = shmkey.connect(serve.name, oracle_user=serve.user).private_key()
         public.verify(key.sign(b"a", ec.ECDSA(hashes.SHA256())), b"a", ec.ECDSA(hashes.SHA256()))
         token.tokendir.rename(away)
         errors = 0
@@ -331,7 +331,8 @@ def refs(oracles: dict[str, Serve], token: SoftHSM) -> dict[str, Path]:
     out = {}
     for label in ("tls-rsa", "tls-ec"):
         out[label] = token.dir / f"{label}.ref.pem"
-        keyref.write(oracles["shm"].name, out[label], cert=token.keys[label].cert)
+        keyref.write(oracles["shm"].name, out[label], cert=token.keys[label].cert,
+                     oracle_user=oracles["shm"].user)
         out[label].chmod(0o644)
     return out
 

@@ -249,7 +249,7 @@ def test_code_execution_in_the_workers_sandbox(material: SimpleNamespace, backen
     os.environ[env_name("runtime_dir")] = str(root)
     try:
         keyref.write(proxy.oracle_name, str(ref), cert=str(material.cert),
-                     transport=transport)
+                     transport=transport, oracle_user="daemon")
     finally:
         del os.environ[env_name("runtime_dir")]
     shmkey.openssl.enable()

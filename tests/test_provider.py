@@ -44,7 +44,8 @@ def enabled() -> None:
 def _start(material: SimpleNamespace, transport: str, *extra: str) -> SimpleNamespace:
     serve = Serve(material.key, transport, extra=extra).start()
     ref = material.dir / f"{serve.name}.ref.pem"
-    keyref.write(serve.name, ref, cert=material.cert, transport=transport)
+    keyref.write(serve.name, ref, cert=material.cert, transport=transport,
+                 oracle_user=serve.user)
     return SimpleNamespace(serve=serve, keyref=ref, transport=transport, name=serve.name)
 
 
@@ -330,7 +331,8 @@ def test_nginx(oracles, material, openssl_cnf, tmp_path):
     # The ring, not the socket: nginx's workers run as another user, and a
     # socket oracle is reachable by its own user only.
     ref = tmp_path / "nginx.ref.pem"
-    keyref.write(oracles["shm"].name, ref, cert=material.cert)     # transport: any
+    keyref.write(oracles["shm"].name, ref, cert=material.cert,     # transport: any
+                 oracle_user=oracles["shm"].user)
     port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(

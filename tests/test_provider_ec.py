@@ -65,7 +65,7 @@ def oracles(material: SimpleNamespace):
             for kind, which in ORACLE_OF.items():
                 refs[kind] = material.dir / f"{transport}-{kind}.ref.pem"
                 keyref.write(serves[which].name, refs[kind], cert=material.certs[kind],
-                             transport=transport)
+                             transport=transport, oracle_user=serves[which].user)
             out[transport] = SimpleNamespace(transport=transport, refs=refs,
                                              names={w: s.name for w, s in serves.items()})
         yield out

@@ -617,7 +617,7 @@ def test_dead_worker_is_replaced(start) -> None:
 def test_external_oracle(start, material: SimpleNamespace) -> None:
     serve = Serve(material.key, "shm").start()
     try:
-        proxy = start("--workers", "1", key_args=["--oracle", serve.name])
+        proxy = start("--workers", "1", key_args=["--oracle", serve.name, *serve.trust_args()])
         assert proxy.oracle_name == serve.name and proxy.oracles() == []
         proxy.get("/external", "1.2")
         proxy.get("/external", "1.3")

@@ -171,25 +171,32 @@ class Oracle:
         out = ffi.new("struct shmkey_server **")
         transport = lib.SHMKEY_TRANSPORT_SHM if cfg.transport == "shm" else lib.SHMKEY_TRANSPORT_SOCKET
         nprocs = cfg.workers if kind == "process" else 1
+        bound: Optional[names.BoundSocket] = None
         if opts.socket_fd >= 0:
             fd, listening = opts.socket_fd, 0
         else:
-            self._listener, path = names.listen(self.name, cfg.runtime_dir, gid)
-            self._sock_path = str(path)
+            bound = names.bind(self.name, cfg.runtime_dir, gid)
+            self._listener, self._sock_path = bound.sock, str(bound.path)
             fd, listening = self._listener.fileno(), 1
         self._kind = kind
         self._region = Region(nprocs)
         self._keys = self._key_set(keys, handler)
         self._summary = Summary(self._region, self._describe_keys)
-        rc = lib.shmkey_server_open(fd, listening, transport, cfg.slots, cfg.slot_size,
-                                    cfg.spin_us, nprocs, out)
-        if opts.socket_fd >= 0:
-            os.close(opts.socket_fd)
-        if rc != lib.SHMKEY_OK:
-            raise_for_status(rc, "opening the oracle's socket")
-        self._srv = out[0]
-        if opts.user:
-            self._drop_privileges(opts.user, gid)
+        try:
+            rc = lib.shmkey_server_open(fd, listening, transport, cfg.slots, cfg.slot_size,
+                                        cfg.spin_us, nprocs, out)
+            if opts.socket_fd >= 0:
+                os.close(opts.socket_fd)
+            if rc != lib.SHMKEY_OK:
+                raise_for_status(rc, "opening the oracle's socket")
+            self._srv = out[0]
+            if opts.user:
+                self._drop_privileges(opts.user, gid)
+            if bound is not None:
+                bound.listen()          # now: SO_PEERCRED names the user that serves
+        finally:
+            if bound is not None:
+                bound.release()
         lib.shmkey_server_allow_peers(self._srv, os.geteuid(), -1 if gid is None else gid)
         if kind != "process":
             self._dispatcher, self._audit = self._front(0)

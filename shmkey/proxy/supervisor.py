@@ -196,9 +196,6 @@ def privileges(opts: ProxyOptions) -> Privileges:
                           "USER[:GROUP] (and --oracle-user USER for the key oracle), or --allow-root")
     workers = resolve_user(opts.user) if opts.user else None
     oracle = resolve_user(opts.oracle_user, "--oracle-user") if opts.oracle_user else None
-    if oracle is not None and opts.oracle is not None:
-        raise ConfigError("--oracle-user is for the oracle the proxy starts (--key); "
-                          f"oracle {opts.oracle!r} runs as whoever started it")
     if workers is not None and workers.uid == 0:
         raise ConfigError(f"--user {opts.user} is root; pass --allow-root instead")
     worker_uid = workers.uid if workers else euid
@@ -307,6 +304,8 @@ class _KeySource:
         self.next_attempt = 0.0
         self.pinger: Optional[OracleClient] = None     # the health check's connection
         self.next_ping = 0.0
+        # The uid the oracle serves under: --oracle-user (None: ours or root).
+        self.oracle_uid = privs.oracle.uid if privs.oracle else None
         self.unanswered_since = 0.0     # when the first of the pings now failing began
         if opts.key_mode == "inprocess":
             return
@@ -326,7 +325,8 @@ class _KeySource:
                 self.pairs.append((cert, ref))
                 try:
                     # The oracle's key that matches this certificate, whatever their order.
-                    keyref.write(self.name, ref, cert=cert, transport=opts.transport)
+                    keyref.write(self.name, ref, cert=cert, transport=opts.transport,
+                                 oracle_user=self.oracle_uid)
                 except KeyMismatchError:
                     what = (" or ".join(opts.keys) if opts.keys
                             else f"the keys of oracle {self.name!r}")
@@ -396,7 +396,8 @@ class _KeySource:
         try:
             if self.pinger is None:
                 assert self.name is not None
-                self.pinger = connect(self.name, transport=self.opts.transport)
+                self.pinger = connect(self.name, transport=self.opts.transport,
+                                      oracle_user=self.oracle_uid)
             self.pinger.ping(timeout_ms=int(min(_PING_WAIT, self.opts.oracle_timeout) * 1000))
         except ShmkeyError as exc:
             # A connection whose request timed out is not reused; the next ping opens another.
