@@ -100,7 +100,7 @@ class Lab:
         if (kind, mode) not in self._refs:
             serve = self._serve(kind, mode)
             ref = self.dir / f"{kind}-{serve.name}.ref.pem"
-            keyref.write(serve.name, ref, transport=serve.transport)
+            keyref.write(serve.name, ref, transport=serve.transport, oracle_user=serve.user)
             self._refs[(kind, mode)] = ref
         return self._refs[(kind, mode)]
 
@@ -112,7 +112,8 @@ class Lab:
                     self.key_path(kind).read_bytes(), None)
             else:
                 serve = self._serve(kind, mode)
-                client = shmkey.connect(serve.name, transport=serve.transport)
+                client = shmkey.connect(serve.name, transport=serve.transport,
+                                        oracle_user=serve.user)
                 self._clients.append(client)
                 key = client.private_key()
             if kind == "p256":

@@ -84,7 +84,7 @@ def test_root_oracle_drops_to_user(rsa2048: Path, tmp_path: Path, transport: str
             line = serve.stderr.readline()
             assert line, "".join(lines)
             lines.append(line)
-        client = wait_for_oracle(name, transport)
+        client = wait_for_oracle(name, transport, oracle_user="nobody")
         st = status(serve.pid)
         assert st["Uid"].split() == ["65534"] * 4, st["Uid"]
         assert st["Gid"].split()[0] == "65534"

@@ -332,7 +332,7 @@ def test_nginx(oracles, material, openssl_cnf, tmp_path):
     # socket oracle is reachable by its own user only.
     ref = tmp_path / "nginx.ref.pem"
     keyref.write(oracles["shm"].name, ref, cert=material.cert,     # transport: any
-                 oracle_user=oracles["shm"].user)
+                 oracle_user=oracles["shm"].serve.user)
     port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,13 @@ from .conftest import TRANSPORTS, ours_in_shm, unique
 from .test_faults import wait_until
 
 
-def wait_for_oracle(name: str, transport: str, timeout: float = 15.0) -> shmkey.OracleClient:
+def wait_for_oracle(name: str, transport: str, timeout: float = 15.0,
+                    oracle_user: Optional[str] = None) -> shmkey.OracleClient:
     """Connect once the oracle serves (it logs readiness; we simply retry)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return shmkey.connect(name, transport=transport)
+            return shmkey.connect(name, transport=transport, oracle_user=oracle_user)
         except shmkey.OracleUnavailableError:
             if time.monotonic() > deadline:
                 raise

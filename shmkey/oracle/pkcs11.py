@@ -233,6 +233,11 @@ class TokenKeySource:
                                    "URI; restart the oracle to serve it")
         except (KeyLoadError, pkcs11.PKCS11Error) as exc:
             self._retry_at = time.monotonic() + RETRY_INTERVAL
+            if isinstance(exc, pkcs11.PKCS11Error):
+                # The library may hold a stale view of the token (SoftHSM2 reads its
+                # store at C_Initialize): the next attempt starts it afresh.
+                self._login = None
+                self._module.finalize()
             why = str(exc) if isinstance(exc, KeyLoadError) else _why(exc)
             self._down = f"token of {self.shown} is unavailable: {why}"
             if announce:
