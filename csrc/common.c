@@ -48,6 +48,8 @@ const char *shmkey_strerror(int status)
     case SHMKEY_EINTERNAL: return "the key oracle's crypto library failed";
     case SHMKEY_EACCESS: return "permission denied";
     case SHMKEY_EIDENTITY: return "the key oracle runs as an unexpected user";
+    case SHMKEY_EPENDING: return "no reply yet";
+    case SHMKEY_EBUSY: return "every ring slot of this process is in use";
     default: return "unknown shmkey status";
     }
 }

@@ -128,6 +128,41 @@ class OracleClient:
             raise_for_status(resp.status, data.decode("utf-8", "replace")[:500])
         return data
 
+    def submit(self, op: int, params: _wire.Params = _NO_PARAMS, payload: bytes = b"",
+               key_id: bytes = _wire.DEFAULT_KEY,
+               timeout_ms: Optional[int] = None) -> Optional[Pending]:
+        """Send one request without waiting for its reply (ring transport only).
+
+        Returns:
+            A :class:`Pending` to collect when its ``fd`` is readable, or None
+            when every slot of this process holds a request (try again once
+            one is collected).
+
+        Raises:
+            UnsupportedOperationError: the socket transport, which has no tickets.
+            InvalidArgumentError: payload larger than a slot (nothing is sent).
+            OracleUnavailableError, OracleIdentityError, ...: (re)connecting failed.
+        """
+        if len(payload) > self._max:
+            raise InvalidArgumentError(
+                f"request payload is {len(payload)} bytes; the oracle accepts at most "
+                f"{self._max} (SHMKEY_SLOT_SIZE)")
+        req = ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
+                                              "key_id": key_id})
+        ticket = ffi.new("struct shmkey_ticket *")
+        rc = lib.shmkey_submit(self._handle, req, payload,
+                               self._timeout_ms if timeout_ms is None else timeout_ms, ticket)
+        if rc == lib.SHMKEY_EBUSY:
+            return None
+        if rc != lib.SHMKEY_OK:
+            self._result(rc, None, None)
+        return Pending(self, ticket)
+
+    def slots(self) -> int:
+        """Slots of this process's ring: how many requests it may have in flight (0: no ring)."""
+        n: int = lib.shmkey_client_slots(self._handle)
+        return n
+
     def ping(self, timeout_ms: Optional[int] = None) -> None:
         """A no-op round trip through the oracle: health check, transport cost."""
         resp, out = self._buffers()
@@ -189,6 +224,49 @@ class OracleClient:
         handle, self._handle = self._handle, None
         if handle is not None:
             ffi.release(handle)
+
+
+class Pending:
+    """A request sent by :meth:`OracleClient.submit`: its reply is matched to
+    it by slot and generation, so it can never receive another's. Collect it
+    once ``fd`` is readable, or abandon it; either ends it.
+    """
+
+    def __init__(self, client: OracleClient, ticket: Any) -> None:
+        self._client = client
+        self._ticket = ffi.gc(ticket, lib.shmkey_abandon)
+        self._resp = ffi.new("struct shmkey_resp *")
+        self.fd: int = ticket.fd
+
+    @property
+    def done(self) -> bool:
+        """True once collected or abandoned."""
+        return self._ticket is None
+
+    def collect(self) -> Optional[bytes]:
+        """The reply payload, or None if it has not come yet (wait for ``fd`` again).
+
+        Raises:
+            OracleTimeoutError: the deadline passed; the request was withdrawn.
+            OracleUnavailableError: the oracle went away.
+            PolicyError, DecryptionError, ...: as the oracle answered.
+        """
+        ticket = self._ticket
+        if ticket is None:
+            raise InvalidArgumentError("this request was collected or abandoned already")
+        _resp, out = self._client._buffers()
+        rc = lib.shmkey_collect(ticket, out, len(out), self._resp)
+        if rc == lib.SHMKEY_EPENDING:
+            return None
+        self._ticket = None
+        ffi.release(ticket)
+        return self._client._result(rc, self._resp, out)
+
+    def abandon(self) -> None:
+        """Withdraw the request; a reply that comes is dropped unseen. Idempotent."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ffi.release(ticket)     # the gc callback, shmkey_abandon, runs now
 
 
 def connect(name: str, *, transport: Optional[str] = None, timeout_ms: Optional[int] = None,
