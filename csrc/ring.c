@@ -473,14 +473,40 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
     return rc;
 }
 
+/*
+ * A new ring for c, c->lock held. Its buffers are on the heap: this runs
+ * inside OpenSSL ASYNC jobs too, whose stacks are small.
+ */
+static __attribute__((noinline)) int ring_dial(struct shmkey_client *c, uint64_t deadline_ns,
+                                               struct cring **out, char *why, uint32_t whylen)
+{
+    struct shmkey_welcome wel;
+    int sock, rc;
+    int *fds = malloc(sizeof(int) * (SHMKEY_MAX_SLOTS + 2));
+    if (!fds)
+        return SHMKEY_ESYSTEM;
+    rc = shmkey_conn_dial(c, SHMKEY_TRANSPORT_SHM, deadline_ns, &wel, fds,
+                          SHMKEY_MAX_SLOTS + 2, &sock, why, whylen);
+    if (rc == SHMKEY_OK && wel.transport != SHMKEY_TRANSPORT_SHM) {
+        shmkey_why(why, whylen, "the oracle offers no ring");
+        shmkey_close_fds(fds, wel.nfds);
+        close(sock);
+        rc = SHMKEY_EUNAVAIL;
+    } else if (rc == SHMKEY_OK) {
+        rc = shmkey_cring_attach(sock, &wel, fds, wel.nfds, out, why, whylen);
+        if (rc != SHMKEY_OK)
+            close(sock);
+    }
+    free(fds);
+    return rc;
+}
+
 /* The client's current ring, (re)connected if there is none or it died; referenced. */
 static int ring_get(struct shmkey_client *c, uint64_t deadline_ns, struct cring **out,
                     char *why, uint32_t whylen)
 {
-    struct shmkey_welcome wel;
-    int fds[SHMKEY_MAX_SLOTS + 2];
     struct cring *old = NULL, *r;
-    int sock, rc = SHMKEY_OK;
+    int rc;
     pthread_mutex_lock(&c->lock);
     if (c->owner_pid != shmkey_self_pid()) {
         /* Forked: the parent's ring is not ours; a ring is one process's alone. */
@@ -497,18 +523,7 @@ static int ring_get(struct shmkey_client *c, uint64_t deadline_ns, struct cring 
     }
     old = r;
     c->ring = NULL;
-    rc = shmkey_conn_dial(c, SHMKEY_TRANSPORT_SHM, deadline_ns, &wel, fds,
-                          SHMKEY_MAX_SLOTS + 2, &sock, why, whylen);
-    if (rc == SHMKEY_OK && wel.transport != SHMKEY_TRANSPORT_SHM) {
-        shmkey_why(why, whylen, "the oracle offers no ring");
-        shmkey_close_fds(fds, wel.nfds);
-        close(sock);
-        rc = SHMKEY_EUNAVAIL;
-    } else if (rc == SHMKEY_OK) {
-        rc = shmkey_cring_attach(sock, &wel, fds, wel.nfds, &r, why, whylen);
-        if (rc != SHMKEY_OK)
-            close(sock);
-    }
+    rc = ring_dial(c, deadline_ns, &r, why, whylen);
     if (rc == SHMKEY_OK) {
         c->ring = r;
         c->max_payload = r->slot_size;
