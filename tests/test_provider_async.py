@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
