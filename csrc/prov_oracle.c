@@ -350,34 +350,46 @@ static void sk_timer_at(struct sk_wait *w, uint64_t at_ns)
 #define SK_SLOT_RETRY_NS 1000000ull
 
 /*
- * One request from inside ASYNC job `job`: submit it, pause until our
- * descriptor is readable, collect. SHMKEY_EUNSUPPORTED: no tickets on this
- * transport, the caller waits in place.
+ * One request from inside ASYNC job `job`: submit it; if the reply is not
+ * there at once, pause until our descriptor is readable, then collect. The
+ * descriptor is registered only when the job first pauses: a server learns
+ * of it only then (haproxy removes every registered descriptor from its
+ * poller when the connection closes, and would trip on one it never saw).
+ * SHMKEY_EUNSUPPORTED: no tickets on this transport, the caller waits in place.
  */
 static int sk_call_async(struct sk_provctx *pc, ASYNC_JOB *job, struct sk_conn *c,
                          const struct shmkey_req *req, const uint8_t *in, uint8_t *out,
                          uint32_t cap, struct shmkey_resp *resp)
 {
-    struct sk_wait *w = sk_wait_of(job, pc);
-    if (!w)
-        return SHMKEY_EUNSUPPORTED;
+    struct sk_wait *w = NULL;
+    struct shmkey_ticket t;
     uint64_t deadline = shmkey_now_ns() + (uint64_t)pc->timeout_ms * 1000000u;
     int rc;
     for (;;) {
         uint64_t now = shmkey_now_ns();
         uint32_t left = now < deadline ? (uint32_t)((deadline - now) / 1000000u) : 0;
-        rc = shmkey_submit(c->client, req, in, left, &w->t);
+        rc = shmkey_submit(c->client, req, in, left, &t);
         if (rc != SHMKEY_EBUSY)
             break;
         if (now >= deadline)
             return SHMKEY_ETIMEDOUT;
         /* Every slot is another job's: look again soon. */
+        if (!w && !(w = sk_wait_of(job, pc)))
+            return SHMKEY_EUNSUPPORTED;
         sk_timer_at(w, now + SK_SLOT_RETRY_NS < deadline ? now + SK_SLOT_RETRY_NS : deadline);
         if (!ASYNC_pause_job())
             return SHMKEY_EINTERNAL;
     }
     if (rc != SHMKEY_OK)
         return rc;
+    rc = shmkey_collect(&t, out, cap, resp);
+    if (rc != SHMKEY_EPENDING)
+        return rc;
+    if (!w && !(w = sk_wait_of(job, pc))) {
+        shmkey_abandon(&t);
+        return SHMKEY_ESYSTEM;
+    }
+    w->t = t;
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = w->t.fd};
     int wake = w->t.fd;
     sk_timer_at(w, w->t.deadline_ns);
@@ -386,10 +398,7 @@ static int sk_call_async(struct sk_provctx *pc, ASYNC_JOB *job, struct sk_conn *
     c->refs++;
     pthread_mutex_unlock(&pc->lock);
     w->conn = c;
-    for (;;) {
-        rc = shmkey_collect(&w->t, out, cap, resp);
-        if (rc != SHMKEY_EPENDING)
-            break;
+    do {
         if (epoll_ctl(w->ep, EPOLL_CTL_ADD, wake, &ev) != 0) {
             shmkey_abandon(&w->t);
             rc = SHMKEY_ESYSTEM;
@@ -403,7 +412,8 @@ static int sk_call_async(struct sk_provctx *pc, ASYNC_JOB *job, struct sk_conn *
             rc = SHMKEY_EINTERNAL;
             break;
         }
-    }
+        rc = shmkey_collect(&w->t, out, cap, resp);
+    } while (rc == SHMKEY_EPENDING);
     sk_timer_at(w, 0);
     w->conn = NULL;
     sk_conn_release(pc, c);

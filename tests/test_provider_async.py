@@ -70,7 +70,7 @@ def test_many_jobs_in_flight_some_dropped(material, oracle) -> None:
     first, second = rounds(out.stdout)
     signed, failed, dropped, in_flight = first
     assert failed == 0 and dropped > 0 and signed == 48 - dropped, out.stdout + out.stderr
-    assert in_flight == 48, "every job paused instead of blocking the thread"
+    assert in_flight > 16, "jobs paused instead of blocking the thread"
     assert second == (96, 0, 0, 96), out.stdout + out.stderr
 
 
@@ -145,7 +145,7 @@ def test_haproxy_async_serves_others_while_a_handshake_waits(material, oracle, t
                                             combined=combined, own=own))
     proc = oracle.serve.proc
     assert proc is not None
-    with running(["haproxy", "-db", "-f", str(cfg)], material.cnf, port):
+    with running(["haproxy", "-db", "-f", str(cfg)], material.cnf, port) as haproxy:
         assert b"key in the oracle" in curl(port, material.cert).stdout
         sigstop(proc.pid)
         try:
@@ -169,6 +169,15 @@ def test_haproxy_async_serves_others_while_a_handshake_waits(material, oracle, t
             os.kill(proc.pid, signal.SIGCONT)
         body, err = waiting.communicate(timeout=10)
         assert waiting.returncode == 0 and body == b"key in the oracle", err
+        # Handshakes at once, some whose signature comes back before their
+        # job would pause: haproxy must never see a descriptor it was not given.
+        loads = [subprocess.Popen(["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new",
+                                   "-time", "1"], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        for load in loads:
+            out, _ = load.communicate(timeout=30)
+            assert re.search(r"[1-9]\d* connections in", out), out
+        assert haproxy.poll() is None, "haproxy died"
 
 
 def test_s_server_async_with_s_time(material, oracle) -> None:
