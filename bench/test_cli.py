@@ -23,7 +23,7 @@ def test_shmkey_bench_runs_and_writes_json(tmp_path: Path) -> None:
     assert {r["mode"] for r in report["latency"]} == set(bench.MODES)
     assert [t["clients"] for t in report["throughput"]] == [2, 2, 2]
     assert all(min(t["per_client_ops"]) > 0 for t in report["throughput"])
-    assert len(report["targets"]) == 7
+    assert len(report["targets"]) == len(bench.DESIGN_TARGETS) == 9
 
 
 def test_shmkey_bench_rejects_bad_options() -> None:
@@ -46,17 +46,21 @@ def test_design_targets_from_a_made_up_report() -> None:
     report = bench.Report(
         {"bits": 3072, "cores": 2, "workers": 2},
         [lat("ping", "socketpair", 40, 80), lat("ping", "shm", 2, 4, other=0.5),
+         lat("ping-c", "shm", 0.7, 1.2),
          lat("sign-pss", "in-process", 300, 500), lat("sign-pss", "shm", 320, 600)],
         [tput("in-process", 2, [100, 100]), tput("shm", 2, [90, 30]),
+         tput("socketpair", 2, [70, 70]),
          tput("socketpair", 4, [50] * 4), tput("shm", 4, [60] * 4)])
     checks = {c.target: c for c in report.checks()}
     assert list(checks) == [t.name.format(threshold=t.threshold, bits=3072)
                             for t in bench.DESIGN_TARGETS]
-    ping, ping_c, sign50, sign99, tput2, fair, collapse = checks.values()
+    ping, ping_c, ping_us, sign50, sign99, tput2, vs_sock, fair, collapse = checks.values()
     assert ping.met is True and ping.measured.endswith("other load 0.50 cores, suspect")
-    assert ping_c.met is None and ping_c.measured == "not measured"
-    assert sign50.target.startswith("RSA-3072") and sign50.met is False   # +20 us > 15
+    assert ping_c.met is None and ping_c.measured == "not measured"    # no socketpair row
+    assert ping_us.met is True and ping_us.measured == "0.70 us"
+    assert sign50.target.startswith("RSA-3072") and sign50.met is False   # +20 us > 10
     assert sign99.met is True and sign99.measured.startswith("1.20 x")
     assert tput2.met is False and tput2.measured.startswith("0.60 x")
+    assert vs_sock.met is False and vs_sock.measured.startswith("0.86 x")
     assert fair.met is False and fair.measured == "0.33"
     assert collapse.met is True and collapse.measured == "worst 1.20 x (4 processes)"

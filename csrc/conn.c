@@ -698,6 +698,8 @@ static void on_ring_io(struct shmkey_server *s, struct sconn *k)
     uint8_t buf[256];
     for (int i = 0; i < 16; i++) {
         ssize_t n = recv(k->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0 && (size_t)n < sizeof(buf))
+            break;                      /* drained: one system call for the usual one byte */
         if (n > 0)
             continue;
         if (n < 0 && (errno == EINTR))

@@ -290,14 +290,18 @@ static void release_slot(struct cring *r, uint32_t i)
     }
 }
 
-/* Spin while it pays: a free core for us, and the reply not yet there. */
-static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s)
+/*
+ * Spin while it pays: a free core for us, and the reply not yet there. A
+ * client that rang the doorbell (no worker spun) counts the worker it woke:
+ * spinning on the core that worker needs would only delay it.
+ */
+static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t woken)
 {
     uint64_t ctl = ctl_load(s);
     if (r->spin_us == 0 || CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
         return ctl;
     uint32_t mine = __atomic_add_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
-    if (shmkey_status_active(r->status, r->nprocs) + mine > r->ncpu) {
+    if (shmkey_status_active(r->status, r->nprocs) + mine + woken > r->ncpu) {
         __atomic_sub_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
         return ctl;
     }
@@ -336,10 +340,10 @@ static int drain(int fd)
  * up: 1 before any worker took the request (it may be sent again), 2 after.
  */
 static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32_t gen,
-                      uint64_t deadline_ns, int *lost)
+                      uint64_t deadline_ns, uint32_t woken, int *lost)
 {
-    uint64_t ctl = spin_for_reply(r, s);
-    int drained = 0;
+    /* A wake-up left over from an earlier use costs one spurious return from poll. */
+    uint64_t ctl = spin_for_reply(r, s, woken);
     for (;;) {
         if (CTL_GEN(ctl) != gen)
             return SHMKEY_EPROTO;       /* our own process freed our slot */
@@ -352,10 +356,6 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
         uint64_t now = shmkey_now_ns();
         if (now >= deadline_ns)
             return SHMKEY_ETIMEDOUT;
-        if (!drained) {
-            drain(r->wake[i]);          /* a wake-up left over from an earlier use */
-            drained = 1;
-        }
         /* Dekker with the worker: it stores DONE, then reads waiters. */
         __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST) == ctl) {
@@ -411,8 +411,8 @@ static void withdraw(struct cring *r, struct shmkey_slot *s, uint32_t gen)
     }
 }
 
-/* Write the request into slot i and hand it to the oracle. */
-static void submit_slot(struct cring *r, struct shmkey_slot *s, uint32_t gen,
+/* Write the request into slot i and hand it to the oracle; 1 if we rang (woke a worker). */
+static uint32_t submit_slot(struct cring *r, struct shmkey_slot *s, uint32_t gen,
                         const struct shmkey_req *req, const uint8_t *in, uint32_t waiters)
 {
     s->waiters = waiters;
@@ -422,16 +422,18 @@ static void submit_slot(struct cring *r, struct shmkey_slot *s, uint32_t gen,
     /*
      * Dekker with spinning workers: publish the request, then look for a
      * spinner. A worker leaving its spin first stops counting itself, then
-     * scans once more, so either it sees this request or we see it gone and
+     * scans once more; so either it sees this request or we see it gone and
      * ring, which wakes a sleeper. Ringing while a worker spins would wake a
      * sleeping one for nothing, and it would preempt whoever runs there.
      */
     __atomic_store_n(&s->ctl, CTL(gen, SHMKEY_SLOT_SUBMITTED), __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&r->status->spinners[r->proc], __ATOMIC_SEQ_CST) == 0) {
+    uint32_t woken = __atomic_load_n(&r->status->spinners[r->proc], __ATOMIC_SEQ_CST) == 0;
+    if (woken) {
         static const char bell = 'r';
         /* Full means rung already; a hang-up shows in the wait. */
         (void)send(r->sock, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
     }
+    return woken;
 }
 
 /* Copy slot s's reply out, leave none of it in the ring, free the slot. */
@@ -462,8 +464,8 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
         return rc;
     struct shmkey_slot *s = slot_at(r->base, r->stride, i);
     uint32_t gen = CTL_GEN(ctl_load(s));
-    submit_slot(r, s, gen, req, in, 0);
-    rc = wait_reply(r, s, i, gen, deadline_ns, lost);
+    uint32_t woken = submit_slot(r, s, gen, req, in, 0);
+    rc = wait_reply(r, s, i, gen, deadline_ns, woken, lost);
     if (rc == SHMKEY_OK) {
         rc = take_reply(r, s, gen, out, out_cap, resp);
     } else if (!*lost && rc != SHMKEY_EPROTO) {
