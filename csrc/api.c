@@ -134,6 +134,53 @@ int shmkey_call(struct shmkey_client *c, const struct shmkey_req *req,
     return shmkey_sock_call(c, req, in, out, out_cap, resp, deadline);
 }
 
+/*
+ * Send a request without waiting for its reply (ring transport only; the
+ * socket transport is SHMKEY_EUNSUPPORTED). On SHMKEY_OK, t is a ticket:
+ * wait until t->fd is readable, then shmkey_collect; or shmkey_abandon it.
+ * Never blocks, except to (re)connect when the client has no live ring.
+ * SHMKEY_EBUSY: every slot of this process holds a request; try again when
+ * one of them is collected.
+ */
+int shmkey_submit(struct shmkey_client *c, const struct shmkey_req *req, const uint8_t *in,
+                  uint32_t timeout_ms, struct shmkey_ticket *t)
+{
+    if (!c || !req || !t || (req->in_len && !in))
+        return SHMKEY_EINVAL;
+    t->ring = NULL;
+    t->fd = -1;
+    if (c->transport != SHMKEY_TRANSPORT_SHM)
+        return SHMKEY_EUNSUPPORTED;
+    uint64_t deadline = shmkey_now_ns() + (uint64_t)timeout_ms * 1000000u;
+    return shmkey_shm_submit(c, req, in, deadline, t);
+}
+
+/*
+ * The reply to ticket t, if it is there: SHMKEY_OK with resp and out as
+ * shmkey_call gives them, SHMKEY_EPENDING if not yet (t stays valid; wait
+ * for t->fd again), or the call's failure (SHMKEY_ETIMEDOUT once its
+ * deadline passed, SHMKEY_EUNAVAIL when the oracle is gone). Anything but
+ * SHMKEY_EPENDING ends the ticket. Never blocks.
+ */
+int shmkey_collect(struct shmkey_ticket *t, uint8_t *out, uint32_t out_cap,
+                   struct shmkey_resp *resp)
+{
+    if (!t || !t->ring || !resp || (out_cap && !out))
+        return SHMKEY_EINVAL;
+    return shmkey_shm_collect(t, out, out_cap, resp);
+}
+
+/*
+ * Give up on ticket t: its request is withdrawn (or its reply, if it came,
+ * dropped unseen) and its slot freed, now or by the worker that holds it.
+ * A ticket already ended is left alone.
+ */
+void shmkey_abandon(struct shmkey_ticket *t)
+{
+    if (t && t->ring)
+        shmkey_shm_abandon(t);
+}
+
 /* n pings timed one by one in C: the transport's cost without Python's. */
 int shmkey_ping_loop(struct shmkey_client *c, uint32_t n, uint64_t *ns_out,
                      uint32_t timeout_ms)
@@ -168,6 +215,13 @@ uint32_t shmkey_client_max_payload(const struct shmkey_client *c)
 int shmkey_client_transport(const struct shmkey_client *c)
 {
     return c->transport;
+}
+
+/* Slots of a ring connection (0 for the socket transport, or before the first ring). */
+int shmkey_client_slots(const struct shmkey_client *c)
+{
+    struct cring *r = c->transport == SHMKEY_TRANSPORT_SHM ? c->ring : NULL;
+    return r ? (int)r->nslots : 0;
 }
 
 int shmkey_client_free_slots(struct shmkey_client *c)

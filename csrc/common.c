@@ -50,6 +50,8 @@ const char *shmkey_strerror(int status)
     case SHMKEY_ETOKEN: return "the key's token is unavailable";
     case SHMKEY_EIDENTITY: return "the key oracle runs as an unexpected user";
     case SHMKEY_ERATELIMIT: return "rate limit exceeded";
+    case SHMKEY_EPENDING: return "no reply yet";
+    case SHMKEY_EBUSY: return "every ring slot of this process is in use";
     default: return "unknown shmkey status";
     }
 }

@@ -157,17 +157,12 @@ static int check_oracle(struct shmkey_client *c, int fd, char *why, uint32_t why
     return SHMKEY_EIDENTITY;
 }
 
-/* Read the welcome by deadline, and the descriptors that come with it. */
-static int read_welcome(int fd, uint64_t deadline_ns, struct shmkey_welcome *wel, int *fds,
-                        uint32_t maxfds, uint32_t *nfds, char *why, uint32_t whylen)
+static int read_welcome_into(int fd, uint64_t deadline_ns, struct shmkey_welcome *wel,
+                             char *cbuf, size_t cap, int *fds, uint32_t maxfds, uint32_t *nfds,
+                             char *why, uint32_t whylen)
 {
     uint8_t *p = (uint8_t *)wel;
     size_t have = 0;
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int) * (SHMKEY_MAX_SLOTS + 2))];
-    } u;
-    *nfds = 0;
     while (have < sizeof(*wel)) {
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
         int r = poll(&pfd, 1, ms_until(deadline_ns));
@@ -179,7 +174,7 @@ static int read_welcome(int fd, uint64_t deadline_ns, struct shmkey_welcome *wel
         }
         struct iovec iov = {.iov_base = p + have, .iov_len = sizeof(*wel) - have};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
-                            .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
+                            .msg_control = cbuf, .msg_controllen = cap};
         ssize_t n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
         if (n < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
@@ -211,6 +206,25 @@ static int read_welcome(int fd, uint64_t deadline_ns, struct shmkey_welcome *wel
         have += (size_t)n;
     }
     return SHMKEY_OK;
+}
+
+/* Read the welcome by deadline, and the descriptors that come with it. */
+static int read_welcome(int fd, uint64_t deadline_ns, struct shmkey_welcome *wel, int *fds,
+                        uint32_t maxfds, uint32_t *nfds, char *why, uint32_t whylen)
+{
+    /* On the heap: this runs inside OpenSSL ASYNC jobs too, whose stacks are small. */
+    const size_t cap = CMSG_SPACE(sizeof(int) * (SHMKEY_MAX_SLOTS + 2));
+    union cbuf {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * (SHMKEY_MAX_SLOTS + 2))];
+    } *u = malloc(sizeof(union cbuf));
+    *nfds = 0;
+    if (!u)
+        return SHMKEY_ESYSTEM;
+    int rc = read_welcome_into(fd, deadline_ns, wel, u->buf, cap, fds, maxfds, nfds, why,
+                               whylen);
+    free(u);
+    return rc;
 }
 
 /*

@@ -19,7 +19,7 @@
 #include "shmkey.h"
 
 /* The last SHMKEY_E* status (shmkey.h): where C range checks over them end. */
-#define SHMKEY_ELAST SHMKEY_ERATELIMIT
+#define SHMKEY_ELAST SHMKEY_EBUSY
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "ctl packs state in the low word");
@@ -203,6 +203,11 @@ void shmkey_cring_forget(struct cring *r);
 int shmkey_shm_call(struct shmkey_client *c, const struct shmkey_req *req,
                     const uint8_t *in, uint8_t *out, uint32_t out_cap,
                     struct shmkey_resp *resp, uint64_t deadline_ns);
+int shmkey_shm_submit(struct shmkey_client *c, const struct shmkey_req *req,
+                      const uint8_t *in, uint64_t deadline_ns, struct shmkey_ticket *t);
+int shmkey_shm_collect(struct shmkey_ticket *t, uint8_t *out, uint32_t out_cap,
+                       struct shmkey_resp *resp);
+void shmkey_shm_abandon(struct shmkey_ticket *t);
 int shmkey_ring_claim(struct shmkey_server *s, struct shmkey_work *w);
 int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w);
 void shmkey_ring_kick_if_more(struct shmkey_server *s);

@@ -1,13 +1,20 @@
 /*
  * prov_oracle.c - the registry of oracles that key references name, their
  * connections (opened on first use, checked to hold the key, reopened when
- * the oracle restarted), and the one function that sends them a request.
+ * the oracle restarted), and the one function that sends them a request:
+ * waiting in place, or, inside an OpenSSL ASYNC job, pausing the job until
+ * the reply is there so that the caller's thread goes on with other work.
  */
 #include "provider.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
+
+#include <openssl/async.h>
 
 /* A connection to an oracle; closed by whoever drops the last reference. */
 struct sk_conn {
@@ -145,6 +152,46 @@ static int sk_check_pubkey(struct sk_provctx *pc, struct sk_oracle *o,
     return rc;
 }
 
+struct sk_open_args {
+    struct sk_provctx *pc;
+    struct sk_oracle *o;
+    struct shmkey_client *client;
+    char *why;
+    size_t whylen;
+    int rc;
+};
+
+static void *sk_open_main(void *arg)
+{
+    struct sk_open_args *a = arg;
+    a->rc = sk_open_client(a->pc, a->o, &a->client, a->why, a->whylen);
+    if (a->rc == SHMKEY_OK)
+        a->rc = sk_check_pubkey(a->pc, a->o, a->client, a->why, a->whylen);
+    if (a->rc != SHMKEY_OK) {
+        shmkey_client_close(a->client);
+        a->client = NULL;
+    }
+    return NULL;
+}
+
+/*
+ * A new connection to o whose oracle holds the key. Inside an ASYNC job it
+ * is made on a thread of its own: connecting needs several kilobytes of
+ * stack for paths and the welcome's descriptors, and a job's stack is small.
+ */
+static int sk_open_checked(struct sk_provctx *pc, struct sk_oracle *o,
+                           struct shmkey_client **out, char *why, size_t whylen)
+{
+    struct sk_open_args a = {pc, o, NULL, why, whylen, SHMKEY_OK};
+    pthread_t t;
+    if (ASYNC_get_current_job() == NULL || pthread_create(&t, NULL, sk_open_main, &a) != 0)
+        sk_open_main(&a);
+    else
+        pthread_join(t, NULL);
+    *out = a.client;
+    return a.rc;
+}
+
 /*
  * A referenced connection to o, opened if there is none. *fresh says whether
  * it was opened just now. Opening happens outside the lock, so a slow or
@@ -177,13 +224,9 @@ static int sk_conn_get(struct sk_provctx *pc, struct sk_oracle *o, struct sk_con
         return SHMKEY_OK;
     }
 
-    int rc = sk_open_client(pc, o, &client, why, whylen);
-    if (rc == SHMKEY_OK)
-        rc = sk_check_pubkey(pc, o, client, why, whylen);
-    if (rc != SHMKEY_OK) {
-        shmkey_client_close(client);
+    int rc = sk_open_checked(pc, o, &client, why, whylen);
+    if (rc != SHMKEY_OK)
         return rc;
-    }
     if ((c = calloc(1, sizeof(*c))) == NULL) {
         shmkey_client_close(client);
         return SHMKEY_ESYSTEM;
@@ -220,6 +263,183 @@ static void sk_conn_put(struct sk_provctx *pc, struct sk_oracle *o, struct sk_co
         c->refs--;              /* the entry's; ours keeps it above zero */
     }
     last = sk_conn_unref_locked(c);
+    pthread_mutex_unlock(&pc->lock);
+    sk_conn_close(last);
+}
+
+/* ===================================================================== */
+/* waiting inside an OpenSSL ASYNC job                                   */
+/* ===================================================================== */
+
+/*
+ * What an ASYNC wait context holds for us: one descriptor, registered once
+ * and kept until the context is freed (servers such as haproxy watch a
+ * job's descriptors for as long as its connection lives, and learn of
+ * removals only when a job pauses). It is an epoll set of our own holding
+ * the current request's wake-up socket and a timer for its deadline, so
+ * that it is readable when the reply is there, when the oracle is gone, or
+ * when the deadline passed. A job that is never resumed (its connection
+ * closed) leaves its request here; the context's cleanup withdraws it.
+ */
+struct sk_wait {
+    int ep;                     /* what the server polls */
+    int timer;                  /* timerfd in ep: the deadline, or a retry for a slot */
+    struct shmkey_ticket t;     /* the request in flight; t.ring NULL: none */
+    struct sk_provctx *pc;
+    struct sk_conn *conn;       /* referenced while a request is in flight */
+};
+
+static const char sk_wait_key = 0;      /* its address names our entry in wait contexts */
+
+static void sk_conn_release(struct sk_provctx *pc, struct sk_conn *c);
+
+static void sk_wait_free(struct sk_wait *w)
+{
+    shmkey_abandon(&w->t);
+    if (w->conn)
+        sk_conn_release(w->pc, w->conn);
+    if (w->ep >= 0)
+        close(w->ep);
+    if (w->timer >= 0)
+        close(w->timer);
+    free(w);
+}
+
+static void sk_wait_cleanup(ASYNC_WAIT_CTX *ctx, const void *key, OSSL_ASYNC_FD fd, void *data)
+{
+    sk_wait_free(data);
+}
+
+/* Our entry in the job's wait context, made on first use. */
+static struct sk_wait *sk_wait_of(ASYNC_JOB *job, struct sk_provctx *pc)
+{
+    ASYNC_WAIT_CTX *ctx = ASYNC_get_wait_ctx(job);
+    OSSL_ASYNC_FD fd;
+    void *data = NULL;
+    if (!ctx)
+        return NULL;
+    if (ASYNC_WAIT_CTX_get_fd(ctx, &sk_wait_key, &fd, &data) && data)
+        return data;
+    struct sk_wait *w = calloc(1, sizeof(*w));
+    if (!w)
+        return NULL;
+    w->pc = pc;
+    w->ep = epoll_create1(EPOLL_CLOEXEC);
+    w->timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = w->timer};
+    if (w->ep < 0 || w->timer < 0 || epoll_ctl(w->ep, EPOLL_CTL_ADD, w->timer, &ev) != 0 ||
+        !ASYNC_WAIT_CTX_set_wait_fd(ctx, &sk_wait_key, w->ep, w, sk_wait_cleanup)) {
+        sk_wait_free(w);
+        return NULL;
+    }
+    return w;
+}
+
+static void sk_timer_at(struct sk_wait *w, uint64_t at_ns)
+{
+    struct itimerspec its = {{0, 0}, {(time_t)(at_ns / 1000000000u), (long)(at_ns % 1000000000u)}};
+    uint64_t expirations;
+    if (read(w->timer, &expirations, sizeof(expirations)) < 0 && errno != EAGAIN)
+        return;
+    if (at_ns == 0)
+        its.it_value.tv_nsec = 0;       /* disarm */
+    (void)timerfd_settime(w->timer, at_ns ? TFD_TIMER_ABSTIME : 0, &its, NULL);
+}
+
+/* How long a job without a free slot waits before it looks again. */
+#define SK_SLOT_RETRY_NS 1000000ull
+
+/*
+ * One request from inside ASYNC job `job`: submit it; if the reply is not
+ * there at once, pause until our descriptor is readable, then collect. The
+ * descriptor is registered only when the job first pauses: a server learns
+ * of it only then (haproxy removes every registered descriptor from its
+ * poller when the connection closes, and would trip on one it never saw).
+ * SHMKEY_EUNSUPPORTED: no tickets on this transport, the caller waits in place.
+ */
+static int sk_call_async(struct sk_provctx *pc, ASYNC_JOB *job, struct sk_conn *c,
+                         const struct shmkey_req *req, const uint8_t *in, uint8_t *out,
+                         uint32_t cap, struct shmkey_resp *resp, uint32_t wait_ms)
+{
+    struct sk_wait *w = NULL;
+    struct shmkey_ticket t;
+    uint64_t deadline = shmkey_now_ns() + (uint64_t)wait_ms * 1000000u;
+    int rc;
+    for (;;) {
+        uint64_t now = shmkey_now_ns();
+        uint32_t left = now < deadline ? (uint32_t)((deadline - now) / 1000000u) : 0;
+        rc = shmkey_submit(c->client, req, in, left, &t);
+        if (rc != SHMKEY_EBUSY)
+            break;
+        if (now >= deadline)
+            return SHMKEY_ETIMEDOUT;
+        /* Every slot is another job's: look again soon. */
+        if (!w && !(w = sk_wait_of(job, pc)))
+            return SHMKEY_EUNSUPPORTED;
+        sk_timer_at(w, now + SK_SLOT_RETRY_NS < deadline ? now + SK_SLOT_RETRY_NS : deadline);
+        if (!ASYNC_pause_job())
+            return SHMKEY_EINTERNAL;
+    }
+    if (rc != SHMKEY_OK)
+        return rc;
+    rc = shmkey_collect(&t, out, cap, resp);
+    if (rc != SHMKEY_EPENDING)
+        return rc;
+    if (!w && !(w = sk_wait_of(job, pc))) {
+        shmkey_abandon(&t);
+        return SHMKEY_ESYSTEM;
+    }
+    w->t = t;
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = w->t.fd};
+    int wake = w->t.fd;
+    sk_timer_at(w, w->t.deadline_ns);
+    /* Held by the request: a job never resumed gives it back in sk_wait_free. */
+    pthread_mutex_lock(&pc->lock);
+    c->refs++;
+    pthread_mutex_unlock(&pc->lock);
+    w->conn = c;
+    do {
+        if (epoll_ctl(w->ep, EPOLL_CTL_ADD, wake, &ev) != 0) {
+            shmkey_abandon(&w->t);
+            rc = SHMKEY_ESYSTEM;
+            break;
+        }
+        int resumed = ASYNC_pause_job();
+        /* Out of the set before the ticket ends: its descriptor may close then. */
+        epoll_ctl(w->ep, EPOLL_CTL_DEL, wake, NULL);
+        if (!resumed) {
+            shmkey_abandon(&w->t);
+            rc = SHMKEY_EINTERNAL;
+            break;
+        }
+        rc = shmkey_collect(&w->t, out, cap, resp);
+    } while (rc == SHMKEY_EPENDING);
+    sk_timer_at(w, 0);
+    w->conn = NULL;
+    sk_conn_release(pc, c);
+    return rc;
+}
+
+/* Wait for the reply in place (at most wait_ms), or, inside an ASYNC job,
+ * let the job pause. */
+static int sk_call(struct sk_provctx *pc, struct sk_conn *c, const struct shmkey_req *req,
+                   const uint8_t *in, uint8_t *out, uint32_t cap, struct shmkey_resp *resp,
+                   uint32_t wait_ms)
+{
+    ASYNC_JOB *job = ASYNC_get_current_job();
+    if (job) {
+        int rc = sk_call_async(pc, job, c, req, in, out, cap, resp, wait_ms);
+        if (rc != SHMKEY_EUNSUPPORTED)
+            return rc;
+    }
+    return shmkey_call(c->client, req, in, out, cap, resp, wait_ms);
+}
+
+/* Drop a reference that keeps no oracle entry busy (a request's). */
+static void sk_conn_release(struct sk_provctx *pc, struct sk_conn *c)
+{
+    pthread_mutex_lock(&pc->lock);
+    struct sk_conn *last = sk_conn_unref_locked(c);
     pthread_mutex_unlock(&pc->lock);
     sk_conn_close(last);
 }
@@ -269,7 +489,7 @@ int sk_oracle_call(const struct sk_key *k, uint32_t op, const uint32_t p[4],
         rc = sk_conn_get(pc, o, &c, &fresh, why, sizeof(why));
         if (rc != SHMKEY_OK)
             break;
-        rc = shmkey_call(c->client, &req, in, out, cap, &resp, wait_ms);
+        rc = sk_call(pc, c, &req, in, out, cap, &resp, wait_ms);
         if (rc == SHMKEY_EIDENTITY || rc == SHMKEY_EACCESS)
             shmkey_client_why(c->client, why, sizeof(why));     /* its reconnection failed */
         int dead = (rc == SHMKEY_EUNAVAIL);

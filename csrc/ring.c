@@ -211,15 +211,27 @@ static void mark_dead_if_hung_up(struct cring *r)
         __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
 }
 
-/* Take slot i for this thread if no other thread of ours has it and the ring says FREE. */
+/*
+ * Take slot i for this thread if no other thread of ours has it and the ring
+ * says FREE. A DONE slot that none of ours holds is a reply nobody waits for
+ * (withdrawn while its worker was still writing it): free it and take it.
+ */
 static int try_slot(struct cring *r, uint32_t i)
 {
+    struct shmkey_slot *s = slot_at(r->base, r->stride, i);
+    uint32_t st = CTL_STATE(ctl_load(s));
     if (__atomic_load_n(&r->taken[i], __ATOMIC_RELAXED) ||
-        CTL_STATE(ctl_load(slot_at(r->base, r->stride, i))) != SHMKEY_SLOT_FREE)
+        (st != SHMKEY_SLOT_FREE && st != SHMKEY_SLOT_DONE))
         return 0;
     if (__atomic_exchange_n(&r->taken[i], 1, __ATOMIC_ACQUIRE))
         return 0;
-    if (CTL_STATE(ctl_load(slot_at(r->base, r->stride, i))) == SHMKEY_SLOT_FREE)
+    uint64_t ctl = ctl_load(s);
+    if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE) {
+        memset(payload_of(s), 0, r->slot_size);
+        ctl_cas(s, ctl, CTL(CTL_GEN(ctl) + 1, SHMKEY_SLOT_FREE));
+        ctl = ctl_load(s);
+    }
+    if (CTL_STATE(ctl) == SHMKEY_SLOT_FREE)
         return 1;
     __atomic_store_n(&r->taken[i], 0, __ATOMIC_RELEASE);
     return 0;
@@ -316,11 +328,14 @@ static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t 
     return ctl;
 }
 
-static void drain(int fd)
+/* Empty a wake-up socket; 1 if the oracle's end is closed (the oracle is gone). */
+static int drain(int fd)
 {
     char b[64];
-    while (read(fd, b, sizeof(b)) > 0)
+    ssize_t n;
+    while ((n = read(fd, b, sizeof(b))) > 0)
         ;
+    return n == 0;
 }
 
 /*
@@ -351,8 +366,8 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
                                   {.fd = r->sock, .events = POLLIN}};
             int ms = (int)((deadline_ns - now + 999999u) / 1000000u);
             if (poll(p, 2, ms) > 0) {
-                if (p[0].revents)
-                    drain(r->wake[i]);
+                if (p[0].revents && drain(r->wake[i]))
+                    __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
                 if (p[1].revents && sock_dead(r->sock))
                     __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
             }
@@ -399,19 +414,11 @@ static void withdraw(struct cring *r, struct shmkey_slot *s, uint32_t gen)
     }
 }
 
-static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_t *in,
-                     uint8_t *out, uint32_t out_cap, struct shmkey_resp *resp,
-                     uint64_t deadline_ns, int *lost)
+/* Write the request into slot i and hand it to the oracle; 1 if we rang (woke a worker). */
+static uint32_t submit_slot(struct cring *r, struct shmkey_slot *s, uint32_t gen,
+                        const struct shmkey_req *req, const uint8_t *in, uint32_t waiters)
 {
-    uint32_t i;
-    if (req->in_len > r->slot_size)
-        return SHMKEY_ETOOBIG;
-    int rc = take_slot(r, deadline_ns, &i);
-    if (rc != SHMKEY_OK)
-        return rc;
-    struct shmkey_slot *s = slot_at(r->base, r->stride, i);
-    uint32_t gen = CTL_GEN(ctl_load(s));
-    s->waiters = 0;
+    s->waiters = waiters;
     memcpy(&s->req, req, sizeof(*req));
     if (req->in_len)
         memcpy(payload_of(s), in, req->in_len);
@@ -429,17 +436,41 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
         /* Full means rung already; a hang-up shows in the wait. */
         (void)send(r->sock, &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
     }
+    return woken;
+}
+
+/* Copy slot s's reply out, leave none of it in the ring, free the slot. */
+static int take_reply(struct cring *r, struct shmkey_slot *s, uint32_t gen, uint8_t *out,
+                      uint32_t out_cap, struct shmkey_resp *resp)
+{
+    int rc = SHMKEY_OK;
+    memcpy(resp, &s->resp, sizeof(*resp));
+    COMPILER_BARRIER();
+    if (resp->out_len > r->slot_size || resp->out_len > out_cap)
+        rc = SHMKEY_EPROTO;
+    else if (resp->out_len)
+        memcpy(out, payload_of(s), resp->out_len);
+    memset(payload_of(s), 0, resp->out_len <= r->slot_size ? resp->out_len : r->slot_size);
+    ctl_cas(s, CTL(gen, SHMKEY_SLOT_DONE), CTL(gen + 1, SHMKEY_SLOT_FREE));
+    return rc;
+}
+
+static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_t *in,
+                     uint8_t *out, uint32_t out_cap, struct shmkey_resp *resp,
+                     uint64_t deadline_ns, int *lost)
+{
+    uint32_t i;
+    if (req->in_len > r->slot_size)
+        return SHMKEY_ETOOBIG;
+    int rc = take_slot(r, deadline_ns, &i);
+    if (rc != SHMKEY_OK)
+        return rc;
+    struct shmkey_slot *s = slot_at(r->base, r->stride, i);
+    uint32_t gen = CTL_GEN(ctl_load(s));
+    uint32_t woken = submit_slot(r, s, gen, req, in, 0);
     rc = wait_reply(r, s, i, gen, deadline_ns, woken, lost);
     if (rc == SHMKEY_OK) {
-        memcpy(resp, &s->resp, sizeof(*resp));
-        COMPILER_BARRIER();
-        if (resp->out_len > r->slot_size || resp->out_len > out_cap)
-            rc = SHMKEY_EPROTO;
-        else if (resp->out_len)
-            memcpy(out, payload_of(s), resp->out_len);
-        /* Our copy of the reply is the only one: none stays in the shared page. */
-        memset(payload_of(s), 0, resp->out_len <= r->slot_size ? resp->out_len : r->slot_size);
-        ctl_cas(s, CTL(gen, SHMKEY_SLOT_DONE), CTL(gen + 1, SHMKEY_SLOT_FREE));
+        rc = take_reply(r, s, gen, out, out_cap, resp);
     } else if (!*lost && rc != SHMKEY_EPROTO) {
         withdraw(r, s, gen);
     }
@@ -447,14 +478,40 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
     return rc;
 }
 
+/*
+ * A new ring for c, c->lock held. Its buffers are on the heap: this runs
+ * inside OpenSSL ASYNC jobs too, whose stacks are small.
+ */
+static __attribute__((noinline)) int ring_dial(struct shmkey_client *c, uint64_t deadline_ns,
+                                               struct cring **out, char *why, uint32_t whylen)
+{
+    struct shmkey_welcome wel;
+    int sock, rc;
+    int *fds = malloc(sizeof(int) * (SHMKEY_MAX_SLOTS + 2));
+    if (!fds)
+        return SHMKEY_ESYSTEM;
+    rc = shmkey_conn_dial(c, SHMKEY_TRANSPORT_SHM, deadline_ns, &wel, fds,
+                          SHMKEY_MAX_SLOTS + 2, &sock, why, whylen);
+    if (rc == SHMKEY_OK && wel.transport != SHMKEY_TRANSPORT_SHM) {
+        shmkey_why(why, whylen, "the oracle offers no ring");
+        shmkey_close_fds(fds, wel.nfds);
+        close(sock);
+        rc = SHMKEY_EUNAVAIL;
+    } else if (rc == SHMKEY_OK) {
+        rc = shmkey_cring_attach(sock, &wel, fds, wel.nfds, out, why, whylen);
+        if (rc != SHMKEY_OK)
+            close(sock);
+    }
+    free(fds);
+    return rc;
+}
+
 /* The client's current ring, (re)connected if there is none or it died; referenced. */
 static int ring_get(struct shmkey_client *c, uint64_t deadline_ns, struct cring **out,
                     char *why, uint32_t whylen)
 {
-    struct shmkey_welcome wel;
-    int fds[SHMKEY_MAX_SLOTS + 2];
     struct cring *old = NULL, *r;
-    int sock, rc = SHMKEY_OK;
+    int rc;
     pthread_mutex_lock(&c->lock);
     if (c->owner_pid != shmkey_self_pid()) {
         /* Forked: the parent's ring is not ours; a ring is one process's alone. */
@@ -471,18 +528,7 @@ static int ring_get(struct shmkey_client *c, uint64_t deadline_ns, struct cring 
     }
     old = r;
     c->ring = NULL;
-    rc = shmkey_conn_dial(c, SHMKEY_TRANSPORT_SHM, deadline_ns, &wel, fds,
-                          SHMKEY_MAX_SLOTS + 2, &sock, why, whylen);
-    if (rc == SHMKEY_OK && wel.transport != SHMKEY_TRANSPORT_SHM) {
-        shmkey_why(why, whylen, "the oracle offers no ring");
-        shmkey_close_fds(fds, wel.nfds);
-        close(sock);
-        rc = SHMKEY_EUNAVAIL;
-    } else if (rc == SHMKEY_OK) {
-        rc = shmkey_cring_attach(sock, &wel, fds, wel.nfds, &r, why, whylen);
-        if (rc != SHMKEY_OK)
-            close(sock);
-    }
+    rc = ring_dial(c, deadline_ns, &r, why, whylen);
     if (rc == SHMKEY_OK) {
         c->ring = r;
         c->max_payload = r->slot_size;
@@ -564,6 +610,97 @@ void shmkey_shm_client_close(struct shmkey_client *c)
     else
         shmkey_cring_forget(c->ring);
     c->ring = NULL;
+}
+
+/*
+ * The non-blocking call. A ticket holds its slot (this process's flag for
+ * it) and a reference on its ring until it is collected or abandoned, so no
+ * other request of ours can take that slot, and the generation it carries
+ * matches only its own reply. The worker always wakes it (waiters is set
+ * before the request is published): its fd, the slot's wake-up socket, is
+ * then readable, and stays readable (EOF) once the oracle is gone.
+ */
+int shmkey_shm_submit(struct shmkey_client *c, const struct shmkey_req *req,
+                      const uint8_t *in, uint64_t deadline_ns, struct shmkey_ticket *t)
+{
+    struct cring *r;
+    char why[256];
+    t->ring = NULL;
+    t->fd = -1;
+    int rc = ring_get(c, deadline_ns, &r, why, sizeof(why));
+    if (rc != SHMKEY_OK)
+        return rc;
+    if (req->in_len > r->slot_size) {
+        shmkey_cring_put(r);
+        return SHMKEY_ETOOBIG;
+    }
+    uint32_t i;
+    for (i = 0; i < r->nslots && !try_slot(r, i); i++)
+        ;
+    if (i == r->nslots) {
+        shmkey_cring_put(r);
+        return SHMKEY_EBUSY;
+    }
+    struct shmkey_slot *s = slot_at(r->base, r->stride, i);
+    uint32_t gen = CTL_GEN(ctl_load(s));
+    if (drain(r->wake[i])) {            /* a wake-up left over from an earlier use, or EOF */
+        __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
+        release_slot(r, i);
+        shmkey_cring_put(r);
+        return SHMKEY_EUNAVAIL;
+    }
+    submit_slot(r, s, gen, req, in, 1);
+    t->ring = r;
+    t->slot = i;
+    t->gen = gen;
+    t->deadline_ns = deadline_ns;
+    t->fd = r->wake[i];
+    return SHMKEY_OK;
+}
+
+static void ticket_done(struct shmkey_ticket *t)
+{
+    struct cring *r = t->ring;
+    release_slot(r, t->slot);
+    shmkey_cring_put(r);
+    t->ring = NULL;
+    t->fd = -1;
+}
+
+int shmkey_shm_collect(struct shmkey_ticket *t, uint8_t *out, uint32_t out_cap,
+                       struct shmkey_resp *resp)
+{
+    struct cring *r = t->ring;
+    struct shmkey_slot *s = slot_at(r->base, r->stride, t->slot);
+    uint64_t ctl = ctl_load(s);
+    int rc;
+    if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE && CTL_GEN(ctl) == t->gen) {
+        /* Drain, then look again: a worker stores DONE before it sends its byte. */
+        if (drain(t->fd))
+            __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
+        ctl = ctl_load(s);
+    }
+    if (CTL_GEN(ctl) != t->gen) {
+        rc = SHMKEY_EPROTO;             /* our own process freed our slot */
+    } else if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE) {
+        rc = take_reply(r, s, t->gen, out, out_cap, resp);
+    } else if (__atomic_load_n(&r->dead, __ATOMIC_ACQUIRE)) {
+        rc = SHMKEY_EUNAVAIL;
+    } else if (shmkey_now_ns() >= t->deadline_ns) {
+        withdraw(r, s, t->gen);
+        rc = SHMKEY_ETIMEDOUT;
+    } else {
+        return SHMKEY_EPENDING;
+    }
+    ticket_done(t);
+    return rc;
+}
+
+void shmkey_shm_abandon(struct shmkey_ticket *t)
+{
+    struct cring *r = t->ring;
+    withdraw(r, slot_at(r->base, r->stride, t->slot), t->gen);
+    ticket_done(t);
 }
 
 /* ===================================================================== */

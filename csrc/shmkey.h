@@ -28,6 +28,8 @@
 #define SHMKEY_ETOKEN -13       /* the key's PKCS#11 token failed or is absent; the oracle re-opens it */
 #define SHMKEY_EIDENTITY -14    /* the oracle runs as a user the client does not trust */
 #define SHMKEY_ERATELIMIT -15   /* this connection asked faster than the oracle's --rate-limit */
+#define SHMKEY_EPENDING -16     /* shmkey_collect: no reply yet; wait for the ticket's fd */
+#define SHMKEY_EBUSY -17        /* shmkey_submit: every slot of this process is in use */
 
 /* ---- operations and their parameters ---------------------------------- */
 #define SHMKEY_OP_PING 1        /* echo the payload; answered by the C worker loop */
@@ -180,6 +182,21 @@ struct shmkey_conn_event {
     char comm[16];          /* the client's process name when it connected (/proc/PID/comm) */
 };
 
+/*
+ * A request in flight (shmkey_submit): the connection, slot and generation
+ * it holds, so that it can only ever be matched with its own reply. The
+ * caller owns it until shmkey_collect returns anything but SHMKEY_EPENDING,
+ * or until shmkey_abandon; fd stays open that long.
+ */
+struct shmkey_ticket {
+    void *ring;             /* the connection it was sent on (referenced); NULL: none */
+    uint32_t slot;
+    uint32_t gen;
+    uint64_t deadline_ns;   /* CLOCK_MONOTONIC */
+    int fd;                 /* readable once the reply is ready or the oracle is gone */
+    int reserved;
+};
+
 struct shmkey_client;
 struct shmkey_server;
 
@@ -199,6 +216,13 @@ int shmkey_call(struct shmkey_client *c, const struct shmkey_req *req,
                 struct shmkey_resp *resp, uint32_t timeout_ms);
 int shmkey_ping_loop(struct shmkey_client *c, uint32_t n, uint64_t *ns_out,
                      uint32_t timeout_ms);
+/* Non-blocking calls (ring transport): submit, wait for t->fd yourself, collect. */
+int shmkey_submit(struct shmkey_client *c, const struct shmkey_req *req, const uint8_t *in,
+                  uint32_t timeout_ms, struct shmkey_ticket *t);
+int shmkey_collect(struct shmkey_ticket *t, uint8_t *out, uint32_t out_cap,
+                   struct shmkey_resp *resp);
+void shmkey_abandon(struct shmkey_ticket *t);
+int shmkey_client_slots(const struct shmkey_client *c);
 
 /* ---- oracle side ----------------------------------------------------- */
 int shmkey_server_open(int fd, int listening, int transport, uint32_t nslots,

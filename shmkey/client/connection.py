@@ -4,6 +4,9 @@ who serves it.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
+import functools
 import json
 import struct
 import threading
@@ -35,6 +38,8 @@ class OracleClient:
         self._max: int = lib.shmkey_client_max_payload(handle)
         self._local = threading.local()
         self._ping_req = ffi.new("struct shmkey_req *", {"op": lib.SHMKEY_OP_PING})
+        # Coroutines of each event loop waiting for one of this process's slots.
+        self._slot_waiters: dict[asyncio.AbstractEventLoop, collections.deque[asyncio.Future[None]]] = {}
         self.name = name
 
     @classmethod
@@ -129,6 +134,92 @@ class OracleClient:
             raise_for_status(resp.status, data.decode("utf-8", "replace")[:500])
         return data
 
+    def submit(self, op: int, params: _wire.Params = _NO_PARAMS, payload: bytes = b"",
+               key_id: bytes = _wire.DEFAULT_KEY,
+               timeout_ms: Optional[int] = None) -> Optional[Pending]:
+        """Send one request without waiting for its reply (ring transport only).
+
+        Returns:
+            A :class:`Pending` to collect when its ``fd`` is readable, or None
+            when every slot of this process holds a request (try again once
+            one is collected).
+
+        Raises:
+            UnsupportedOperationError: the socket transport, which has no tickets.
+            InvalidArgumentError: payload larger than a slot (nothing is sent).
+            OracleUnavailableError, OracleIdentityError, ...: (re)connecting failed.
+        """
+        if len(payload) > self._max:
+            raise InvalidArgumentError(
+                f"request payload is {len(payload)} bytes; the oracle accepts at most "
+                f"{self._max} (SHMKEY_SLOT_SIZE)")
+        req = ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
+                                              "key_id": key_id})
+        ticket = ffi.new("struct shmkey_ticket *")
+        rc = lib.shmkey_submit(self._handle, req, payload,
+                               self._timeout_ms if timeout_ms is None else timeout_ms, ticket)
+        if rc == lib.SHMKEY_EBUSY:
+            return None
+        if rc != lib.SHMKEY_OK:
+            self._result(rc, None, None)
+        return Pending(self, ticket)
+
+    async def acall(self, op: int, params: _wire.Params = _NO_PARAMS, payload: bytes = b"",
+                    key_id: bytes = _wire.DEFAULT_KEY, timeout_ms: Optional[int] = None) -> bytes:
+        """:meth:`call` for asyncio: the loop goes on while the oracle works.
+
+        The reply's descriptor is watched with ``loop.add_reader``; any number
+        may be in flight (beyond the ring's slots they queue here). Cancelling
+        withdraws the request. Over the socket transport the call runs in the
+        loop's default executor.
+
+        Raises:
+            as :meth:`call`.
+        """
+        loop = asyncio.get_running_loop()
+        if lib.shmkey_client_transport(self._handle) != lib.SHMKEY_TRANSPORT_SHM:
+            return await loop.run_in_executor(
+                None, functools.partial(self.call, op, params, payload, key_id, timeout_ms))
+        pending = self.submit(op, params, payload, key_id, timeout_ms)
+        while pending is None:
+            await self._slot_freed(loop)
+            pending = self.submit(op, params, payload, key_id, timeout_ms)
+        try:
+            while True:
+                data = pending.collect()
+                if data is not None:
+                    return data
+                await _readable(loop, pending)
+        finally:
+            pending.abandon()
+            self._wake_slot_waiter(loop)
+
+    async def _slot_freed(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Woken when a coroutine of this loop ends its request; other threads'
+        # requests end unseen, so look again after a while anyway.
+        fut: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.setdefault(loop, collections.deque()).append(fut)
+        timer = loop.call_later(_SLOT_RETRY_S, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+
+    def _wake_slot_waiter(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiters = self._slot_waiters.get(loop)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        if waiters is not None:
+            del self._slot_waiters[loop]
+
+    def slots(self) -> int:
+        """Slots of this process's ring: how many requests it may have in flight (0: no ring)."""
+        n: int = lib.shmkey_client_slots(self._handle)
+        return n
+
     def ping(self, timeout_ms: Optional[int] = None) -> None:
         """A no-op round trip through the oracle: health check, transport cost."""
         resp, out = self._buffers()
@@ -219,6 +310,71 @@ class OracleClient:
         handle, self._handle = self._handle, None
         if handle is not None:
             ffi.release(handle)
+
+
+_SLOT_RETRY_S = 0.005
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, pending: Pending) -> None:
+    # Until the reply's descriptor is readable, or its deadline (the loop's
+    # clock is CLOCK_MONOTONIC, as the ticket's).
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pending.fd, _resolve, fut)
+    timer = loop.call_at(pending.deadline, _resolve, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        loop.remove_reader(pending.fd)
+
+
+class Pending:
+    """A request sent by :meth:`OracleClient.submit`: its reply is matched to
+    it by slot and generation, so it can never receive another's. Collect it
+    once ``fd`` is readable, or abandon it; either ends it.
+    """
+
+    def __init__(self, client: OracleClient, ticket: Any) -> None:
+        self._client = client
+        self._ticket = ffi.gc(ticket, lib.shmkey_abandon)
+        self._resp = ffi.new("struct shmkey_resp *")
+        self.fd: int = ticket.fd
+        self.deadline: float = ticket.deadline_ns / 1e9    # time.monotonic()'s clock
+
+    @property
+    def done(self) -> bool:
+        """True once collected or abandoned."""
+        return self._ticket is None
+
+    def collect(self) -> Optional[bytes]:
+        """The reply payload, or None if it has not come yet (wait for ``fd`` again).
+
+        Raises:
+            OracleTimeoutError: the deadline passed; the request was withdrawn.
+            OracleUnavailableError: the oracle went away.
+            PolicyError, DecryptionError, ...: as the oracle answered.
+        """
+        ticket = self._ticket
+        if ticket is None:
+            raise InvalidArgumentError("this request was collected or abandoned already")
+        _resp, out = self._client._buffers()
+        rc = lib.shmkey_collect(ticket, out, len(out), self._resp)
+        if rc == lib.SHMKEY_EPENDING:
+            return None
+        self._ticket = None
+        ffi.release(ticket)
+        return self._client._result(rc, self._resp, out)
+
+    def abandon(self) -> None:
+        """Withdraw the request; a reply that comes is dropped unseen. Idempotent."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ffi.release(ticket)     # the gc callback, shmkey_abandon, runs now
 
 
 def connect(name: str, *, transport: Optional[str] = None, timeout_ms: Optional[int] = None,

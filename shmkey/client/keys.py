@@ -40,6 +40,9 @@ class _OracleHeld:
     def _sign(self, params: _wire.Params, payload: bytes) -> bytes:
         return self._client.call(lib.SHMKEY_OP_SIGN, params, payload, key_id=self._id)
 
+    async def _asign(self, params: _wire.Params, payload: bytes) -> bytes:
+        return await self._client.acall(lib.SHMKEY_OP_SIGN, params, payload, key_id=self._id)
+
     def ping(self) -> None:
         """A no-op round trip over the same path as ``sign``."""
         self._client.ping()
@@ -94,6 +97,19 @@ class OracleKey(_OracleHeld, rsa.RSAPrivateKey):
         params, digest = _wire.encode_sign(padding, algorithm, bytes(data), self._bits)
         return self._sign(params, digest)
 
+    async def asign(self, data: Buffer, padding: apad.AsymmetricPadding,
+                    algorithm: Union[hashes.HashAlgorithm, Prehashed]) -> bytes:
+        """:meth:`sign` for asyncio: the event loop runs on while the oracle signs;
+        cancelling withdraws the request."""
+        params, digest = _wire.encode_sign(padding, algorithm, bytes(data), self._bits)
+        return await self._asign(params, digest)
+
+    async def adecrypt(self, ciphertext: Buffer, padding: apad.AsymmetricPadding) -> bytes:
+        """:meth:`decrypt` for asyncio: the event loop runs on while the oracle
+        decrypts; cancelling withdraws the request."""
+        params, payload = _wire.encode_decrypt(padding, bytes(ciphertext), self._bytes)
+        return await self._client.acall(lib.SHMKEY_OP_DECRYPT, params, payload, key_id=self._id)
+
     def decrypt(self, ciphertext: Buffer, padding: apad.AsymmetricPadding) -> bytes:
         """Decrypt in the oracle (OAEP by default; PKCS#1 v1.5 only if its policy allows).
 
@@ -132,6 +148,12 @@ class OracleECKey(_OracleHeld, ec.EllipticCurvePrivateKey):
         params, digest = _wire.encode_ecdsa(signature_algorithm, bytes(data))
         return self._sign(params, digest)
 
+    async def asign(self, data: Buffer,
+                    signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        """:meth:`sign` for asyncio; cancelling withdraws the request."""
+        params, digest = _wire.encode_ecdsa(signature_algorithm, bytes(data))
+        return await self._asign(params, digest)
+
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> NoReturn:
         """Not offered: TLS key exchange uses ephemeral keys, never the certificate's."""
         raise UnsupportedOperationError("ECDH with an oracle-held key is not offered")
@@ -152,6 +174,10 @@ class OracleEd25519Key(_OracleHeld, ed25519.Ed25519PrivateKey):
     def sign(self, data: Buffer) -> bytes:
         """Ed25519 over ``data`` itself, which must fit in a slot (SHMKEY_SLOT_SIZE)."""
         return self._sign((lib.SHMKEY_SIG_ED25519, 0, 0, 0), bytes(data))
+
+    async def asign(self, data: Buffer) -> bytes:
+        """:meth:`sign` for asyncio; cancelling withdraws the request."""
+        return await self._asign((lib.SHMKEY_SIG_ED25519, 0, 0, 0), bytes(data))
 
     def private_bytes_raw(self) -> NoReturn:
         """Always raises: the private key never leaves the oracle."""
