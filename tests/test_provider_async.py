@@ -48,7 +48,7 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 def oracle(material: SimpleNamespace) -> Iterator[SimpleNamespace]:
     serve = Serve(material.key, "shm").start()
     ref = material.dir / f"{serve.name}.ref.pem"
-    keyref.write(serve.name, ref, cert=material.cert)
+    keyref.write(serve.name, ref, cert=material.cert, oracle_user=serve.user)
     try:
         yield SimpleNamespace(serve=serve, keyref=ref)
     finally:
