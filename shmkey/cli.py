@@ -1,7 +1,8 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``proxy`` terminates
 TLS with the key in one, ``demo`` shows both at work, ``clean`` removes what
 a killed oracle left, ``settings`` lists the environment variables,
-``keyref`` and ``openssl-conf`` set up OpenSSL, ``bench`` compares the
+``keyref`` and ``openssl-conf`` set up OpenSSL, ``status``, ``list`` and
+``metrics`` show running oracles, ``bench`` compares the
 oracle's transports with an in-process key.
 
 Each command imports its module when it runs, so that the key process
@@ -131,6 +132,14 @@ def _parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="the running oracles this user can see, one a line")
     listing.add_argument("--json", action="store_true", help="their status documents as JSON")
 
+    metrics = sub.add_parser("metrics", help="serve a running oracle's counters to Prometheus, "
+                                             "from a process of its own")
+    metrics.add_argument("--oracle", required=True, metavar="NAME", help="a running 'shmkey serve --name NAME'")
+    metrics.add_argument("--listen", required=True, metavar="HOST:PORT",
+                         help="where to serve /metrics over HTTP")
+    metrics.add_argument("--allow-root", action="store_true",
+                         help="run as root (it needs no privilege; not recommended)")
+
     keyref = sub.add_parser("keyref", help="write a key reference file for OpenSSL (no secret in it)")
     keyref.add_argument("--oracle", required=True, help="name of a running 'shmkey serve'")
     keyref.add_argument("--cert", help="PEM certificate that must be for the oracle's key")
@@ -245,6 +254,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .tools import opsview
 
             return opsview.main(args.command, getattr(args, "name", None), args.json)
+        if args.command == "metrics":
+            try:
+                from .tools.metrics import MetricsOptions, run
+            except ImportError as exc:
+                print(f"shmkey: shmkey metrics needs prometheus-client ({exc}): "
+                      "pip install 'shmkey[metrics]'", file=sys.stderr)
+                return 2
+
+            return run(MetricsOptions(oracle=args.oracle, listen=args.listen,
+                                      allow_root=args.allow_root))
         if args.command == "settings":
             print(config.markdown_table())
             return 0
