@@ -37,7 +37,9 @@ def version_line() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shmkey", description=__doc__)
+    # The docstring's first paragraph, without its RST markup.
+    parser = argparse.ArgumentParser(prog="shmkey",
+                                     description=(__doc__ or "").split("\n\n")[0].replace("``", "'"))
     parser.add_argument("--version", action="version", version=version_line(),
                         help="print shmkey's version and the OpenSSL its provider is built for")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,7 +302,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       allow_root=args.allow_root))
         if args.command == "settings":
             print(config.markdown_table())
-            return 0
+            lines = config.in_force(os.environ)
+            print("\nin force here:\n" + "\n".join(lines))
+            return 1 if any("INVALID" in line for line in lines) else 0
         if args.command == "keyref":
             from .openssl import keyref
 
@@ -328,6 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:         # `shmkey settings | head`: the reader is gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 1
 
 

@@ -213,6 +213,23 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     return out
 
 
+def in_force(env: Mapping[str, str]) -> list[str]:
+    """One line per setting: the value ``env`` gives it (or its default), or
+    why the value set is invalid."""
+    out = []
+    for s in SETTINGS:
+        raw = env.get(s.env, "").strip()
+        if not raw:
+            shown = s.default if s.default != "" else "(not set)"
+            out.append(f"  {s.env}={shown} (default)")
+            continue
+        try:
+            out.append(f"  {s.env}={s.parse(raw, s.env)}")
+        except ConfigError as exc:
+            out.append(f"  INVALID: {exc}")
+    return out
+
+
 def env_name(field: str) -> str:
     """The environment variable behind a setting, for error messages."""
     return _BY_FIELD[field].env

@@ -190,3 +190,25 @@ def test_serve_start_up_line_lists_keys_slots_and_channel(oracle: Oracle, rsa204
     assert line.endswith(f"oracle {oracle.name} serving (pid {oracle.proc.pid}): keys RSA-2048 "
                          f"{kid.hex()[:16]}; shm, 16 slots of 2048 bytes per client, {workers} "
                          f"thread workers; on socket {names.find_socket(oracle.name)}")
+
+
+def test_settings_shows_values_in_force_and_flags_invalid_ones() -> None:
+    r = _cli("settings", env={"SHMKEY_SLOTS": "0", "SHMKEY_WORKERS": "3"})
+    assert r.returncode == 1
+    assert "\n  INVALID: SHMKEY_SLOTS='0' is out of range; valid range 1 to 1024\n" in r.stdout
+    assert "\n  SHMKEY_WORKERS=3\n" in r.stdout
+    assert "\n  SHMKEY_SPIN_US=500 (default)\n" in r.stdout
+
+
+def test_help_without_rst_markup() -> None:
+    text = _cli("--help").stdout
+    assert "``" not in text and "'serve' runs a key oracle" in text
+
+
+def test_a_closed_pipe_is_no_traceback() -> None:
+    r, w = os.pipe()
+    os.close(r)                    # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "shmkey", "settings"], stdout=w,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(w)
+    assert proc.returncode == 1 and proc.stderr == ""
