@@ -31,4 +31,4 @@ if "$PY" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
     PIP_FLAGS+=(--break-system-packages)
 fi
-"$PY" -m pip install "${PIP_FLAGS[@]}" -e '.[test,pkcs11]'
+"$PY" -m pip install "${PIP_FLAGS[@]}" -e '.[test,pkcs11,metrics]'

@@ -16,6 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from ._binding import lib
 from .errors import InvalidArgumentError, UnsupportedOperationError
 
+# The PEM label of a key reference file (shmkey.openssl.keyref); the oracle
+# names it when one is given as a key.
+KEYREF_LABEL = "SHMKEY KEY REFERENCE"
+
 HASHES: dict[int, type[hashes.HashAlgorithm]] = {
     lib.SHMKEY_HASH_SHA1: hashes.SHA1,
     lib.SHMKEY_HASH_SHA256: hashes.SHA256,

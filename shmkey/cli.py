@@ -1,7 +1,8 @@
 """The ``shmkey`` command: ``serve`` runs a key oracle, ``proxy`` terminates
 TLS with the key in one, ``demo`` shows both at work, ``clean`` removes what
 a killed oracle left, ``settings`` lists the environment variables,
-``keyref`` and ``openssl-conf`` set up OpenSSL, ``bench`` compares the
+``keyref`` and ``openssl-conf`` set up OpenSSL, ``status``, ``list`` and
+``metrics`` show running oracles, ``bench`` compares the
 oracle's transports with an in-process key.
 
 Each command imports its module when it runs, so that the key process
@@ -12,20 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 from . import _p11uri, config, names
 from ._binding import ffi, lib
 from ._version import __version__
-from .errors import ShmkeyError
+from .errors import ConfigError, ShmkeyError
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
     for s in config.SETTINGS:
         kind = str if s.choices or s.path else int
-        p.add_argument(f"--{s.field.replace('_', '-')}", type=kind, default=None,
-                       metavar=s.env, help=f"{s.help} (default: ${s.env} or {s.default})")
+        p.add_argument(s.option, type=kind, default=None, metavar=s.metavar,
+                       help=f"{s.help.rstrip('.')} (default: {s.shown_default(os.environ)})")
 
 
 def version_line() -> str:
@@ -35,7 +37,9 @@ def version_line() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shmkey", description=__doc__)
+    # The docstring's first paragraph, without its RST markup.
+    parser = argparse.ArgumentParser(prog="shmkey",
+                                     description=(__doc__ or "").split("\n\n")[0].replace("``", "'"))
     parser.add_argument("--version", action="version", version=version_line(),
                         help="print shmkey's version and the OpenSSL its provider is built for")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,23 +135,46 @@ def _parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="the running oracles this user can see, one a line")
     listing.add_argument("--json", action="store_true", help="their status documents as JSON")
 
+    metrics = sub.add_parser("metrics", help="serve a running oracle's counters to Prometheus, "
+                                             "from a process of its own")
+    metrics.add_argument("--oracle", required=True, metavar="NAME", help="a running 'shmkey serve --name NAME'")
+    metrics.add_argument("--listen", required=True, metavar="HOST:PORT",
+                         help="where to serve /metrics over HTTP")
+    metrics.add_argument("--allow-root", action="store_true",
+                         help="run as root (it needs no privilege; not recommended)")
+
     keyref = sub.add_parser("keyref", help="write a key reference file for OpenSSL (no secret in it)")
     keyref.add_argument("--oracle", required=True, help="name of a running 'shmkey serve'")
     keyref.add_argument("--cert", help="PEM certificate that must be for the oracle's key")
-    keyref.add_argument("-o", "--output", required=True, help="file to write, e.g. key.ref.pem")
+    keyref.add_argument("-o", "--output", required=True,
+                        help="file to write, e.g. key.ref.pem; - for standard output")
     keyref.add_argument("--transport", choices=["shm", "socketpair"],
                         help="how OpenSSL reaches the oracle (default: what the oracle offers)")
     keyref.add_argument("--oracle-user", metavar="USER",
                         help="the user the oracle runs as, if not yours or root (its --user)")
 
     conf = sub.add_parser("openssl-conf", help="print an openssl.cnf that loads shmkey's provider")
-    conf.add_argument("--timeout-ms", type=int, help="wait for the oracle this long (default 5000)")
+    conf.add_argument("--timeout-ms", type=int, metavar="MS",
+                      help="how long a private-key operation waits for the oracle (default: 5000)")
+    conf.add_argument("-o", "--output", default="-",
+                      help="file to write; - for standard output (default: -)")
 
     # Listed here for --help; shmkey.tools.bench parses its own options, so that
     # `serve` never imports the benchmark code.
     sub.add_parser("bench", add_help=False,
                    help="compare in-process, socketpair and shm (shmkey bench --help)")
     return parser
+
+
+def _read_password() -> bytes:
+    """The key's password: the first line of standard input, without echo if
+    that is a terminal."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("key password: ").encode()
+    line = sys.stdin.buffer.readline()
+    return line[:-1].rstrip(b"\r") if line.endswith(b"\n") else line
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -163,9 +190,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("shmkey.oracle").warning(
             "a PIN was given on the command line (pin-value=); it is now hidden from ps, but "
             "was readable by every local user until start-up: use pin-source=file:")
-    overrides = {s.field: getattr(args, s.field) for s in config.SETTINGS}
-    cfg = config.Config.load(**overrides)
-    password = sys.stdin.buffer.read().rstrip(b"\r\n") if args.password_stdin else None
+    cfg = config.Config.from_options({s.field: getattr(args, s.field) for s in config.SETTINGS})
+    password = _read_password() if args.password_stdin else None
     keys = list(args.key)
     if args.secrets_stdin:
         # From KeyOracle: a password and the PINs taken out of its URIs, never argv.
@@ -218,13 +244,32 @@ def _clean(name: str) -> int:
     for path in removed:
         print(f"removed {path}")
     if not removed:
-        print(f"nothing to remove for oracle {name!r}")
+        print(f"shmkey: nothing to remove for oracle {name!r}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_text(output: str, text: str) -> None:
+    """``text`` to standard output (``-``) or to the file ``output``.
+
+    Raises:
+        ConfigError: the file cannot be written.
+    """
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``shmkey`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    for warning in config.unknown_variables(os.environ):
+        print(f"shmkey: warning: {warning}", file=sys.stderr)
     if argv[:1] == ["bench"]:
         from .tools.bench import main as bench_main
 
@@ -245,27 +290,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .tools import opsview
 
             return opsview.main(args.command, getattr(args, "name", None), args.json)
+        if args.command == "metrics":
+            try:
+                from .tools.metrics import MetricsOptions, run
+            except ImportError as exc:
+                print(f"shmkey: shmkey metrics needs prometheus-client ({exc}): "
+                      "pip install 'shmkey[metrics]'", file=sys.stderr)
+                return 2
+
+            return run(MetricsOptions(oracle=args.oracle, listen=args.listen,
+                                      allow_root=args.allow_root))
         if args.command == "settings":
             print(config.markdown_table())
-            return 0
+            lines = config.in_force(os.environ)
+            print("\nin force here:\n" + "\n".join(lines))
+            return 1 if any("INVALID" in line for line in lines) else 0
         if args.command == "keyref":
             from .openssl import keyref
 
-            ref = keyref.write(args.oracle, args.output, cert=args.cert, transport=args.transport,
-                               oracle_user=args.oracle_user)
-            print(f"wrote {args.output}: {keyref.describe(ref.public_key)} key of oracle "
-                  f"{ref.oracle!r} (uid {ref.oracle_uid})")
+            if args.output == "-":
+                ref = keyref.create(args.oracle, cert=args.cert, transport=args.transport,
+                                    oracle_user=args.oracle_user)
+                sys.stdout.buffer.write(ref.to_pem())
+            else:
+                ref = keyref.write(args.oracle, args.output, cert=args.cert,
+                                   transport=args.transport, oracle_user=args.oracle_user)
+            where = "standard output" if args.output == "-" else args.output
+            print(f"wrote {where}: {keyref.describe(ref.public_key)} key of oracle "
+                  f"{ref.oracle!r} (uid {ref.oracle_uid})",
+                  file=sys.stderr if args.output == "-" else sys.stdout)
             return 0
         if args.command == "openssl-conf":
             from .openssl import openssl_conf
 
-            print(openssl_conf(args.timeout_ms), end="")
+            timeout = None if args.timeout_ms is None else \
+                config.Config.from_options({"timeout_ms": args.timeout_ms}).timeout_ms
+            _write_text(args.output, openssl_conf(timeout))
             return 0
     except ShmkeyError as exc:
         print(f"shmkey: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:         # `shmkey settings | head`: the reader is gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 1
 
 

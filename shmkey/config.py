@@ -4,9 +4,10 @@ environment; README's table is rendered from :data:`SETTINGS`.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, fields
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 from .errors import ConfigError
 
@@ -26,6 +27,27 @@ class Setting:
     choices: tuple[str, ...] = ()
     path: bool = False
     file: bool = False          # with path: a file, not a directory
+
+    @property
+    def option(self) -> str:
+        """The command-line option that overrides it: ``--slot-size``."""
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def metavar(self) -> str:
+        """What its option takes, for help texts."""
+        if self.path:
+            return "FILE" if self.file else "DIR"
+        return "{" + ",".join(self.choices) + "}" if self.choices else "N"
+
+    def shown_default(self, env: Mapping[str, str]) -> str:
+        """The value in force without the option, for help texts."""
+        raw = env.get(self.env, "").strip()
+        if raw:
+            return f"{raw}, from ${self.env}"
+        if self.default == "":
+            return f"{'as above' if 'Default:' in self.help else 'none'}; ${self.env} sets it"
+        return f"{self.default}; ${self.env} overrides"
 
     def valid(self) -> str:
         """Describe the valid values, for errors and README."""
@@ -75,7 +97,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Payload bytes per slot (and per socket message); must hold the "
             "key's modulus and its public key.", low=256, high=65536),
     Setting("workers", "SHMKEY_WORKERS", _default_workers(),
-            "Oracle worker threads serving requests (default: CPU count, at most 16).",
+            "Oracle worker threads serving requests (by default the CPU count, at most 16).",
             low=1, high=64),
     Setting("worker_kind", "SHMKEY_WORKER_KIND", "auto",
             "Workers as threads (cryptography releases the GIL for RSA and ECDSA) or "
@@ -119,6 +141,18 @@ class Config:
     pkcs11_module: str
 
     @classmethod
+    def from_options(cls, options: Mapping[str, object],
+                     env: Optional[Mapping[str, str]] = None) -> Config:
+        """Resolve settings as :meth:`load` does, from command-line options
+        (field name to value, None when not given): errors name the option
+        (``--slots=0``), not a field or variable.
+
+        Raises:
+            ConfigError: as :meth:`load`.
+        """
+        return cls._resolve(env, options, lambda s: s.option)
+
+    @classmethod
     def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: object) -> Config:
         """Resolve settings: an override (not None) wins over the environment,
         which wins over the default.
@@ -131,6 +165,11 @@ class Config:
             ConfigError: a value is malformed or out of range; the message
                 names the variable (or argument) and the valid range.
         """
+        return cls._resolve(env, overrides, lambda s: f"{s.field} (overrides {s.env})")
+
+    @classmethod
+    def _resolve(cls, env: Optional[Mapping[str, str]], overrides: Mapping[str, object],
+                 origin: Callable[[Setting], str]) -> Config:
         env = os.environ if env is None else env
         unknown = set(overrides) - set(_BY_FIELD)
         if unknown:
@@ -139,8 +178,7 @@ class Config:
         for setting in SETTINGS:
             given = overrides.get(setting.field)
             if given is not None:
-                values[setting.field] = setting.parse(
-                    given, f"{setting.field} (overrides {setting.env})")
+                values[setting.field] = setting.parse(given, origin(setting))
             elif env.get(setting.env, "").strip():
                 values[setting.field] = setting.parse(env[setting.env], setting.env)
             else:
@@ -155,6 +193,41 @@ class Config:
             if value != "":
                 out += [f"--{f.name.replace('_', '-')}", str(value)]
         return out
+
+
+# SHMKEY_* variables that are not settings: the example systemd units' argument
+# lists, and knobs of the test suite.
+OTHER_VARIABLES = frozenset({"SHMKEY_SERVE_ARGS", "SHMKEY_PROXY_ARGS", "SHMKEY_FUZZ_SECONDS",
+                             "SHMKEY_SOAK_REQUESTS"})
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each ``SHMKEY_*`` variable in ``env`` that shmkey does not
+    read, most likely a misspelt setting (which would otherwise be ignored)."""
+    known = {s.env for s in SETTINGS} | OTHER_VARIABLES
+    out = []
+    for name in sorted(n for n in env if n.startswith("SHMKEY_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        out.append(f"{name} is not a shmkey setting" +
+                   (f"; did you mean {close[0]}?" if close else " (shmkey settings lists them)"))
+    return out
+
+
+def in_force(env: Mapping[str, str]) -> list[str]:
+    """One line per setting: the value ``env`` gives it (or its default), or
+    why the value set is invalid."""
+    out = []
+    for s in SETTINGS:
+        raw = env.get(s.env, "").strip()
+        if not raw:
+            shown = s.default if s.default != "" else "(not set)"
+            out.append(f"  {s.env}={shown} (default)")
+            continue
+        try:
+            out.append(f"  {s.env}={s.parse(raw, s.env)}")
+        except ConfigError as exc:
+            out.append(f"  INVALID: {exc}")
+    return out
 
 
 def env_name(field: str) -> str:

@@ -92,7 +92,8 @@ def test_name_in_use_is_refused_and_clean_removes_a_crashed_oracle(rsa2048: Path
         assert cleaned.stdout == f"removed {names.socket_path(name)}\n"
         again = subprocess.run([sys.executable, "-m", "shmkey", "clean", name],
                                capture_output=True, text=True)
-        assert again.returncode == 0 and again.stdout == f"nothing to remove for oracle {name!r}\n"
+        assert again.returncode == 1 and again.stdout == ""
+        assert again.stderr == f"shmkey: nothing to remove for oracle {name!r}\n"
     finally:
         _process.stop(first, 0, signal.SIGKILL)
         names.clean(name)

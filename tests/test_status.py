@@ -31,8 +31,8 @@ PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 class Oracle:
     """``shmkey serve`` in a child, ready once its status pipe says so; its log in a file."""
 
-    def __init__(self, tmp: Path, keys: list[Path], *extra: str) -> None:
-        self.name = unique("status")
+    def __init__(self, tmp: Path, keys: list[Path], *extra: str, name: Optional[str] = None) -> None:
+        self.name = name or unique("status")
         self.log = tmp / f"{self.name}.log"
         r, w = os.pipe()
         args = [sys.executable, "-m", "shmkey", "serve", "--name", self.name, "--allow-root",

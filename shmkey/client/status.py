@@ -16,17 +16,26 @@ from .connection import OracleClient
 _PREFIX, _SUFFIX = "shmkey-", ".sock"
 
 
-def read(path: Path, timeout_ms: int) -> dict[str, Any]:
-    """The status of the oracle listening at ``path``.
+def connect(path: Path, timeout_ms: int) -> OracleClient:
+    """A connection for status requests to the oracle listening at ``path``.
 
     Any user's oracle may answer: the document says which uid serves it, as
     SO_PEERCRED gives it. A socket connection, so that no ring is made for it.
 
     Raises:
+        OracleUnavailableError, OracleAccessError: as connecting does.
+    """
+    return OracleClient.open(path=str(path), transport="socketpair",
+                             oracle_uid=lib.SHMKEY_UID_ANY, timeout_ms=timeout_ms)
+
+
+def read(path: Path, timeout_ms: int) -> dict[str, Any]:
+    """The status of the oracle listening at ``path``, over a connection of its own.
+
+    Raises:
         OracleUnavailableError, OracleAccessError, ProtocolError: as connecting and asking do.
     """
-    client = OracleClient.open(path=str(path), transport="socketpair",
-                               oracle_uid=lib.SHMKEY_UID_ANY, timeout_ms=timeout_ms)
+    client = connect(path, timeout_ms)
     try:
         return client.status()
     finally:

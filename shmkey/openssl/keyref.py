@@ -38,7 +38,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 PublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
 _CURVES = (ec.SECP256R1, ec.SECP384R1)
 
-LABEL = "SHMKEY KEY REFERENCE"
+LABEL = _wire.KEYREF_LABEL
 VERSION: int = lib.SHMKEY_KEYREF_VERSION
 _TRANSPORTS = {None: lib.SHMKEY_TRANSPORT_ANY, "shm": lib.SHMKEY_TRANSPORT_SHM,
                "socketpair": lib.SHMKEY_TRANSPORT_SOCKET}
@@ -262,18 +262,24 @@ def write(oracle: str, output: PathLike, *, cert: Optional[PathLike] = None,
 
     Raises:
         OracleUnavailableError, OracleIdentityError, KeyMismatchError: as :func:`create`.
+        KeyReferenceError: the file cannot be written there.
     """
     ref = create(oracle, cert=cert, transport=transport, key=key, timeout_ms=timeout_ms,
                  oracle_user=oracle_user)
     out = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+    except OSError as exc:
+        raise KeyReferenceError(f"cannot write {output}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(ref.to_pem())
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise KeyReferenceError(f"cannot write {output}: {exc.strerror}") from None
         raise
     return ref
 

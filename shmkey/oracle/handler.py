@@ -64,6 +64,9 @@ def load_key(path: str, password: Optional[bytes], pkcs11_module: str = "") -> P
     try:
         key = serialization.load_pem_private_key(bytes(raw), password=password)
     except (ValueError, TypeError) as exc:
+        if f"-----BEGIN {_wire.KEYREF_LABEL}-----".encode() in raw:
+            raise KeyLoadError(f"{path}: that is a key reference, not a private key; use --oracle "
+                               "NAME with the oracle it names") from None
         raise KeyLoadError(f"cannot load key from {path}: {exc}") from None
     finally:
         raw[:] = bytes(len(raw))

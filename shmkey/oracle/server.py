@@ -228,6 +228,16 @@ class Oracle:
         slots = self._region.key_slots()
         return [(kid.hex(), kind, slots[kid]) for kid, kind in zip(self._keys.ids, self._keys.kinds)]
 
+    def summary(self) -> str:
+        """The start-up line's middle: keys, transport, slots, workers and channel."""
+        so, cfg = self.opts, self.opts.config
+        assert self._keys is not None
+        keys = ", ".join(f"{kind} {kid.hex()[:16]}" for kid, kind in zip(self._keys.ids, self._keys.kinds))
+        channel = f"socket {self._sock_path}" if self._sock_path else "its owner's control socket"
+        return (f"keys {keys}; {cfg.transport}, {cfg.slots} slots of {cfg.slot_size} bytes per "
+                f"client, {cfg.workers} {self._kind} workers; on {channel}"
+                + (f" (group {so.group})" if so.group else ""))
+
     def _front(self, proc: int) -> tuple[Dispatcher, Audit]:
         """A worker process's dispatcher and audit (thread workers share one of each)."""
         assert self._keys is not None and self._region is not None
@@ -510,8 +520,7 @@ def serve(opts: ServeOptions) -> int:
         info = {"ok": True, "name": oracle.name, "pid": os.getpid(),
                 "transport": opts.config.transport, "workers": opts.config.workers}
         _report(opts.status_fd, info)
-        log.info("oracle %s serving (pid %d, %s, %d workers)", oracle.name, os.getpid(),
-                 opts.config.transport, opts.config.workers)
+        log.info("oracle %s serving (pid %d): %s", oracle.name, os.getpid(), oracle.summary())
 
     oracle.run(ready, wake_r)
     log.info("oracle %s stopped", oracle.name)
