@@ -64,6 +64,9 @@ def stop_all(procs: Sequence[Child], timeout: float, sig: Optional[int] = signal
             left.append(i)
             if sig is not None:
                 _signal(proc, sig)
+                # A stopped child (SIGSTOP, a debugger) would hold the signal pending until the
+                # timeout's SIGKILL: let it run and handle it now.
+                _signal(proc, signal.SIGCONT)
     deadline = time.monotonic() + timeout
     pause = 0.001
     while left:

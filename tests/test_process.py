@@ -58,6 +58,15 @@ def test_sigterm_ends_a_popen() -> None:
     assert time.monotonic() - t0 < 5 and proc.returncode == -signal.SIGTERM
 
 
+def test_a_stopped_child_gets_its_signal_not_the_timeouts_sigkill() -> None:
+    """A SIGSTOPped child is let run, so SIGTERM ends it (without SIGCONT it
+    would sit until the timeout and die of SIGKILL)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.kill(proc.pid, signal.SIGSTOP)
+    os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WNOWAIT)
+    assert stop(proc, 30) == -signal.SIGTERM
+
+
 def test_sigkill_after_the_timeout() -> None:
     proc = _stubborn()
     t0 = time.monotonic()

@@ -48,8 +48,8 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 def oracle(material: SimpleNamespace) -> Iterator[SimpleNamespace]:
     serve = Serve(material.key, "shm").start()
     ref = material.dir / f"{serve.name}.ref.pem"
-    keyref.write(serve.name, ref, cert=material.cert, oracle_user=serve.user)
     try:
+        keyref.write(serve.name, ref, cert=material.cert, oracle_user=serve.user)
         yield SimpleNamespace(serve=serve, keyref=ref)
     finally:
         serve.stop()
