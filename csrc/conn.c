@@ -788,17 +788,9 @@ static int on_conn_io(struct shmkey_server *s, struct sconn *k, struct shmkey_wo
     if (state == CONN_FRAMES)
         return shmkey_frames_read(s, k, w);
     for (;;) {
-        ssize_t n = recv(k->fd, k->hello + k->have, sizeof(k->hello) - k->have, MSG_DONTWAIT);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            shmkey_sconn_rearm(s, k);
+        ssize_t n = shmkey_sconn_recv(s, k, k->hello + k->have, sizeof(k->hello) - k->have);
+        if (n == 0)
             return 0;
-        }
-        if (n <= 0) {
-            shmkey_sconn_retire(s, k);
-            return 0;
-        }
         k->have += (uint32_t)n;
         if (k->have == sizeof(k->hello)) {
             on_hello(s, k);
@@ -1021,4 +1013,23 @@ int shmkey_server_allow_peers(struct shmkey_server *s, uint32_t uid, int64_t gid
     s->peer_uid = (uid_t)uid;
     s->peer_gid = gid;
     return SHMKEY_OK;
+}
+
+ssize_t shmkey_sconn_recv(struct shmkey_server *s, struct sconn *k, void *dst, size_t want)
+{
+    for (;;) {
+        /* MSG_DONTWAIT: per call, so a peer that clears O_NONBLOCK on its end changes nothing. */
+        ssize_t n = recv(k->fd, dst, want, MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            shmkey_sconn_rearm(s, k);
+            return 0;
+        }
+        if (n <= 0) {
+            shmkey_sconn_retire(s, k);
+            return 0;
+        }
+        return n;
+    }
 }

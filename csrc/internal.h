@@ -192,6 +192,9 @@ void shmkey_server_quiescent(struct shmkey_server *s, struct shmkey_work *w);
 int shmkey_server_wait(struct shmkey_server *s, struct shmkey_work *w, uint64_t deadline);
 int shmkey_server_peek(struct shmkey_server *s, struct shmkey_work *w);
 int shmkey_sconn_rearm(struct shmkey_server *s, struct sconn *k);
+/* One non-blocking recv from a peer: > 0 bytes read; 0 when there is nothing
+ * to do now (no data yet: re-armed; hang-up or error: retired). */
+ssize_t shmkey_sconn_recv(struct shmkey_server *s, struct sconn *k, void *dst, size_t want);
 
 /* ring.c */
 int shmkey_ring_create(struct shmkey_server *s, struct sconn *k, int *fds, uint32_t *nfds);

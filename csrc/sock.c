@@ -279,17 +279,9 @@ int shmkey_frames_read(struct shmkey_server *s, struct sconn *k, struct shmkey_w
             dst = k->buf + (k->have - hlen);
             want = hlen + req.in_len - k->have;
         }
-        ssize_t n = recv(k->fd, dst, want, MSG_DONTWAIT);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            shmkey_sconn_rearm(s, k);
+        ssize_t n = shmkey_sconn_recv(s, k, dst, want);
+        if (n == 0)
             return 0;
-        }
-        if (n <= 0) {
-            shmkey_sconn_retire(s, k);
-            return 0;
-        }
         if (k->have == 0)
             __atomic_store_n(&k->deadline_ns,
                              shmkey_now_ns() + SHMKEY_HANDSHAKE_MS * 1000000ull,
