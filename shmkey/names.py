@@ -125,14 +125,54 @@ def find_socket(name: str, configured_dir: Optional[str] = None) -> Path:
     return Path(os.fsdecode(ffi.string(out)))
 
 
-def group_id(group: Optional[str]) -> Optional[int]:
-    """Resolve a group name or number; None for no group."""
+def group_id(group: Optional[str], option: str = "--group") -> Optional[int]:
+    """Resolve a group name or number; None for no group.
+
+    Raises:
+        ConfigError: no such group (the message names ``option``).
+    """
     if group is None:
         return None
     try:
         return int(group) if str(group).isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(f"group {group!r} does not exist") from None
+        raise ConfigError(f"{option} {group}: no group {group!r} on this system") from None
+
+
+def socket_group(group: Optional[str], option: str = "--group") -> Optional[int]:
+    """The gid to give an oracle's socket: ``group`` resolved, and one this
+    process may give a file (root: any; anyone else: one of its own groups).
+
+    Raises:
+        ConfigError: no such group, or we are not in it (names the user and group).
+    """
+    gid = group_id(group, option)
+    if gid is None or os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return gid
+    uid = os.geteuid()
+    raise ConfigError(f"{option} {group}: {user_name(uid)} (uid {uid}) is not a member of group "
+                      f"{group_name(gid)} (gid {gid}), so cannot give it the socket; add the user "
+                      f"to the group, or leave out {option}")
+
+
+def require_root(option: str, process: str) -> None:
+    """Changing user needs root: refuse ``option`` in a ``process`` that is not.
+
+    Raises:
+        ConfigError: we are not root; says what to do instead.
+    """
+    euid = os.geteuid()
+    if euid != 0:
+        raise ConfigError(f"{option} needs root: the {process} runs as uid {euid} and cannot "
+                          f"change user; start it as root, or leave out {option}")
+
+
+def group_name(gid: int) -> str:
+    """A gid's name, or the number when it has none."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def user_name(uid: int) -> str:
@@ -179,6 +219,8 @@ def remove_stale(path: Path) -> bool:
 
     Raises:
         ShmkeyError: something listens there, or ``path`` is not a socket.
+        OracleAccessError: we may not connect to it (so cannot tell whether
+            it is stale) or may not remove it; names its owner.
     """
     try:
         st = path.lstat()
@@ -186,12 +228,47 @@ def remove_stale(path: Path) -> bool:
         return False
     if not stat.S_ISSOCK(st.st_mode):
         raise ShmkeyError(f"{path} exists and is not a socket; refusing to touch it")
-    if listening(path):
+    try:
+        alive = listening(path)
+    except PermissionError as exc:
+        raise _cannot_remove(path, st.st_uid, f"cannot connect to it to see whether its oracle "
+                             f"still runs ({exc.strerror}: the socket is {_whose(st.st_uid)})") from None
+    if alive:
         raise ShmkeyError(f"an oracle is already listening on {path}; stop it first")
+    return _unlink(path)
+
+
+def _whose(uid: int) -> str:
+    return f"{user_name(uid)}'s, uid {uid}"
+
+
+def _cannot_remove(path: Path, owner: int, why: str) -> OracleAccessError:
+    """The one message for what this user may not remove, and whom to ask."""
+    me = os.geteuid()
+    return OracleAccessError(f"cannot remove {path}: {why}; this is {user_name(me)} (uid {me}): "
+                             f"run shmkey clean as {user_name(owner)} or as root")
+
+
+def _unlink(path: Path) -> bool:
+    """Remove ``path``; False if it is gone already.
+
+    Raises:
+        OracleAccessError: not allowed; names who is (the directory's owner,
+            or in a sticky directory the file's).
+    """
     try:
         path.unlink()
     except FileNotFoundError:
         return False
+    except PermissionError as exc:
+        parent = path.parent.stat()
+        if exc.errno == errno.EPERM:        # a sticky directory: the file's owner may
+            owner = path.lstat().st_uid
+            why = f"{exc.strerror} (it is {_whose(owner)}, in sticky directory {path.parent})"
+        else:
+            owner = parent.st_uid
+            why = f"{exc.strerror} (directory {path.parent} is {_whose(owner)})"
+        raise _cannot_remove(path, owner, why) from None
     return True
 
 
@@ -243,6 +320,8 @@ def bind(name: str, configured_dir: Optional[str] = None,
         fcntl.flock(dfd, fcntl.LOCK_EX)
         try:
             remove_stale(path)
+        except OracleAccessError:
+            raise
         except ShmkeyError:
             raise ShmkeyError(f"an oracle named {name!r} is already listening on {path}; stop "
                               "it, or start this one under another name") from None
@@ -291,6 +370,8 @@ def clean(name: str, configured_dir: Optional[str] = None) -> list[str]:
 
     Raises:
         ShmkeyError: an oracle of that name is running.
+        OracleAccessError: something is there that this user may not remove
+            (or may not probe), and whom it belongs to.
     """
     removed: list[str] = []
     base = ring_id(name)
@@ -302,15 +383,14 @@ def clean(name: str, configured_dir: Optional[str] = None) -> list[str]:
         try:
             if remove_stale(path):
                 removed.append(str(path))
+        except OracleAccessError:
+            raise
         except ShmkeyError:
             raise ShmkeyError(f"oracle {name!r} is running; stop it instead") from None
     ring = _OLD_SHM / base
     if _old_ring_alive(ring):
         raise ShmkeyError(f"oracle {name!r} (an older shmkey) is running; stop it instead")
     for old in (ring, _OLD_SHM / f"sem.{base}-req", _OLD_SHM / f"sem.{base}-free"):
-        try:
-            old.unlink()
+        if _unlink(old):
             removed.append(str(old))
-        except FileNotFoundError:
-            pass
     return removed

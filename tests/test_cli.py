@@ -3,15 +3,20 @@ with its exact message now."""
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
 import pty
+import pwd
 import select
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -212,3 +217,157 @@ def test_a_closed_pipe_is_no_traceback() -> None:
                           stderr=subprocess.PIPE, text=True, timeout=60)
     os.close(w)
     assert proc.returncode == 1 and proc.stderr == ""
+
+
+# ---- as an ordinary user: --user, --group and clean, refused in one line ----
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                                reason="needs root to act as other users")
+AS_USER = Path(__file__).with_name("as_user.py")
+NOBODY = pwd.getpwnam("nobody").pw_uid
+DAEMON = pwd.getpwnam("daemon").pw_uid
+DAEMON_GID = grp.getgrnam("daemon").gr_gid
+
+
+def _as(user: str, groups: str, home: Path, *args: str,
+        pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
+    """``shmkey ARGS`` as ``user`` (tests/as_user.py: setpriv's drop, after the
+    imports), its runtime directory and home ``home``."""
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home),
+           "SHMKEY_RUNTIME_DIR": str(home)}
+    return subprocess.Popen([sys.executable, str(AS_USER), user, groups, "--", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            pass_fds=pass_fds)
+
+
+def _run_as(user: str, groups: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = _as(user, groups, home, *args)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _one_logged_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The oracle's one log line of a refusal, without its ``shmkey[PID] ERROR``."""
+    assert r.returncode == 2 and r.stdout == "", r
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shmkey["), r.stderr
+    return lines[0].split("] ERROR ", 1)[1]
+
+
+@pytest.fixture
+def home_of(rsa2048: Path) -> Iterator[Callable[[str], Path]]:
+    """A directory of the user's own (0700, or 0755 for others to look into),
+    holding a copy of an RSA key it can read."""
+    made: list[Path] = []
+
+    def make(user: str, mode: int = 0o700) -> Path:
+        d = Path(tempfile.mkdtemp(prefix="shmkey-cli-"))
+        made.append(d)
+        key = d / "k.pem"
+        shutil.copy(rsa2048, key)
+        pw = pwd.getpwnam(user)
+        for path in (d, key):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        d.chmod(mode)
+        return d
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@needs_root
+def test_user_without_root_is_refused(home_of: Callable[[str], Path]) -> None:
+    home = home_of("nobody")
+    key = str(home / "k.pem")
+    serve = _run_as("nobody", "nogroup", home, "serve", "--key", key, "--user", "daemon")
+    assert _one_logged_line(serve) == (f"--user needs root: the oracle runs as uid {NOBODY} and "
+                                       "cannot change user; start it as root, or leave out --user")
+    proxy = _run_as("nobody", "nogroup", home, "proxy", "--listen", "127.0.0.1:0", "--backend",
+                    "127.0.0.1:9", "--cert", key, "--key", key, "--user", "daemon")
+    assert (proxy.returncode, proxy.stdout) == (2, "")
+    assert proxy.stderr == (f"shmkey: --user needs root: the proxy runs as uid {NOBODY} and "
+                            "cannot change user; start it as root, or leave out --user\n")
+
+
+def _serve_as(user: str, groups: str, home: Path, *extra: str) -> tuple[subprocess.Popen[str],
+                                                                         dict]:
+    """A real oracle of ``user`` in ``home``, and what its status pipe said."""
+    r, w = os.pipe()
+    proc = _as(user, groups, home, "serve", "--key", str(home / "k.pem"), "--workers", "1",
+               "--status-fd", str(w), *extra, pass_fds=(w,))
+    os.close(w)
+    try:
+        return proc, _ready(r)
+    finally:
+        os.close(r)
+
+
+@needs_root
+def test_group_the_user_is_not_in_is_refused(home_of: Callable[[str], Path]) -> None:
+    home = home_of("nobody")
+    key = str(home / "k.pem")
+    outsider = _run_as("nobody", "nogroup", home, "serve", "--key", key, "--group", "daemon")
+    assert _one_logged_line(outsider) == (
+        f"--group daemon: nobody (uid {NOBODY}) is not a member of group daemon (gid "
+        f"{DAEMON_GID}), so cannot give it the socket; add the user to the group, or leave out "
+        "--group")
+    unknown = _run_as("nobody", "nogroup", home, "serve", "--key", key, "--group", "no-such-grp")
+    assert _one_logged_line(unknown) == "--group no-such-grp: no group 'no-such-grp' on this system"
+    # The control: a member gives its group the socket.
+    name = unique("grp")
+    member, info = _serve_as("nobody", "nogroup,daemon", home, "--group", "daemon", "--name", name)
+    try:
+        assert info.get("ok"), (info, member.stderr and member.stderr.read())
+        st = os.stat(home / f"shmkey-{name}.sock")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, DAEMON_GID, 0o660)
+    finally:
+        member.terminate()
+        member.communicate(timeout=30)
+
+
+def test_unknown_group_as_root_is_refused(rsa2048: Path) -> None:
+    r = _cli("serve", "--key", str(rsa2048), "--group", "no-such-grp", *ROOT)
+    assert _one_logged_line(r) == "--group no-such-grp: no group 'no-such-grp' on this system"
+
+
+@needs_root
+def test_clean_without_permission(home_of: Callable[[str], Path]) -> None:
+    """Oracles of daemon's, in daemon's directory; nobody's clean may remove
+    none of their sockets, and says so; daemon's clean does."""
+    home = home_of("daemon", 0o755)
+    live, dead, shared = (unique(n) for n in ("live", "dead", "shared"))
+    oracles = {n: _serve_as("daemon", "daemon", home, "--name", n, *extra)
+               for n, extra in ((live, ()), (dead, ()), (shared, ("--group", "daemon")))}
+    try:
+        assert all(info.get("ok") for _, info in oracles.values()), oracles
+        for n in (dead, shared):
+            oracles[n][0].send_signal(signal.SIGKILL)     # its socket stays behind
+            oracles[n][0].communicate(timeout=30)
+
+        def sock(n: str) -> Path:
+            return home / f"shmkey-{n}.sock"
+
+        def cannot(n: str, why: str) -> str:
+            return (f"shmkey: cannot remove {sock(n)}: {why}; this is nobody (uid {NOBODY}): run "
+                    "shmkey clean as daemon or as root\n")
+
+        unprobed = (f"cannot connect to it to see whether its oracle still runs (Permission "
+                    f"denied: the socket is daemon's, uid {DAEMON})")
+        for n in (live, dead):
+            r = _run_as("nobody", "nogroup", home, "clean", n)
+            assert (r.returncode, r.stdout, r.stderr) == (1, "", cannot(n, unprobed))
+        # A member of the socket's group can tell it is stale, but not remove it.
+        r = _run_as("nobody", "nogroup,daemon", home, "clean", shared)
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == cannot(shared, f"Permission denied (directory {home} is daemon's, "
+                                          f"uid {DAEMON})")
+        assert all(sock(n).exists() for n in (live, dead, shared))
+        assert oracles[live][0].poll() is None
+        for n in (dead, shared):
+            r = _run_as("daemon", "daemon", home, "clean", n)
+            assert (r.returncode, r.stdout) == (0, f"removed {sock(n)}\n"), r.stderr
+    finally:
+        for proc, _ in oracles.values():
+            proc.terminate()
+            proc.communicate(timeout=30)

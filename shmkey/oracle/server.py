@@ -134,10 +134,17 @@ class Oracle:
         self._srv: Any = None
         self._listener: Optional[socket.socket] = None
         self._sock_path: Optional[str] = None
+        self._user: Optional[pwd.struct_passwd] = None     # --user, resolved
+        self._gid: Optional[int] = None                    # --group, resolved
 
     def start(self) -> None:
         """Load the keys, open the transport and start the workers."""
         opts = self.opts
+        # Who we become and whose the socket is: refused before any key is read.
+        if opts.user:
+            names.require_root("--user", "oracle")
+            self._user = _lookup_user(opts.user)
+        self._gid = names.socket_group(opts.group)
         keys = [load_key(path, opts.password, opts.config.pkcs11_module) for path in opts.key_paths]
         self._loaded = keys
         if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
@@ -164,7 +171,7 @@ class Oracle:
         opts, cfg = self.opts, self.opts.config
         handler = Handler(keys, opts.policy)
         self._check_slot_size(keys, handler)
-        gid = names.group_id(opts.group)
+        gid = self._gid
         kind = cfg.worker_kind
         if kind == "auto":
             kind = "process" if any(needs_worker_process(k) for k in keys) else "thread"
@@ -190,8 +197,8 @@ class Oracle:
             if rc != lib.SHMKEY_OK:
                 raise_for_status(rc, "opening the oracle's socket")
             self._srv = out[0]
-            if opts.user:
-                self._drop_privileges(opts.user, gid)
+            if self._user is not None:
+                self._drop_privileges(self._user, gid)
             if bound is not None:
                 bound.listen()          # now: SO_PEERCRED names the user that serves
         finally:
@@ -364,16 +371,12 @@ class Oracle:
                 self._region.count_restart()
                 self._worker_pids[i] = self._fork_worker(i)
 
-    def _drop_privileges(self, user: str, gid: Optional[int]) -> None:
-        """Become ``user`` once the key is read and the socket is open.
+    def _drop_privileges(self, pw: pwd.struct_passwd, gid: Optional[int]) -> None:
+        """Become ``pw``'s user once the key is read and the socket is open.
 
         The socket is handed to that user first, so that clients of its uid
         may connect.
         """
-        try:
-            pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise ConfigError(f"user {user!r} does not exist") from None
         if self._sock_path:
             os.chown(self._sock_path, pw.pw_uid, -1 if gid is None else gid)
         os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
@@ -464,6 +467,18 @@ class Oracle:
                 and not self._worker_pids:
             lib.shmkey_server_close(self._srv)
             self._srv = None
+
+
+def _lookup_user(user: str) -> pwd.struct_passwd:
+    """``--user``'s name or number.
+
+    Raises:
+        ConfigError: no such user.
+    """
+    try:
+        return pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise ConfigError(f"--user {user}: no user {user!r} on this system") from None
 
 
 def _describe(key: PrivateKey) -> str:

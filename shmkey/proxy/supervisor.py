@@ -189,8 +189,7 @@ def privileges(opts: ProxyOptions) -> Privileges:
     if euid != 0:
         for given, option in ((opts.user, "--user"), (opts.oracle_user, "--oracle-user")):
             if given:
-                raise ConfigError(f"{option} needs root: the proxy runs as uid {euid} and cannot "
-                                  "change user; start it as root, or leave out " + option)
+                names.require_root(option, "proxy")
     elif not opts.user and not opts.allow_root:
         raise ConfigError("refusing to run the network-facing workers as root: pass --user "
                           "USER[:GROUP] (and --oracle-user USER for the key oracle), or --allow-root")
