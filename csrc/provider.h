@@ -35,13 +35,20 @@
 #define SK_REPLY_MAX 4096u            /* an RSA-16384 signature and a reason */
 #define SK_EC_POINT_MAX 97            /* an uncompressed P-384 point */
 
-/* Reasons of our own, above the ones that mirror SHMKEY_E* (1..13). */
-#define SK_R_BAD_REFERENCE 100
-#define SK_R_KEY_MISMATCH 101
-#define SK_R_PUBLIC_ONLY 102
-#define SK_R_UNSUPPORTED_PARAM 103
-#define SK_R_BUFFER_TOO_SMALL 104
-#define SK_R_LIBCRYPTO 105
+/*
+ * Reasons of our own, above the ones that mirror SHMKEY_E* (1 to -SHMKEY_ELAST).
+ * Servers read bare reason numbers, whatever the library: nginx logs a failed
+ * handshake at "info" (below its default level) when the reason is one of
+ * libssl's that a client causes (101 to 443, and the alerts from 1000), and at
+ * "crit" otherwise. So ours stay clear of both ranges; at 101 "holds a different
+ * key" was taken for libssl's "no suitable key share" and hidden.
+ */
+#define SK_R_BAD_REFERENCE 2000
+#define SK_R_KEY_MISMATCH 2001
+#define SK_R_PUBLIC_ONLY 2002
+#define SK_R_UNSUPPORTED_PARAM 2003
+#define SK_R_BUFFER_TOO_SMALL 2004
+#define SK_R_LIBCRYPTO 2005
 
 /* ===================================================================== */
 /* keys and the provider context                                         */

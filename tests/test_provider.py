@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import os
 import ssl
 import subprocess
 import sys
@@ -345,6 +346,36 @@ def test_nginx(oracles, material, openssl_cnf, tmp_path):
         assert "Verify return code: 0 (ok)" in out and "Peer signature type: RSA-PSS" in out
     log = (tmp_path / "error.log").read_text()
     assert "[emerg]" not in log and "[crit]" not in log, log
+
+
+def test_nginx_logs_an_oracle_holding_another_key_at_its_default_level(oracles, material,
+                                                                      openssl_cnf, tmp_path):
+    """A reference (and certificate) for another key than the oracle holds:
+    nginx's error log at its default level, ``error``, says why handshakes fail.
+    nginx reads a bare reason number and logs libssl's client-caused ones at
+    ``info``; the provider's reasons must not look like them."""
+    serve = oracles["shm"].serve
+    other_public = serialization.load_pem_private_key(material.other_key.read_bytes(),
+                                                      None).public_key()
+    ref = tmp_path / "stale.ref.pem"
+    ref.write_bytes(keyref.KeyReference(
+        oracle=serve.name, public_key=other_public,
+        oracle_uid=names.user_id(serve.user) if serve.user else os.geteuid()).to_pem())
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.replace("error.log info;", "error.log;").format(
+        user="user nobody nogroup;" if RUN_AS_ROOT else "", dir=tmp_path, port=port,
+        cert=material.other_cert, keyref=ref))
+    with running(["nginx", "-c", str(conf), "-e", str(tmp_path / "error.log")], openssl_cnf,
+                  port):
+        assert curl(port, material.other_cert).returncode != 0
+    said = [line for line in (tmp_path / "error.log").read_text().splitlines()
+            if "holds a different key" in line]
+    assert said, (tmp_path / "error.log").read_text()
+    assert "[crit]" in said[0]
+    assert ("SSL_do_handshake() failed (SSL: error:408007D1:shmkey::the key oracle holds a "
+            f"different key than the key reference:oracle '{serve.name}': it does not hold "
+            "this key; run 'shmkey keyref' again") in said[0], said[0]
 
 
 HAPROXY_CFG = """\
