@@ -371,3 +371,33 @@ def test_clean_without_permission(home_of: Callable[[str], Path]) -> None:
         for proc, _ in oracles.values():
             proc.terminate()
             proc.communicate(timeout=30)
+
+
+def test_openssl_conf_into_a_missing_place(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "shmkey.cnf"
+    r = _cli("openssl-conf", "-o", str(missing))
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == f"shmkey: cannot write {missing}: No such file or directory\n"
+
+
+@needs_root
+def test_writing_into_a_directory_not_ours(home_of: Callable[[str], Path]) -> None:
+    """keyref (from nobody's own oracle) and openssl-conf, as nobody, into a
+    directory of root's: one line each, nothing left there."""
+    home = home_of("nobody")
+    theirs = Path(tempfile.mkdtemp(prefix="shmkey-root-"))
+    theirs.chmod(0o755)
+    name = unique("ref")
+    proc, info = _serve_as("nobody", "nogroup", home, "--name", name)
+    try:
+        assert info.get("ok"), info
+        for args in (("keyref", "--oracle", name), ("openssl-conf",)):
+            out = theirs / "out.pem"
+            r = _run_as("nobody", "nogroup", home, *args, "-o", str(out))
+            assert (r.returncode, r.stdout) == (2, ""), r
+            assert r.stderr == f"shmkey: cannot write {out}: Permission denied\n"
+        assert list(theirs.iterdir()) == []
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+        shutil.rmtree(theirs)
