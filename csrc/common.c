@@ -447,10 +447,17 @@ int shmkey_harden_process(void)
  * pages only: MCL_FUTURE would make every later thread stack count against
  * RLIMIT_MEMLOCK, which after dropping privileges is too small to start a
  * worker. Best effort; the caller logs a refusal.
+ *
+ * resident_only: lock the pages present now and the rest of those mappings as
+ * they are touched (MCL_ONFAULT), without faulting anything in. For keys
+ * loaded again later, when the mappings include worker thread stacks, and for
+ * a forked worker process, in which faulting in a writable page would copy
+ * the whole of the parent's.
  */
-int shmkey_lock_memory(void)
+int shmkey_lock_memory(int resident_only)
 {
-    return mlockall(MCL_CURRENT) == 0 ? SHMKEY_OK : SHMKEY_ESYSTEM;
+    int flags = MCL_CURRENT | (resident_only ? MCL_ONFAULT : 0);
+    return mlockall(flags) == 0 ? SHMKEY_OK : SHMKEY_ESYSTEM;
 }
 
 /*

@@ -249,7 +249,7 @@ const char *shmkey_strerror(int status);
 size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size);
 uint32_t shmkey_slot_stride(uint32_t slot_size);
 int shmkey_harden_process(void);
-int shmkey_lock_memory(void);
+int shmkey_lock_memory(int resident_only);
 int shmkey_die_with_parent(int sig, int expected_parent);
 
 /* ---- oracle names and where their objects live (common.c) -------------- */

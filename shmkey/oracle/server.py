@@ -147,9 +147,7 @@ class Oracle:
         self._gid = names.socket_group(opts.group)
         keys = [load_key(path, opts.password, opts.config.pkcs11_module) for path in opts.key_paths]
         self._loaded = keys
-        if lib.shmkey_lock_memory() != lib.SHMKEY_OK:
-            log.info("could not lock the keys in memory (mlockall: %s); they may be swapped",
-                     os.strerror(ffi.errno))
+        _lock_memory(logging.INFO, resident_only=False)
         try:
             self._open(keys)
         except BaseException:
@@ -295,6 +293,9 @@ class Oracle:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, self._reload_requested.set)
             lib.shmkey_die_with_parent(signal.SIGKILL, parent)
+            # Locks are not inherited; a page of key this process writes to
+            # (a reference count) becomes its own copy, so lock its memory too.
+            _lock_memory(logging.DEBUG)
             if lib.shmkey_server_after_fork(self._srv, index) != lib.SHMKEY_OK:
                 raise OSError(ffi.errno, "cannot set up the worker's event loop")
             for fd in (self.opts.status_fd, self.opts.lifeline_fd):
@@ -355,6 +356,10 @@ class Oracle:
             log.warning("reload refused, keeping every key loaded before: %s", exc)
             return
         self._loaded, self._keys = keys, keyset
+        # mlockall(MCL_CURRENT) locked what was mapped at start; the new keys
+        # may lie in pages mapped since. (MCL_FUTURE would lock every client's
+        # ring too, and fail their connections past RLIMIT_MEMLOCK.)
+        _lock_memory(logging.INFO if os.getpid() == self._main_pid else logging.DEBUG)
         if self._dispatcher is not None:
             self._dispatcher.use(keyset)
         for pid in self._worker_pids:
@@ -467,6 +472,15 @@ class Oracle:
                 and not self._worker_pids:
             lib.shmkey_server_close(self._srv)
             self._srv = None
+
+
+def _lock_memory(level: int, resident_only: bool = True) -> None:
+    """Lock every page now mapped (the keys among them) out of swap; a refusal
+    (an unprivileged ``RLIMIT_MEMLOCK`` is usually too small) is logged at
+    ``level``. ``resident_only``: fault nothing in (``shmkey_lock_memory``)."""
+    if lib.shmkey_lock_memory(int(resident_only)) != lib.SHMKEY_OK:
+        log.log(level, "could not lock the keys in memory (mlockall: %s); they may be swapped",
+                os.strerror(ffi.errno))
 
 
 def _lookup_user(user: str) -> pwd.struct_passwd:
