@@ -287,6 +287,8 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w, uint32_t 
             rc = shmkey_ring_spin(s, w);
         if (rc == 1) {
             shmkey_ring_kick_if_more(s);
+            if (shmkey_signer_serve(s, w))
+                continue;
             work_peer(w);
             return SHMKEY_OK;
         }
@@ -299,6 +301,8 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w, uint32_t 
         if (rc == 1 || rc == 2) {
             shmkey_ring_enter_active(s, w);
             if (w->req.op != SHMKEY_OP_PING) {
+                if (shmkey_signer_serve(s, w))
+                    continue;
                 work_peer(w);
                 return SHMKEY_OK;
             }

@@ -14,10 +14,11 @@ from typing import Optional, Sequence
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-# Connections, the ring and the socket transport, then the OpenSSL provider (provider.h).
-SOURCES = ["common.c", "conn.c", "ring.c", "sock.c", "api.c", "provider.c", "prov_decoder.c",
-           "prov_keyref.c", "prov_keymgmt.c", "prov_signature.c", "prov_cipher.c",
-           "prov_oracle.c"]
+# Connections, the ring and the socket transport, the oracle's C signer and
+# counters; then the OpenSSL provider (provider.h).
+LIB_SOURCES = ["common.c", "conn.c", "ring.c", "sock.c", "api.c", "signer.c", "stats.c"]
+SOURCES = LIB_SOURCES + ["provider.c", "prov_decoder.c", "prov_keyref.c", "prov_keymgmt.c",
+                         "prov_signature.c", "prov_cipher.c", "prov_oracle.c"]
 # The Python extension alone also has the sandbox, and so links libseccomp;
 # the OpenSSL module (loaded into nginx, haproxy) keeps its link line as it is.
 EXTENSION_SOURCES = SOURCES + ["sandbox.c"]
@@ -27,7 +28,7 @@ EXTENSION_LIBRARIES = ["seccomp"]
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
 # The system libcrypto: the one Python's ssl module links, which the provider
 # registers into (shmkey.openssl checks that at run time).
-LIBRARIES = ["pthread", "crypto"]
+LIBRARIES = ["pthread", "crypto", "m"]
 
 
 def package_version() -> str:

@@ -932,6 +932,7 @@ int shmkey_server_open(int fd, int listening, int transport, uint32_t nslots,
     s->peer_uid = geteuid();
     s->peer_gid = -1;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->signer_lock, NULL);
     s->lfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
     int rc = s->lfd < 0 || fcntl(s->lfd, F_SETFL, fcntl(s->lfd, F_GETFL) | O_NONBLOCK) != 0
              ? SHMKEY_ESYSTEM : make_status_page(s);
@@ -957,6 +958,7 @@ int shmkey_server_after_fork(struct shmkey_server *s, uint32_t proc)
         return SHMKEY_EINVAL;
     close_events(s);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->signer_lock, NULL);
     memset(s->conns, 0, sizeof(s->conns));
     s->hw = s->nconns = s->nqs = s->nrings = 0;
     s->grave = NULL;
@@ -1004,7 +1006,9 @@ void shmkey_server_close(struct shmkey_server *s)
         munmap(s->status, SHMKEY_STATUS_SIZE);
     if (s->status_fd >= 0)
         close(s->status_fd);
+    shmkey_signer_release(s);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->signer_lock);
     free(s);
 }
 

@@ -107,6 +107,7 @@ struct sconn {
     uint64_t serial;            /* unique within the oracle: worker process in the top bits */
     int announced;              /* an OPENED event was queued: CLOSED follows */
     char comm[16];              /* the client's process name, read when it connected */
+    uint64_t *stats_row;        /* atomic: its counters, once Python gave it a row */
     /* ring */
     uint8_t *base;
     size_t map_len;
@@ -151,6 +152,8 @@ struct shmkey_server {
     struct shmkey_conn_event events[SHMKEY_MAX_EVENTS];  /* a queue, under lock */
     uint32_t ev_head, ev_count;
     uint64_t ev_dropped;
+    pthread_mutex_t signer_lock;    /* swapping the signer, taking a reference on it */
+    struct shmkey_signer *signer;   /* file keys signed in C; NULL: Python signs all */
 };
 
 /* ===================================================================== */
@@ -218,6 +221,11 @@ int shmkey_ring_reply(struct shmkey_server *s, struct shmkey_work *w,
                       int32_t status, const uint8_t *out, uint32_t out_len);
 void shmkey_ring_enter_active(struct shmkey_server *s, struct shmkey_work *w);
 void shmkey_ring_leave_active(struct shmkey_server *s, struct shmkey_work *w);
+
+/* signer.c */
+/* 1: w's request was signed and answered here; 0: it is Python's. */
+int shmkey_signer_serve(struct shmkey_server *s, struct shmkey_work *w);
+void shmkey_signer_release(struct shmkey_server *s);
 
 /* sock.c */
 int shmkey_sock_open(struct shmkey_client *c, uint64_t deadline_ns, char *why, uint32_t whylen);

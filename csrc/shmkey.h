@@ -243,6 +243,50 @@ void shmkey_server_close(struct shmkey_server *s);
 struct shmkey_work *shmkey_work_new(uint32_t cap);
 void shmkey_work_free(struct shmkey_work *w);
 
+/*
+ * ---- the oracle's counters (stats.c writes them, oracle/stats.py reads) ---
+ * A key's row of 64-bit words: counts by outcome, the latency sum, then a
+ * histogram whose bucket i holds latencies up to shmkey_stats_bound_ns(i)
+ * (an eighth of an octave wide; the last bucket has no bound). A client
+ * connection's row counts its requests in the words below.
+ */
+#define SHMKEY_STAT_SIGNS 0
+#define SHMKEY_STAT_DECRYPTS 1
+#define SHMKEY_STAT_REFUSED_POLICY 2
+#define SHMKEY_STAT_REFUSED_RATE 3
+#define SHMKEY_STAT_ERRORS 4
+#define SHMKEY_STAT_LATENCY_SUM_NS 5
+#define SHMKEY_STAT_HIST 6
+#define SHMKEY_STAT_BOUNDS 176          /* 22 octaves from 1 us */
+#define SHMKEY_CSTAT_OPS 5              /* signs and decryptions */
+#define SHMKEY_CSTAT_REFUSED 6
+#define SHMKEY_CSTAT_ERRORS 7
+#define SHMKEY_CSTAT_LIMITED 8
+uint64_t shmkey_stats_bound_ns(uint32_t i);
+void shmkey_stats_record(uint64_t *key_row, uint64_t *client_row, uint32_t outcome,
+                         uint64_t elapsed_ns);
+
+/*
+ * ---- signing without Python (signer.c; the oracle only) ----------------
+ * The common signatures of file keys (RSA PKCS#1 v1.5 and PSS with MGF1 of
+ * the same hash and a digest-long salt, ECDSA, Ed25519; SHA-256/384/512)
+ * are made by the worker that took the request, in C, with the GIL free.
+ * Anything else (other parameters, token keys, rate-limited keys, a
+ * connection the counters do not know yet) goes to Python as before, which
+ * stays the one judge of what is refused and why.
+ */
+struct shmkey_signer;
+struct shmkey_signer *shmkey_signer_new(void);
+/* der (PKCS#8) is wiped; key_row: the key's counters in this process. */
+int shmkey_signer_add(struct shmkey_signer *g, const uint8_t *key_id, uint8_t *der,
+                      uint32_t der_len, int is_default, uint64_t *key_row);
+void shmkey_signer_free(struct shmkey_signer *g);
+/* Serve with g from the next request on (NULL: none); the server owns g then. */
+void shmkey_server_use_signer(struct shmkey_server *s, struct shmkey_signer *g);
+/* Count w's connection's requests in client_row (its first request came to Python). */
+int shmkey_server_count_client(struct shmkey_server *s, struct shmkey_work *w,
+                               uint64_t *client_row);
+
 /* ---- shared helpers -------------------------------------------------- */
 const char *shmkey_version(void);       /* shmkey/_version.py's, compiled in */
 const char *shmkey_strerror(int status);

@@ -15,7 +15,9 @@ try:
     import build_native
 finally:
     sys.path.pop(0)
-LIB_SOURCES = [CSRC / n for n in ("common.c", "conn.c", "ring.c", "sock.c", "api.c")]
+LIB_SOURCES = [CSRC / n for n in build_native.LIB_SOURCES]
+# What a program linking LIB_SOURCES links.
+LIB_LDFLAGS = [f"-l{lib}" for lib in build_native.LIBRARIES]
 # What every compile of LIB_SOURCES needs: the header and the package version.
 LIB_CFLAGS = ["-std=gnu11", "-I", str(CSRC), *build_native.VERSION_CFLAGS]
 
@@ -24,7 +26,8 @@ def build_tool(name: str, outdir: Path, *cflags: str) -> Path:
     """Compile tests/c/NAME.c with the ring's C sources into outdir/NAME."""
     out = outdir / name
     subprocess.run(["gcc", "-O1", "-g", *LIB_CFLAGS, *cflags, "-o", str(out),
-                    str(ROOT / "tests" / "c" / f"{name}.c"), *map(str, LIB_SOURCES), "-lpthread"],
+                    str(ROOT / "tests" / "c" / f"{name}.c"), *map(str, LIB_SOURCES),
+                    *LIB_LDFLAGS],
                    check=True, capture_output=True)
     return out
 

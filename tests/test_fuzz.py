@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .ctools import LIB_CFLAGS, LIB_SOURCES, ROOT
+from .ctools import LIB_CFLAGS, LIB_LDFLAGS, LIB_SOURCES, ROOT
 
 SECONDS = int(os.environ.get("SHMKEY_FUZZ_SECONDS", "12"))
 FUZZ = ROOT / "tests" / "fuzz"
@@ -23,7 +23,7 @@ def test_libfuzzer_request_parsers(tmp_path: Path) -> None:
     subprocess.run(["clang", "-g", "-O1", *LIB_CFLAGS, "-fsanitize=fuzzer,address,undefined",
                     "-fno-sanitize-recover=undefined", "-o", str(binary),
                     str(ROOT / "tests" / "c" / "fuzz_request.c"), *map(str, LIB_SOURCES),
-                    "-lpthread"], check=True, capture_output=True)
+                    *LIB_LDFLAGS], check=True, capture_output=True)
     corpus = tmp_path / "corpus"
     shutil.copytree(FUZZ / "seeds", corpus)
     run = subprocess.run([str(binary), f"-max_total_time={SECONDS}", "-print_final_stats=1",

@@ -1,6 +1,9 @@
 """Between a worker's copied request and the handler: status requests
 answered, rate limits applied, every private-key request counted and timed
-(``stats``), refusals reported to the audit.
+(``stats``), refusals reported to the audit. It also hands the file keys
+that no rate limit applies to to the C workers (csrc/signer.c), which make
+the common signatures without coming here once a connection has its
+counters.
 """
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from cryptography.hazmat.primitives import serialization
+
 from .. import _wire
-from .._binding import lib
+from .._binding import ffi, lib
 from .audit import Audit
 from .handler import Handler
 from .limits import Bucket
@@ -40,8 +45,10 @@ class Dispatcher:
     """One worker process's front of the handler."""
 
     def __init__(self, keys: KeySet, meter: Meter, status: Callable[[], dict[str, Any]],
-                 chunk: int) -> None:
+                 chunk: int, srv: Any = None) -> None:
         self.meter = meter
+        self._srv = srv                                 # the C server whose workers sign too
+        self._counted: set[int] = set()                 # connections C counts for itself
         self.audit: Optional[Audit] = None
         self._status = status
         self._chunk = chunk
@@ -55,6 +62,24 @@ class Dispatcher:
         self.meter.refresh_keys()
         slots = keys.slots(self.meter)
         self._state = (keys, slots, {slots[kid]: r for kid, r in keys.rates.items() if kid in slots})
+        if self._srv is not None:
+            lib.shmkey_server_use_signer(self._srv, self._signer(keys))
+
+    def _signer(self, keys: KeySet) -> Any:
+        """The C signer of ``keys``' file keys without a rate limit (NULL: none)."""
+        signer = lib.shmkey_signer_new()
+        if signer == ffi.NULL:
+            return ffi.NULL
+        slots = self.meter.slots
+        for kid, key in keys.handler.file_keys():
+            if kid in keys.rates or kid not in slots:
+                continue
+            der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            # C wipes these bytes in place once parsed: no copy of the key is left behind.
+            lib.shmkey_signer_add(signer, kid, ffi.from_buffer("uint8_t[]", der), len(der),
+                                  int(kid == keys.ids[0]), self.meter.key_ptr(slots[kid]))
+        return signer
 
     @property
     def keys(self) -> KeySet:
@@ -64,6 +89,7 @@ class Dispatcher:
     def forget(self, serial: int) -> None:
         """A connection closed: drop its status document and buckets."""
         self._snapshots.pop(serial, None)
+        self._counted.discard(serial)
         for key in [k for k in self._buckets if k[0] == serial]:
             del self._buckets[key]
 
@@ -104,6 +130,9 @@ class Dispatcher:
         with meter.lock:
             row = meter.client(serial, work.peer_pid, work.peer_uid)
             meter.record(slot, row, outcome, elapsed)
+        if row >= 0 and self._srv is not None and serial not in self._counted:
+            self._counted.add(serial)
+            lib.shmkey_server_count_client(self._srv, work, meter.client_ptr(row))
         if outcome == REFUSED_POLICY:
             self._refused("refused by policy", work, out.decode("utf-8", "replace"))
         return status, out

@@ -128,6 +128,14 @@ class Handler:
         self._sign_cache: dict[tuple[int, ...], Optional[_wire.SignSpec]] = {}
         self._ecdsa = _wire.ecdsa_algorithms()     # now, while the oracle may still import
 
+    def file_keys(self) -> list[tuple[bytes, PrivateKey]]:
+        """(key id, key) of every key held in this process's memory (not a token's)."""
+        return [(kid, key) for kid, (key, _) in self._by_id.items()
+                if kid != _wire.DEFAULT_KEY and
+                isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey,
+                                 ed25519.Ed25519PrivateKey)) and
+                not isinstance(key, pkcs11.TokenHeld)]
+
     def public_der(self) -> list[bytes]:
         """SubjectPublicKeyInfo of every key, first key first."""
         return list(self._spki)

@@ -381,7 +381,7 @@ def public_of(session: Any, key: Any, shown: str) -> Any:
 
 
 # -- the keys ----------------------------------------------------------------
-class _TokenHeld:
+class TokenHeld:
     """What every token key shares: its source and public half."""
 
     source: TokenKeySource
@@ -408,7 +408,7 @@ def _unsupported(what: str) -> Callable[[Exception], Exception]:
     return lambda exc: UnsupportedOperationError(f"the token refused {what} ({_why(exc)})")
 
 
-class TokenRSAKey(_TokenHeld, rsa.RSAPrivateKey):
+class TokenRSAKey(TokenHeld, rsa.RSAPrivateKey):
     """An RSA key in a token: PKCS#1 v1.5 and PSS signatures over a digest, OAEP
     (and, if the policy allows, PKCS#1 v1.5) decryption."""
 
@@ -499,7 +499,7 @@ class TokenRSAKey(_TokenHeld, rsa.RSAPrivateKey):
         return self.source.call("decrypt", run, refused)
 
 
-class TokenECKey(_TokenHeld, ec.EllipticCurvePrivateKey):
+class TokenECKey(TokenHeld, ec.EllipticCurvePrivateKey):
     """An EC key in a token: ECDSA (``CKM_ECDSA``) with DER output."""
 
     def __init__(self, source: TokenKeySource, public: ec.EllipticCurvePublicKey) -> None:
@@ -544,7 +544,7 @@ class TokenECKey(_TokenHeld, ec.EllipticCurvePrivateKey):
         raise UnsupportedOperationError("ECDH with a token key is not offered")
 
 
-class TokenEd25519Key(_TokenHeld, ed25519.Ed25519PrivateKey):
+class TokenEd25519Key(TokenHeld, ed25519.Ed25519PrivateKey):
     """An Ed25519 key in a token: pure Ed25519 through ``CKM_EDDSA``."""
 
     def __init__(self, source: TokenKeySource, public: ed25519.Ed25519PublicKey) -> None:

@@ -247,7 +247,7 @@ class Oracle:
         """A worker process's dispatcher and audit (thread workers share one of each)."""
         assert self._keys is not None and self._region is not None
         dispatcher = Dispatcher(self._keys, Meter(self._region, proc), self.status_document,
-                                self.opts.config.slot_size)
+                                self.opts.config.slot_size, self._srv)
         dispatcher.audit = Audit(self._srv, dispatcher.meter, dispatcher.forget)
         return dispatcher, dispatcher.audit
 

@@ -2,19 +2,21 @@
 shared mapping made before any worker process forks, so that whichever
 process answers a status request reads every process's numbers.
 
-Each worker process writes only its own rows (under a lock of its own, for
-its threads); readers add the rows up. Latency is a histogram of the time a
-request spends in the handler (policy checks and the math), in buckets an
-eighth of an octave wide.
+Each worker process writes only its own rows; readers add the rows up. Counts
+are added atomically, in C (csrc/stats.c), since a key's row is written both
+by Python and by the workers that sign in C. Latency is a histogram of the
+time a request spends in the handler (policy checks and the math), in
+buckets an eighth of an octave wide (the rule is C's too).
 """
 from __future__ import annotations
 
 import mmap
-from bisect import bisect_left
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
+
+from .._binding import ffi, lib
 
 MAX_KEYS = 32           # key ids over the oracle's life, reloads included
 MAX_CLIENTS = 1024      # rows per worker process: SHMKEY_MAX_CONNS
@@ -22,21 +24,27 @@ KEY_ID_LEN = 32
 _COMM_LEN = 16          # a process name as /proc/PID/comm has it
 
 # Histogram bucket i holds latencies up to BOUNDS_NS[i]; the last bucket has no bound.
-_PER_OCTAVE = 8
-BOUNDS_NS: tuple[int, ...] = tuple(round(1000 * 2 ** (i / _PER_OCTAVE))
-                                   for i in range(_PER_OCTAVE * 22))
+BOUNDS_NS: tuple[int, ...] = tuple(int(lib.shmkey_stats_bound_ns(i))
+                                   for i in range(lib.SHMKEY_STAT_BOUNDS))
 _NBUCKETS = len(BOUNDS_NS) + 1
 
-# Key row: counters, then the latency sum and histogram.
-SIGNS, DECRYPTS, REFUSED_POLICY, REFUSED_RATE, ERRORS, LATENCY_SUM_NS = range(6)
-_HIST = 6
+# Key row (shmkey.h's SHMKEY_STAT_*): counters, then the latency sum and histogram.
+SIGNS: int = lib.SHMKEY_STAT_SIGNS
+DECRYPTS: int = lib.SHMKEY_STAT_DECRYPTS
+REFUSED_POLICY: int = lib.SHMKEY_STAT_REFUSED_POLICY
+REFUSED_RATE: int = lib.SHMKEY_STAT_REFUSED_RATE
+ERRORS: int = lib.SHMKEY_STAT_ERRORS
+LATENCY_SUM_NS: int = lib.SHMKEY_STAT_LATENCY_SUM_NS
+_HIST: int = lib.SHMKEY_STAT_HIST
 _KEY_WORDS = _HIST + _NBUCKETS
-# Client row: who, since when, what it did; the process name in the last two words.
-_C_SERIAL, _C_PID, _C_UID, _C_SINCE_MS, _C_TRANSPORT, _C_OPS, _C_REFUSED, _C_ERRORS, \
-    _C_LIMITED, _C_COMM = range(10)
+# Client row: who, since when, what it did (SHMKEY_CSTAT_*); the process name in the last two words.
+_C_SERIAL, _C_PID, _C_UID, _C_SINCE_MS, _C_TRANSPORT = range(5)
+_C_OPS: int = lib.SHMKEY_CSTAT_OPS
+_C_REFUSED: int = lib.SHMKEY_CSTAT_REFUSED
+_C_ERRORS: int = lib.SHMKEY_CSTAT_ERRORS
+_C_LIMITED: int = lib.SHMKEY_CSTAT_LIMITED
+_C_COMM = _C_LIMITED + 1
 _CLIENT_WORDS = _C_COMM + _COMM_LEN // 8
-_CLIENT_FIELD = {SIGNS: _C_OPS, DECRYPTS: _C_OPS, REFUSED_POLICY: _C_REFUSED,
-                 REFUSED_RATE: _C_LIMITED, ERRORS: _C_ERRORS}
 _HEAD_WORDS = 8         # the oracle's own counters: [0] worker restarts
 _PROC_WORDS = MAX_KEYS * _KEY_WORDS + MAX_CLIENTS * _CLIENT_WORDS
 
@@ -68,6 +76,7 @@ class Region:
         self._ids = memoryview(self._map)[:self._ids_len]
         self._head = memoryview(self._map)[self._ids_len:head].cast("Q")
         self.words = memoryview(self._map)[head:].cast("Q")
+        self.ptr: Any = ffi.from_buffer("uint64_t[]", self.words)     # the same words, for C
 
     @property
     def restarts(self) -> int:
@@ -249,12 +258,14 @@ class Meter:
             outcome: SIGNS, DECRYPTS, REFUSED_POLICY, REFUSED_RATE or ERRORS.
             elapsed_ns: time in the handler; 0 for a request refused before it.
         """
-        w = self.region.words
-        base = self.region.key_row(self.proc, slot)
-        w[base + outcome] += 1
-        if elapsed_ns:
-            w[base + LATENCY_SUM_NS] += elapsed_ns
-            w[base + _HIST + bisect_left(BOUNDS_NS, elapsed_ns)] += 1
-        if client_row >= 0:
-            w[client_row + _CLIENT_FIELD[outcome]] += 1
+        lib.shmkey_stats_record(self.key_ptr(slot), self.client_ptr(client_row), outcome,
+                                elapsed_ns)
+
+    def key_ptr(self, slot: int) -> Any:
+        """Key row ``slot`` of this process, for C."""
+        return self.region.ptr + self.region.key_row(self.proc, slot)
+
+    def client_ptr(self, client_row: int) -> Any:
+        """A client row of :meth:`client`, for C (NULL for -1)."""
+        return self.region.ptr + client_row if client_row >= 0 else ffi.NULL
 

@@ -1,0 +1,210 @@
+/*
+ * signer.c - in the oracle: the common signatures of file keys, made by the
+ * worker that took the request, without going up to Python.
+ *
+ * A TLS handshake's signature is one of a handful of shapes; for those the
+ * worker calls OpenSSL here, with the GIL free, so several workers of one
+ * process sign at once and no request waits for the interpreter. Any other
+ * request, and any request this code is unsure of, goes to Python
+ * (oracle/handler.py), which stays the one judge of what is valid, refused
+ * or an error: nothing is refused here.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+
+#define MAX_SIGNER_KEYS 32
+#define MAX_SIGNATURE 1024      /* RSA-8192; the largest of any key the oracle loads */
+
+struct signer_key {
+    uint8_t id[32];
+    EVP_PKEY *pkey;
+    int type;                   /* EVP_PKEY_RSA, _EC or _ED25519 */
+    uint64_t *row;              /* its counters in this worker process */
+};
+
+struct shmkey_signer {
+    uint32_t refs;              /* atomic: the server's, and each request in progress */
+    uint32_t n;
+    int dflt;                   /* the first key of the oracle (key id all zero); -1: not here */
+    struct signer_key keys[MAX_SIGNER_KEYS];
+};
+
+struct shmkey_signer *shmkey_signer_new(void)
+{
+    struct shmkey_signer *g = calloc(1, sizeof(*g));
+    if (g) {
+        g->refs = 1;
+        g->dflt = -1;
+    }
+    return g;
+}
+
+int shmkey_signer_add(struct shmkey_signer *g, const uint8_t *key_id, uint8_t *der,
+                      uint32_t der_len, int is_default, uint64_t *key_row)
+{
+    const unsigned char *p = der;
+    EVP_PKEY *pkey = g->n < MAX_SIGNER_KEYS ? d2i_AutoPrivateKey(NULL, &p, (long)der_len) : NULL;
+    OPENSSL_cleanse(der, der_len);
+    if (!pkey)
+        return g->n < MAX_SIGNER_KEYS ? SHMKEY_EINTERNAL : SHMKEY_EINVAL;
+    int type = EVP_PKEY_get_base_id(pkey);
+    if (type != EVP_PKEY_RSA && type != EVP_PKEY_EC && type != EVP_PKEY_ED25519) {
+        EVP_PKEY_free(pkey);
+        return SHMKEY_EUNSUPPORTED;
+    }
+    struct signer_key *k = &g->keys[g->n];
+    memcpy(k->id, key_id, sizeof(k->id));
+    k->pkey = pkey;
+    k->type = type;
+    k->row = key_row;
+    if (is_default)
+        g->dflt = (int)g->n;
+    g->n++;
+    return SHMKEY_OK;
+}
+
+void shmkey_signer_free(struct shmkey_signer *g)
+{
+    if (!g)
+        return;
+    for (uint32_t i = 0; i < g->n; i++)
+        EVP_PKEY_free(g->keys[i].pkey);
+    free(g);
+}
+
+static void signer_put(struct shmkey_signer *g)
+{
+    if (g && __atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        shmkey_signer_free(g);
+}
+
+void shmkey_server_use_signer(struct shmkey_server *s, struct shmkey_signer *g)
+{
+    pthread_mutex_lock(&s->signer_lock);
+    struct shmkey_signer *old = s->signer;
+    s->signer = g;
+    pthread_mutex_unlock(&s->signer_lock);
+    signer_put(old);            /* freed once the requests signing with it are done */
+}
+
+void shmkey_signer_release(struct shmkey_server *s)
+{
+    shmkey_server_use_signer(s, NULL);
+}
+
+int shmkey_server_count_client(struct shmkey_server *s, struct shmkey_work *w,
+                               uint64_t *client_row)
+{
+    (void)s;
+    struct sconn *k = w->conn;
+    if (!k)
+        return SHMKEY_EINVAL;
+    __atomic_store_n(&k->stats_row, client_row, __ATOMIC_RELEASE);
+    return SHMKEY_OK;
+}
+
+static struct shmkey_signer *signer_get(struct shmkey_server *s)
+{
+    pthread_mutex_lock(&s->signer_lock);
+    struct shmkey_signer *g = s->signer;
+    if (g)
+        __atomic_add_fetch(&g->refs, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&s->signer_lock);
+    return g;
+}
+
+static const struct signer_key *find_key(const struct shmkey_signer *g, const uint8_t *id)
+{
+    static const uint8_t zero[32];
+    if (memcmp(id, zero, sizeof(zero)) == 0)
+        return g->dflt >= 0 ? &g->keys[g->dflt] : NULL;
+    for (uint32_t i = 0; i < g->n; i++)
+        if (memcmp(g->keys[i].id, id, sizeof(zero)) == 0)
+            return &g->keys[i];
+    return NULL;
+}
+
+/* The hashes a TLS signature uses; NULL for anything else (Python decides). */
+static const EVP_MD *tls_hash(uint32_t code)
+{
+    switch (code) {
+    case SHMKEY_HASH_SHA256: return EVP_sha256();
+    case SHMKEY_HASH_SHA384: return EVP_sha384();
+    case SHMKEY_HASH_SHA512: return EVP_sha512();
+    default: return NULL;
+    }
+}
+
+/* Sign a digest with an RSA or EC key; 1 on success, 0 if Python should try. */
+static int sign_digest(const struct signer_key *k, const struct shmkey_work *w,
+                       uint8_t *out, size_t *out_len)
+{
+    const uint32_t *p = w->req.p;
+    const EVP_MD *md = tls_hash(p[1]);
+    if (!md || w->req.in_len != (uint32_t)EVP_MD_get_size(md))
+        return 0;
+    int pad = 0;
+    if (k->type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PKCS1V15 && p[2] == 0 && p[3] == 0)
+        pad = RSA_PKCS1_PADDING;
+    else if (k->type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PSS && p[2] == p[1] &&
+             p[3] == w->req.in_len)
+        pad = RSA_PKCS1_PSS_PADDING;
+    else if (!(k->type == EVP_PKEY_EC && p[0] == SHMKEY_SIG_ECDSA && p[2] == 0 && p[3] == 0))
+        return 0;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(k->pkey, NULL);
+    int ok = ctx && EVP_PKEY_sign_init(ctx) == 1 && EVP_PKEY_CTX_set_signature_md(ctx, md) == 1;
+    if (ok && pad)
+        ok = EVP_PKEY_CTX_set_rsa_padding(ctx, pad) == 1;
+    if (ok && pad == RSA_PKCS1_PSS_PADDING)
+        ok = EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, md) == 1 &&
+             EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx, (int)p[3]) == 1;
+    ok = ok && EVP_PKEY_sign(ctx, out, out_len, w->payload, w->req.in_len) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    return ok;
+}
+
+static int sign_ed25519(const struct signer_key *k, const struct shmkey_work *w,
+                        uint8_t *out, size_t *out_len)
+{
+    const uint32_t *p = w->req.p;
+    if (p[0] != SHMKEY_SIG_ED25519 || p[1] || p[2] || p[3])
+        return 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    int ok = ctx && EVP_DigestSignInit(ctx, NULL, NULL, NULL, k->pkey) == 1 &&
+             EVP_DigestSign(ctx, out, out_len, w->payload, w->req.in_len) == 1;
+    EVP_MD_CTX_free(ctx);
+    return ok;
+}
+
+int shmkey_signer_serve(struct shmkey_server *s, struct shmkey_work *w)
+{
+    struct sconn *conn = w->conn;
+    if (w->req.op != SHMKEY_OP_SIGN || !conn)
+        return 0;
+    uint64_t *client_row = __atomic_load_n(&conn->stats_row, __ATOMIC_ACQUIRE);
+    if (!client_row)
+        return 0;               /* Python counts this connection's first request */
+    struct shmkey_signer *g = signer_get(s);
+    const struct signer_key *k = g ? find_key(g, w->req.key_id) : NULL;
+    uint8_t out[MAX_SIGNATURE];
+    size_t out_len = sizeof(out);
+    int done = 0;
+    if (k) {
+        uint64_t t0 = shmkey_now_ns();
+        done = k->type == EVP_PKEY_ED25519 ? sign_ed25519(k, w, out, &out_len)
+                                            : sign_digest(k, w, out, &out_len);
+        if (done) {
+            shmkey_stats_record(k->row, client_row, SHMKEY_STAT_SIGNS, shmkey_now_ns() - t0);
+            shmkey_server_reply(s, w, SHMKEY_OK, out, (uint32_t)out_len);
+        }
+    }
+    OPENSSL_cleanse(out, sizeof(out));
+    signer_put(g);
+    return done;
+}
