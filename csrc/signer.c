@@ -21,11 +21,17 @@
 #define MAX_SIGNER_KEYS 32
 #define MAX_SIGNATURE 1024      /* RSA-8192; the largest of any key the oracle loads */
 
+/* Prepared contexts, one per hash and padding: OpenSSL 3 fetches its
+   algorithms on every fresh context, which a copy of a prepared one skips. */
+#define NHASH 3                 /* SHA-256, -384, -512 */
+enum { PREP_PKCS1, PREP_PSS, PREP_ECDSA, NPREP };
+
 struct signer_key {
     uint8_t id[32];
     EVP_PKEY *pkey;
     int type;                   /* EVP_PKEY_RSA, _EC or _ED25519 */
     uint64_t *row;              /* its counters in this worker process */
+    EVP_PKEY_CTX *prep[NPREP][NHASH];
 };
 
 struct shmkey_signer {
@@ -34,6 +40,38 @@ struct shmkey_signer {
     int dflt;                   /* the first key of the oracle (key id all zero); -1: not here */
     struct signer_key keys[MAX_SIGNER_KEYS];
 };
+
+/* The hashes a TLS signature uses, as an index; -1 for anything else (Python decides). */
+static int tls_hash(uint32_t code)
+{
+    switch (code) {
+    case SHMKEY_HASH_SHA256: return 0;
+    case SHMKEY_HASH_SHA384: return 1;
+    case SHMKEY_HASH_SHA512: return 2;
+    default: return -1;
+    }
+}
+
+static const uint32_t digest_len[NHASH] = {32, 48, 64};
+
+/* A signing context of pkey for one padding and hash, ready to copy; NULL if none. */
+static EVP_PKEY_CTX *prepare(EVP_PKEY *pkey, int prep, int h)
+{
+    const EVP_MD *md = h == 0 ? EVP_sha256() : h == 1 ? EVP_sha384() : EVP_sha512();
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(pkey, NULL);
+    int ok = ctx && EVP_PKEY_sign_init(ctx) == 1 && EVP_PKEY_CTX_set_signature_md(ctx, md) == 1;
+    if (ok && prep == PREP_PKCS1)
+        ok = EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1;
+    if (ok && prep == PREP_PSS)
+        ok = EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PSS_PADDING) == 1 &&
+             EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, md) == 1 &&
+             EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx, (int)digest_len[h]) == 1;
+    if (!ok) {
+        EVP_PKEY_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
 
 struct shmkey_signer *shmkey_signer_new(void)
 {
@@ -63,6 +101,14 @@ int shmkey_signer_add(struct shmkey_signer *g, const uint8_t *key_id, uint8_t *d
     k->pkey = pkey;
     k->type = type;
     k->row = key_row;
+    for (int h = 0; h < NHASH; h++) {
+        if (type == EVP_PKEY_RSA) {
+            k->prep[PREP_PKCS1][h] = prepare(pkey, PREP_PKCS1, h);
+            k->prep[PREP_PSS][h] = prepare(pkey, PREP_PSS, h);
+        } else if (type == EVP_PKEY_EC) {
+            k->prep[PREP_ECDSA][h] = prepare(pkey, PREP_ECDSA, h);
+        }
+    }
     if (is_default)
         g->dflt = (int)g->n;
     g->n++;
@@ -73,8 +119,12 @@ void shmkey_signer_free(struct shmkey_signer *g)
 {
     if (!g)
         return;
-    for (uint32_t i = 0; i < g->n; i++)
+    for (uint32_t i = 0; i < g->n; i++) {
+        for (int p = 0; p < NPREP; p++)
+            for (int h = 0; h < NHASH; h++)
+                EVP_PKEY_CTX_free(g->keys[i].prep[p][h]);
         EVP_PKEY_free(g->keys[i].pkey);
+    }
     free(g);
 }
 
@@ -130,41 +180,28 @@ static const struct signer_key *find_key(const struct shmkey_signer *g, const ui
     return NULL;
 }
 
-/* The hashes a TLS signature uses; NULL for anything else (Python decides). */
-static const EVP_MD *tls_hash(uint32_t code)
-{
-    switch (code) {
-    case SHMKEY_HASH_SHA256: return EVP_sha256();
-    case SHMKEY_HASH_SHA384: return EVP_sha384();
-    case SHMKEY_HASH_SHA512: return EVP_sha512();
-    default: return NULL;
-    }
-}
 
 /* Sign a digest with an RSA or EC key; 1 on success, 0 if Python should try. */
 static int sign_digest(const struct signer_key *k, const struct shmkey_work *w,
                        uint8_t *out, size_t *out_len)
 {
     const uint32_t *p = w->req.p;
-    const EVP_MD *md = tls_hash(p[1]);
-    if (!md || w->req.in_len != (uint32_t)EVP_MD_get_size(md))
+    int h = tls_hash(p[1]), prep;
+    if (h < 0 || w->req.in_len != digest_len[h])
         return 0;
-    int pad = 0;
     if (k->type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PKCS1V15 && p[2] == 0 && p[3] == 0)
-        pad = RSA_PKCS1_PADDING;
+        prep = PREP_PKCS1;
     else if (k->type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PSS && p[2] == p[1] &&
              p[3] == w->req.in_len)
-        pad = RSA_PKCS1_PSS_PADDING;
-    else if (!(k->type == EVP_PKEY_EC && p[0] == SHMKEY_SIG_ECDSA && p[2] == 0 && p[3] == 0))
+        prep = PREP_PSS;
+    else if (k->type == EVP_PKEY_EC && p[0] == SHMKEY_SIG_ECDSA && p[2] == 0 && p[3] == 0)
+        prep = PREP_ECDSA;
+    else
         return 0;
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(k->pkey, NULL);
-    int ok = ctx && EVP_PKEY_sign_init(ctx) == 1 && EVP_PKEY_CTX_set_signature_md(ctx, md) == 1;
-    if (ok && pad)
-        ok = EVP_PKEY_CTX_set_rsa_padding(ctx, pad) == 1;
-    if (ok && pad == RSA_PKCS1_PSS_PADDING)
-        ok = EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, md) == 1 &&
-             EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx, (int)p[3]) == 1;
-    ok = ok && EVP_PKEY_sign(ctx, out, out_len, w->payload, w->req.in_len) == 1;
+    if (!k->prep[prep][h])
+        return 0;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_dup(k->prep[prep][h]);
+    int ok = ctx && EVP_PKEY_sign(ctx, out, out_len, w->payload, w->req.in_len) == 1;
     EVP_PKEY_CTX_free(ctx);
     return ok;
 }
