@@ -37,8 +37,9 @@ def switches(pid: int) -> int:
     return total
 
 
-def aio_run(name: str, concurrency: int, seconds: float, q: multiprocessing.Queue) -> None:
-    key = shmkey.connect(name, transport="shm").private_key()
+def aio_run(name: str, user: str, concurrency: int, seconds: float,
+            q: multiprocessing.Queue) -> None:
+    key = shmkey.connect(name, transport="shm", oracle_user=user).private_key()
     assert isinstance(key, shmkey.OracleKey)
 
     async def main() -> int:
@@ -60,8 +61,8 @@ def aio_run(name: str, concurrency: int, seconds: float, q: multiprocessing.Queu
     q.put((n / (time.monotonic() - t0), (switches(os.getpid()) - s0) / max(n, 1)))
 
 
-def sync_run(name: str, seconds: float, q: multiprocessing.Queue) -> None:
-    key = shmkey.connect(name, transport="shm").private_key()
+def sync_run(name: str, user: str, seconds: float, q: multiprocessing.Queue) -> None:
+    key = shmkey.connect(name, transport="shm", oracle_user=user).private_key()
     assert isinstance(key, shmkey.OracleKey)
     key.sign(b"m", PSS, hashes.SHA256())
     s0, t0, n = switches(os.getpid()), time.monotonic(), 0
@@ -72,12 +73,12 @@ def sync_run(name: str, seconds: float, q: multiprocessing.Queue) -> None:
     q.put((n / (time.monotonic() - t0), (switches(os.getpid()) - s0) / max(n, 1)))
 
 
-def measure(name: str, mode: str, seconds: float) -> tuple[float, float]:
+def measure(name: str, user: str, mode: str, seconds: float) -> tuple[float, float]:
     q: multiprocessing.Queue = multiprocessing.Queue()
     if mode == "asyncio x64":
-        procs = [multiprocessing.Process(target=aio_run, args=(name, 64, seconds, q))]
+        procs = [multiprocessing.Process(target=aio_run, args=(name, user, 64, seconds, q))]
     else:
-        procs = [multiprocessing.Process(target=sync_run, args=(name, seconds, q))
+        procs = [multiprocessing.Process(target=sync_run, args=(name, user, seconds, q))
                  for _ in range(2)]
     for p in procs:
         p.start()
@@ -103,7 +104,7 @@ def main() -> int:
             results: dict[str, list[tuple[float, float]]] = {}
             for _ in range(args.rounds):
                 for mode in ("2 processes, sync", "asyncio x64"):
-                    results.setdefault(mode, []).append(measure(serve.name, mode, args.seconds))
+                    results.setdefault(mode, []).append(measure(serve.name, serve.user, mode, args.seconds))
         finally:
             serve.stop()
     base = statistics.median(r for r, _ in results["2 processes, sync"])

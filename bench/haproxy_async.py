@@ -84,7 +84,7 @@ def main() -> int:
         serve = Serve(key, "shm").start()
         try:
             ref = work / "ref.pem"
-            keyref.write(serve.name, ref, cert=cert)
+            keyref.write(serve.name, ref, cert=cert, oracle_user=serve.user)
             crts = {"oracle": work / "oracle.pem", "in-haproxy": work / "own.pem"}
             crts["oracle"].write_bytes(cert.read_bytes() + ref.read_bytes())
             crts["in-haproxy"].write_bytes(cert.read_bytes() + key.read_bytes())
