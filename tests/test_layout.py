@@ -16,7 +16,7 @@ PACKAGE = Path(shmkey.__file__).resolve().parent
 # What each part of the package may import of shmkey. A part is a top-level
 # module or a subpackage; the core modules are shared by every part.
 CORE = {"errors", "_binding", "_native", "_version", "config", "names", "_wire", "_process", "_stats",
-        "_p11uri", "_notify"}
+        "_p11uri", "_notify", "_held"}
 MAY_IMPORT = {
     "errors": set(),
     "oracle": CORE,

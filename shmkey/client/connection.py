@@ -112,16 +112,20 @@ class OracleClient:
             OracleTimeoutError, OracleUnavailableError, PolicyError, ...: as the
                 oracle or transport reports.
         """
-        if len(payload) > self._max:
-            raise InvalidArgumentError(
-                f"request payload is {len(payload)} bytes; the oracle accepts at most "
-                f"{self._max} (SHMKEY_SLOT_SIZE)")
-        req = ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
-                                              "key_id": key_id})
+        req = self._request(op, params, payload, key_id)
         resp, out = self._buffers()
         rc = lib.shmkey_call(self._handle, req, payload, out, len(out), resp,
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         return self._result(rc, resp, out)
+
+    def _request(self, op: int, params: _wire.Params, payload: bytes, key_id: bytes) -> Any:
+        """The request struct, once the payload is known to fit a slot."""
+        if len(payload) > self._max:
+            raise InvalidArgumentError(
+                f"request payload is {len(payload)} bytes; the oracle accepts at most "
+                f"{self._max} (SHMKEY_SLOT_SIZE)")
+        return ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
+                                               "key_id": key_id})
 
     def _result(self, rc: int, resp: Any, out: Any) -> bytes:
         if rc in _CONNECT_ERRORS:
@@ -149,12 +153,7 @@ class OracleClient:
             InvalidArgumentError: payload larger than a slot (nothing is sent).
             OracleUnavailableError, OracleIdentityError, ...: (re)connecting failed.
         """
-        if len(payload) > self._max:
-            raise InvalidArgumentError(
-                f"request payload is {len(payload)} bytes; the oracle accepts at most "
-                f"{self._max} (SHMKEY_SLOT_SIZE)")
-        req = ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
-                                              "key_id": key_id})
+        req = self._request(op, params, payload, key_id)
         ticket = ffi.new("struct shmkey_ticket *")
         rc = lib.shmkey_submit(self._handle, req, payload,
                                self._timeout_ms if timeout_ms is None else timeout_ms, ticket)

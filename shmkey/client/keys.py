@@ -5,7 +5,7 @@ P-384) and Ed25519, each a stand-in for (and a subclass of) the matching
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn, Union
+from typing import TYPE_CHECKING, NoReturn, Union
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 
 from .. import _wire
+from .._held import HeldElsewhere
 from .._binding import lib
-from ..errors import KeyIsolatedError, ProtocolError, UnsupportedOperationError
+from ..errors import ProtocolError, UnsupportedOperationError
 
 if TYPE_CHECKING:
     from .connection import OracleClient
@@ -22,8 +23,10 @@ if TYPE_CHECKING:
 Buffer = Union[bytes, bytearray, memoryview]
 
 
-class _OracleHeld:
+class _OracleHeld(HeldElsewhere):
     """What every oracle-held key shares: its client, id and public half."""
+
+    _HELD_IN = "the key oracle"
 
     _client: OracleClient
     _id: bytes
@@ -46,20 +49,6 @@ class _OracleHeld:
     def ping(self) -> None:
         """A no-op round trip over the same path as ``sign``."""
         self._client.ping()
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> NoReturn:
-        """Always raises: the private key never leaves the oracle."""
-        raise KeyIsolatedError("the private key lives in the key oracle; it cannot be serialized")
-
-    def private_numbers(self) -> NoReturn:
-        """Always raises: the private numbers never leave the oracle."""
-        raise KeyIsolatedError("the private key lives in the key oracle; it cannot be exported")
-
-    def __copy__(self) -> Any:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return self
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self._id[:6].hex()} via "
@@ -181,7 +170,7 @@ class OracleEd25519Key(_OracleHeld, ed25519.Ed25519PrivateKey):
 
     def private_bytes_raw(self) -> NoReturn:
         """Always raises: the private key never leaves the oracle."""
-        raise KeyIsolatedError("the private key lives in the key oracle; it cannot be serialized")
+        self.private_bytes()
 
 
 AnyOracleKey = Union[OracleKey, OracleECKey, OracleEd25519Key]

@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from .. import _p11uri, _wire
-from ..errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyIsolatedError,
-                      KeyLoadError, TokenUnavailableError, UnsupportedOperationError)
+from .._held import HeldElsewhere
+from ..errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyLoadError,
+                      TokenUnavailableError, UnsupportedOperationError)
 
 try:
     import pkcs11
@@ -381,24 +382,12 @@ def public_of(session: Any, key: Any, shown: str) -> Any:
 
 
 # -- the keys ----------------------------------------------------------------
-class TokenHeld:
+class TokenHeld(HeldElsewhere):
     """What every token key shares: its source and public half."""
 
+    _HELD_IN = "a PKCS#11 token"
+
     source: TokenKeySource
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> NoReturn:
-        """Always raises: the private key never leaves the token."""
-        raise KeyIsolatedError("the private key lives in a PKCS#11 token; it cannot be serialized")
-
-    def private_numbers(self) -> NoReturn:
-        """Always raises: the private numbers never leave the token."""
-        raise KeyIsolatedError("the private key lives in a PKCS#11 token; it cannot be exported")
-
-    def __copy__(self) -> Any:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return self
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.source.shown}>"
@@ -569,7 +558,7 @@ class TokenEd25519Key(TokenHeld, ed25519.Ed25519PrivateKey):
 
     def private_bytes_raw(self) -> NoReturn:
         """Always raises: the private key never leaves the token."""
-        raise KeyIsolatedError("the private key lives in a PKCS#11 token; it cannot be serialized")
+        self.private_bytes()
 
 
 TokenKey = Union[TokenRSAKey, TokenECKey, TokenEd25519Key]
