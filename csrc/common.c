@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/mman.h>
@@ -405,12 +406,70 @@ size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size)
  * now only delays whoever must produce what we wait for.
  */
 #define SPIN_PREEMPTED_NS 30000u
+/* How often a spinner asks the kernel whether anyone waits for a core (~1.5 us a look). */
+#define SPIN_LOOK_NS 20000u
 
-int shmkey_spin_should_stop(uint64_t *last, uint64_t end, uint32_t busy, uint32_t ncpu)
+/*
+ * Tasks running or waiting for a core, machine-wide, this one included: the
+ * kernel's count in /proc/loadavg, which no peer can forge. 0 when it cannot
+ * be read (a chroot without /proc): then only our own hints decide.
+ */
+uint32_t shmkey_runnable(void)
+{
+    static int fd = -2;                 /* -2: not opened yet; -1: not to be had */
+    int f = __atomic_load_n(&fd, __ATOMIC_ACQUIRE);
+    if (f == -2) {
+        int mine = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+        int expect = -2;
+        if (!__atomic_compare_exchange_n(&fd, &expect, mine, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE)) {
+            if (mine >= 0)
+                close(mine);
+            mine = expect;
+        }
+        f = mine;
+    }
+    char buf[96];
+    ssize_t n = f >= 0 ? pread(f, buf, sizeof(buf) - 1, 0) : -1;
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    /* "0.37 0.28 0.13 2/99 4659": the fourth field's numerator */
+    const char *p = buf;
+    for (int field = 0; field < 3 && p; field++)
+        if ((p = strchr(p, ' ')))
+            p++;
+    return p ? (uint32_t)strtoul(p, NULL, 10) : 0;
+}
+
+void shmkey_spin_begin(struct shmkey_spin *sp, uint32_t budget_us, int yield)
+{
+    sp->yield = yield;
+    sp->last = shmkey_now_ns();
+    sp->end = sp->last + (uint64_t)budget_us * 1000u;
+    sp->look = sp->last + SPIN_LOOK_NS;
+    sp->crowded = 0;
+}
+
+int shmkey_spin_should_stop(struct shmkey_spin *sp, uint32_t busy, uint32_t ncpu)
 {
     uint64_t now = shmkey_now_ns();
-    int stop = now >= end || now - *last > SPIN_PREEMPTED_NS || busy > ncpu;
-    *last = now;
+    int stop = now >= sp->end || now - sp->last > SPIN_PREEMPTED_NS || busy > ncpu;
+    sp->last = now;
+    if (!stop && now >= sp->look) {
+        /*
+         * A client we woke may have been placed on this very core (the
+         * kernel puts a wakee near its waker) and waits behind us: let it
+         * run. And a machine with more tasks than cores, twice in a row (a
+         * kernel thread passing by is no reason), wants this core back.
+         */
+        if (sp->yield && !getenv("SHMKEY_NOYIELD"))
+            sched_yield();
+        sp->look = now + SPIN_LOOK_NS;
+        sp->crowded = shmkey_runnable() > ncpu ? sp->crowded + 1 : 0;
+        stop = sp->crowded >= 2 && !getenv("SHMKEY_NOLOOK");
+        sp->last = shmkey_now_ns();
+    }
     return stop;
 }
 

@@ -41,6 +41,12 @@ _Static_assert(sizeof(struct shmkey_status) <= 4096, "the status page is one pag
  * page and one wake-up socketpair per slot. Shared by the client's threads, kept
  * alive by references, replaced when the oracle hangs up.
  */
+struct expect {
+    uint64_t shape, ns;         /* atomic: a request shape, how long it takes (0: not known) */
+};
+
+#define CRING_EXPECT 8
+
 struct cring {
     int refs;                   /* atomic */
     int dead;                   /* atomic: the oracle hung up */
@@ -56,6 +62,7 @@ struct cring {
     uint32_t slot_waiters;      /* threads asleep for a slot (atomic) */
     pthread_mutex_t lock;       /* for those sleepers only */
     pthread_cond_t cond;
+    struct expect expect[CRING_EXPECT];     /* by request shape, this process's (a hint) */
 };
 
 struct shmkey_client {
@@ -179,8 +186,17 @@ static inline void shmkey_cpu_relax(void)
 #endif
 }
 
-/* Stop spinning at end, when the spinners want more cores than exist, or when preempted. */
-int shmkey_spin_should_stop(uint64_t *last, uint64_t end, uint32_t busy, uint32_t ncpu);
+/* One spin's clock: its budget, and when it last looked around. */
+struct shmkey_spin {
+    uint64_t last, end, look;
+    uint32_t crowded;           /* looks in a row that saw more tasks than cores */
+    int yield;                  /* let others on this core run at each look */
+};
+void shmkey_spin_begin(struct shmkey_spin *sp, uint32_t budget_us, int yield);
+/* Stop spinning at the end of the budget, when the spinners want more cores
+ * than exist, when preempted, or when the kernel has tasks waiting for a core. */
+int shmkey_spin_should_stop(struct shmkey_spin *sp, uint32_t busy, uint32_t ncpu);
+uint32_t shmkey_runnable(void);
 uint32_t shmkey_status_active(const struct shmkey_status *st, uint32_t nprocs);
 
 /* conn.c: connections, both sides */

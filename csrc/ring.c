@@ -308,8 +308,9 @@ static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t 
         __atomic_sub_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
         return ctl;
     }
-    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)r->spin_us * 1000u;
-    uint64_t unclaimed_until = last + SPIN_UNCLAIMED_NS;
+    struct shmkey_spin sp;
+    shmkey_spin_begin(&sp, r->spin_us, 0);
+    uint64_t unclaimed_until = sp.last + SPIN_UNCLAIMED_NS;
     for (unsigned i = 1;; i++) {
         ctl = ctl_load(s);
         if (CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
@@ -318,8 +319,8 @@ static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t 
         if ((i & 63) == 0) {
             uint32_t busy = shmkey_status_active(r->status, r->nprocs) +
                             __atomic_load_n(&r->spinning, __ATOMIC_RELAXED);
-            if (shmkey_spin_should_stop(&last, end, busy, r->ncpu) ||
-                (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED && last >= unclaimed_until) ||
+            if (shmkey_spin_should_stop(&sp, busy, r->ncpu) ||
+                (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED && sp.last >= unclaimed_until) ||
                 __atomic_load_n(&r->dead, __ATOMIC_RELAXED))
                 break;
         }
@@ -339,14 +340,50 @@ static int drain(int fd)
 }
 
 /*
+ * Sleep until slot s moves on from ctl, the oracle hangs up, or until_ns;
+ * the slot's new control word. Dekker with the worker: it stores DONE, then
+ * reads waiters, and rings the slot's wake-up socket if we sleep.
+ */
+static uint64_t sleep_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint64_t ctl,
+                                uint64_t until_ns)
+{
+    __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
+    uint64_t now = shmkey_now_ns();
+    if (__atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST) == ctl && now < until_ns) {
+        struct pollfd p[2] = {{.fd = r->wake[i], .events = POLLIN},
+                              {.fd = r->sock, .events = POLLIN}};
+        uint64_t left = until_ns - now;
+        struct timespec ts = {.tv_sec = (time_t)(left / 1000000000u),
+                              .tv_nsec = (long)(left % 1000000000u)};
+        if (ppoll(p, 2, &ts, NULL) > 0) {
+            if (p[0].revents && drain(r->wake[i]))
+                __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
+            if (p[1].revents && sock_dead(r->sock))
+                __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
+        }
+    }
+    return ctl_load(s);
+}
+
+/*
  * Wait for slot i's reply by deadline. *lost is set when the oracle hung
  * up: 1 before any worker took the request (it may be sent again), 2 after.
+ * A request expected to take longer than the spin budget (a token's RSA)
+ * sleeps until shortly before doze_until, then spins for its end: a wake-up
+ * from sleep costs tens of microseconds on a virtual machine's idle core.
  */
 static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32_t gen,
-                      uint64_t deadline_ns, uint32_t woken, int *lost)
+                      uint64_t deadline_ns, uint32_t woken, uint64_t doze_until, int *lost)
 {
+    uint64_t ctl = ctl_load(s);
+    if (doze_until && CTL_STATE(ctl) != SHMKEY_SLOT_DONE) {
+        ctl = sleep_for_reply(r, s, i, ctl, doze_until < deadline_ns ? doze_until : deadline_ns);
+        /* Spinning now: the worker need not ring (a byte left over costs one spurious wake). */
+        __atomic_store_n(&s->waiters, 0, __ATOMIC_RELAXED);
+    }
     /* A wake-up left over from an earlier use costs one spurious return from poll. */
-    uint64_t ctl = spin_for_reply(r, s, woken);
+    if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE)
+        ctl = spin_for_reply(r, s, woken);
     for (;;) {
         if (CTL_GEN(ctl) != gen)
             return SHMKEY_EPROTO;       /* our own process freed our slot */
@@ -356,23 +393,9 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
             *lost = CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED ? 1 : 2;
             return SHMKEY_EUNAVAIL;
         }
-        uint64_t now = shmkey_now_ns();
-        if (now >= deadline_ns)
+        if (shmkey_now_ns() >= deadline_ns)
             return SHMKEY_ETIMEDOUT;
-        /* Dekker with the worker: it stores DONE, then reads waiters. */
-        __atomic_store_n(&s->waiters, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&s->ctl, __ATOMIC_SEQ_CST) == ctl) {
-            struct pollfd p[2] = {{.fd = r->wake[i], .events = POLLIN},
-                                  {.fd = r->sock, .events = POLLIN}};
-            int ms = (int)((deadline_ns - now + 999999u) / 1000000u);
-            if (poll(p, 2, ms) > 0) {
-                if (p[0].revents && drain(r->wake[i]))
-                    __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
-                if (p[1].revents && sock_dead(r->sock))
-                    __atomic_store_n(&r->dead, 1, __ATOMIC_RELEASE);
-            }
-        }
-        ctl = ctl_load(s);
+        ctl = sleep_for_reply(r, s, i, ctl, deadline_ns);
     }
 }
 
@@ -455,6 +478,49 @@ static int take_reply(struct cring *r, struct shmkey_slot *s, uint32_t gen, uint
     return rc;
 }
 
+/*
+ * How long this process's requests of one shape (operation, parameters,
+ * length, key) take, at the fast end: only a hint for how to wait.
+ */
+#define EXPECT_LEAD_NS 150000u   /* wake this much before: a timed sleep overshoots ~100 us here */
+
+static struct expect *expect_of(struct cring *r, const struct shmkey_req *req)
+{
+    uint64_t kid;
+    memcpy(&kid, req->key_id, sizeof(kid));
+    uint64_t shape = ((uint64_t)req->op | (uint64_t)req->p[0] << 8 | (uint64_t)req->p[1] << 16 |
+                      (uint64_t)req->in_len << 40) ^ kid;
+    shape |= 1;                 /* 0 marks an empty entry */
+    struct expect *e = &r->expect[((shape * 0x9e3779b97f4a7c15ull) >> 32) % CRING_EXPECT];
+    if (__atomic_load_n(&e->shape, __ATOMIC_RELAXED) != shape) {
+        __atomic_store_n(&e->ns, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&e->shape, shape, __ATOMIC_RELAXED);
+    }
+    return e;
+}
+
+static uint64_t doze_until(const struct cring *r, struct expect *e, uint64_t t0)
+{
+    uint64_t ns = __atomic_load_n(&e->ns, __ATOMIC_RELAXED);
+    if (r->spin_us == 0 || ns <= (uint64_t)r->spin_us * 1000u || ns <= EXPECT_LEAD_NS)
+        return 0;
+    return t0 + ns - EXPECT_LEAD_NS;
+}
+
+static void expect_learn(struct expect *e, uint64_t took)
+{
+    /* Quick to fall, slow to rise: a low quantile, so that a dozing client
+       is more often awake before the reply than woken by it. */
+    uint64_t ns = __atomic_load_n(&e->ns, __ATOMIC_RELAXED);
+    if (!ns)
+        ns = took;
+    else if (took < ns)
+        ns -= (ns - took) / 2;
+    else
+        ns += (took - ns) / 16;
+    __atomic_store_n(&e->ns, ns, __ATOMIC_RELAXED);
+}
+
 static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_t *in,
                      uint8_t *out, uint32_t out_cap, struct shmkey_resp *resp,
                      uint64_t deadline_ns, int *lost)
@@ -467,9 +533,14 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
         return rc;
     struct shmkey_slot *s = slot_at(r->base, r->stride, i);
     uint32_t gen = CTL_GEN(ctl_load(s));
+    struct expect *e = expect_of(r, req);
+    uint64_t t0 = shmkey_now_ns();
     uint32_t woken = submit_slot(r, s, gen, req, in, 0);
-    rc = wait_reply(r, s, i, gen, deadline_ns, woken, lost);
+    rc = wait_reply(r, s, i, gen, deadline_ns, woken, doze_until(r, e, t0), lost);
     if (rc == SHMKEY_OK) {
+        { static int dbg = -1; if (dbg < 0) dbg = getenv("SHMKEY_DBG") != NULL;
+          if (dbg) fprintf(stderr, "S %lu E %lu doze %ld took %lu\n", (unsigned long)(t0/1000), (unsigned long)e->ns/1000, doze_until(r, e, t0) ? (long)(doze_until(r,e,t0)-t0)/1000 : -1L, (unsigned long)(shmkey_now_ns()-t0)/1000); }
+        expect_learn(e, shmkey_now_ns() - t0);
         rc = take_reply(r, s, gen, out, out_cap, resp);
     } else if (!*lost && rc != SHMKEY_EPROTO) {
         withdraw(r, s, gen);
@@ -804,6 +875,7 @@ static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k,
     memcpy(w->payload, payload_of(sl), n);
     COMPILER_BARRIER();
     memset(payload_of(sl), 0, n);
+    if (getenv("SHMKEY_DBG")) fprintf(stderr, "C %lu\n", (unsigned long)(shmkey_now_ns()/1000));
     if (w->req.op == SHMKEY_OP_PING) {
         shmkey_ring_reply(s, w, SHMKEY_OK, w->payload, n);
         return -1;
@@ -899,14 +971,15 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
     uint32_t *spinners = &s->status->spinners[s->proc];
     __atomic_add_fetch(spinners, 1, __ATOMIC_SEQ_CST);
     int rc = 0;
-    uint64_t last = shmkey_now_ns(), end = last + (uint64_t)s->spin_us * 1000u;
+    struct shmkey_spin sp;
+    shmkey_spin_begin(&sp, s->spin_us, 1);
     for (unsigned i = 1;; i++) {
         shmkey_server_quiescent(s, w);
         rc = shmkey_ring_claim(s, w);
         if (rc > 0)
             break;
         if (rc < 0)
-            end = shmkey_now_ns() + (uint64_t)s->spin_us * 1000u;
+            sp.end = shmkey_now_ns() + (uint64_t)s->spin_us * 1000u;
         shmkey_cpu_relax();
         if ((i & 255) == 0 && shmkey_server_peek(s, w) == 1) {
             rc = 2;
@@ -914,8 +987,7 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
         }
         if ((i & 15) == 0 &&
             (s->stopping ||
-             shmkey_spin_should_stop(&last, end, shmkey_status_active(s->status, s->nprocs) + 1,
-                                     s->ncpu)))
+             shmkey_spin_should_stop(&sp, shmkey_status_active(s->status, s->nprocs) + 1, s->ncpu)))
             break;
     }
     __atomic_sub_fetch(spinners, 1, __ATOMIC_SEQ_CST);
@@ -941,6 +1013,7 @@ int shmkey_ring_reply(struct shmkey_server *s, struct shmkey_work *w,
         return SHMKEY_EINVAL;
     struct shmkey_slot *sl = slot_at(k->base, s->stride, w->slot);
     uint32_t gen = (uint32_t)w->gen;
+    if (getenv("SHMKEY_DBG")) fprintf(stderr, "R %lu\n", (unsigned long)(shmkey_now_ns()/1000));
     w->conn = NULL;
     if (out_len > s->slot_size) {
         status = SHMKEY_EINTERNAL;

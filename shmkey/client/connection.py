@@ -96,10 +96,14 @@ class OracleClient:
         """Largest request or reply payload, in bytes."""
         return self._max
 
-    def _buffers(self) -> tuple[Any, Any]:
+    def _buffers(self) -> tuple[Any, Any, Any, Any]:
+        """This thread's request, its bytes, the reply header and payload: made
+        once, since C copies a request into the ring before a call returns."""
         bufs = getattr(self._local, "bufs", None)
         if bufs is None:
-            bufs = (ffi.new("struct shmkey_resp *"), ffi.new("uint8_t[]", self._max))
+            req = ffi.new("struct shmkey_req *")
+            bufs = (req, ffi.buffer(req), ffi.new("struct shmkey_resp *"),
+                    ffi.new("uint8_t[]", self._max))
             self._local.bufs = bufs
         return bufs
 
@@ -112,20 +116,20 @@ class OracleClient:
             OracleTimeoutError, OracleUnavailableError, PolicyError, ...: as the
                 oracle or transport reports.
         """
-        req = self._request(op, params, payload, key_id)
-        resp, out = self._buffers()
+        req, raw, resp, out = self._buffers()
+        self._request(raw, op, params, payload, key_id)
         rc = lib.shmkey_call(self._handle, req, payload, out, len(out), resp,
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         return self._result(rc, resp, out)
 
-    def _request(self, op: int, params: _wire.Params, payload: bytes, key_id: bytes) -> Any:
-        """The request struct, once the payload is known to fit a slot."""
+    def _request(self, raw: Any, op: int, params: _wire.Params, payload: bytes,
+                 key_id: bytes) -> None:
+        """Fill the request struct behind ``raw``, once the payload is known to fit a slot."""
         if len(payload) > self._max:
             raise InvalidArgumentError(
                 f"request payload is {len(payload)} bytes; the oracle accepts at most "
                 f"{self._max} (SHMKEY_SLOT_SIZE)")
-        return ffi.new("struct shmkey_req *", {"op": op, "p": params, "in_len": len(payload),
-                                               "key_id": key_id})
+        _wire.pack_request(raw, op, params, len(payload), key_id)
 
     def _result(self, rc: int, resp: Any, out: Any) -> bytes:
         if rc in _CONNECT_ERRORS:
@@ -153,7 +157,8 @@ class OracleClient:
             InvalidArgumentError: payload larger than a slot (nothing is sent).
             OracleUnavailableError, OracleIdentityError, ...: (re)connecting failed.
         """
-        req = self._request(op, params, payload, key_id)
+        req, raw, _, _ = self._buffers()
+        self._request(raw, op, params, payload, key_id)
         ticket = ffi.new("struct shmkey_ticket *")
         rc = lib.shmkey_submit(self._handle, req, payload,
                                self._timeout_ms if timeout_ms is None else timeout_ms, ticket)
@@ -221,7 +226,7 @@ class OracleClient:
 
     def ping(self, timeout_ms: Optional[int] = None) -> None:
         """A no-op round trip through the oracle: health check, transport cost."""
-        resp, out = self._buffers()
+        _, _, resp, out = self._buffers()
         rc = lib.shmkey_call(self._handle, self._ping_req, ffi.NULL, out, len(out), resp,
                              self._timeout_ms if timeout_ms is None else timeout_ms)
         self._result(rc, resp, out)
@@ -361,7 +366,7 @@ class Pending:
         ticket = self._ticket
         if ticket is None:
             raise InvalidArgumentError("this request was collected or abandoned already")
-        _resp, out = self._client._buffers()
+        out = self._client._buffers()[3]
         rc = lib.shmkey_collect(ticket, out, len(out), self._resp)
         if rc == lib.SHMKEY_EPENDING:
             return None
