@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-# Connections, the ring and the socket transport, the oracle's C signer and
-# counters; then the OpenSSL provider (provider.h).
-LIB_SOURCES = ["common.c", "conn.c", "ring.c", "sock.c", "api.c", "signer.c", "stats.c"]
+# Connections, the ring and the socket transport, the oracle's C signer (its
+# token part too) and counters; then the OpenSSL provider (provider.h).
+LIB_SOURCES = ["common.c", "conn.c", "ring.c", "sock.c", "api.c", "signer.c", "signer_token.c",
+               "stats.c"]
 SOURCES = LIB_SOURCES + ["provider.c", "prov_decoder.c", "prov_keyref.c", "prov_keymgmt.c",
                          "prov_signature.c", "prov_cipher.c", "prov_oracle.c"]
 # The Python extension alone also has the sandbox, and so links libseccomp;
@@ -27,8 +28,12 @@ EXTENSION_LIBRARIES = ["seccomp"]
 # them leaves in build/temp is right for the other too.
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
 # The system libcrypto: the one Python's ssl module links, which the provider
-# registers into (shmkey.openssl checks that at run time).
-LIBRARIES = ["pthread", "crypto", "m"]
+# registers into (shmkey.openssl checks that at run time). dl: the token part
+# of the signer takes its own reference on a PKCS#11 module.
+LIBRARIES = ["pthread", "crypto", "m", "dl"]
+# Beside csrc: <p11-kit/pkcs11.h> (Debian's libp11-kit-dev), the PKCS#11 header
+# signer_token.c is written against; nothing of p11-kit is linked.
+INCLUDE_DIRS = ["/usr/include/p11-kit-1"]
 
 
 def package_version() -> str:
@@ -65,7 +70,7 @@ def make_ffi(extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()
         "shmkey._native",
         '#include "internal.h"\n',
         sources=[str(rel / name) for name in EXTENSION_SOURCES],
-        include_dirs=[str(rel)],
+        include_dirs=[str(rel)] + INCLUDE_DIRS,
         libraries=LIBRARIES + EXTENSION_LIBRARIES,
         extra_compile_args=CFLAGS + VERSION_CFLAGS + list(extra_cflags),
         depends=DEPENDS,
@@ -83,7 +88,7 @@ def provider_module():
 
     return Extension(MODULE_NAME,
                      sources=[f"csrc/{name}" for name in SOURCES + ["provider_module.c"]],
-                     include_dirs=["csrc"], libraries=LIBRARIES,
+                     include_dirs=["csrc"] + INCLUDE_DIRS, libraries=LIBRARIES,
                      extra_compile_args=CFLAGS + VERSION_CFLAGS, depends=DEPENDS,
                      extra_link_args=["-Wl,--no-undefined"])
 

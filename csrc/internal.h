@@ -160,7 +160,7 @@ struct shmkey_server {
     uint32_t ev_head, ev_count;
     uint64_t ev_dropped;
     pthread_mutex_t signer_lock;    /* swapping the signer, taking a reference on it */
-    struct shmkey_signer *signer;   /* file keys signed in C; NULL: Python signs all */
+    struct shmkey_signer *signer;   /* keys signed in C; NULL: Python signs all */
 };
 
 /* ===================================================================== */
@@ -242,6 +242,29 @@ void shmkey_ring_leave_active(struct shmkey_server *s, struct shmkey_work *w);
 /* 1: w's request was signed and answered here; 0: it is Python's. */
 int shmkey_signer_serve(struct shmkey_server *s, struct shmkey_work *w);
 void shmkey_signer_release(struct shmkey_server *s);
+/* The signature shapes the C signer makes, and its hashes as an index. */
+enum { SHMKEY_SHAPE_PKCS1, SHMKEY_SHAPE_PSS, SHMKEY_SHAPE_ECDSA, SHMKEY_SHAPE_ED25519 };
+#define SHMKEY_SIGNER_NHASH 3           /* SHA-256, -384, -512 */
+#define SHMKEY_SIGNER_MAX_SIG 1024      /* RSA-8192; the largest signature made in C */
+
+/* signer_token.c: the PKCS#11 part of the C signer */
+struct signer_token {
+    void *dl;                   /* dlopen's reference: the module stays mapped while we live */
+    void *fl;                   /* its CK_FUNCTION_LIST */
+    uint32_t sig_len;           /* of the token's raw signature (ECDSA: r || s) */
+    unsigned long session;      /* CK_SESSION_HANDLE, 0: none; both under the server's signer_lock */
+    unsigned long object;       /* CK_OBJECT_HANDLE of the private key */
+};
+int shmkey_token_open(struct signer_token *t, const char *module_path, uint32_t sig_len);
+void shmkey_token_close(struct signer_token *t);
+/* Sign w's request of shape (SHMKEY_SHAPE_*) and hash index h on the
+ * token; 1 on success, 0 on any error (Python redoes it). */
+int shmkey_token_sign(const struct signer_token *t, unsigned long session, unsigned long object,
+                      int shape, int h, const struct shmkey_work *w, uint8_t *out,
+                      size_t *out_len);
+
+/* stats.c: a signature made in C, counted as Python counts one, and as made in C */
+void shmkey_stats_signed_in_c(uint64_t *key_row, uint64_t *client_row, uint64_t elapsed_ns);
 
 /* sock.c */
 int shmkey_sock_open(struct shmkey_client *c, uint64_t deadline_ns, char *why, uint32_t whylen);

@@ -255,8 +255,9 @@ void shmkey_work_free(struct shmkey_work *w);
 #define SHMKEY_STAT_REFUSED_POLICY 2
 #define SHMKEY_STAT_REFUSED_RATE 3
 #define SHMKEY_STAT_ERRORS 4
-#define SHMKEY_STAT_LATENCY_SUM_NS 5
-#define SHMKEY_STAT_HIST 6
+#define SHMKEY_STAT_SIGNS_IN_C 5       /* of the signs, those made in C (signer.c) */
+#define SHMKEY_STAT_LATENCY_SUM_NS 6
+#define SHMKEY_STAT_HIST 7
 #define SHMKEY_STAT_BOUNDS 176          /* 22 octaves from 1 us */
 #define SHMKEY_CSTAT_OPS 5              /* signs and decryptions */
 #define SHMKEY_CSTAT_REFUSED 6
@@ -267,19 +268,40 @@ void shmkey_stats_record(uint64_t *key_row, uint64_t *client_row, uint32_t outco
                          uint64_t elapsed_ns);
 
 /*
- * ---- signing without Python (signer.c; the oracle only) ----------------
- * The common signatures of file keys (RSA PKCS#1 v1.5 and PSS with MGF1 of
- * the same hash and a digest-long salt, ECDSA, Ed25519; SHA-256/384/512)
- * are made by the worker that took the request, in C, with the GIL free.
- * Anything else (other parameters, token keys, rate-limited keys, a
- * connection the counters do not know yet) goes to Python as before, which
- * stays the one judge of what is refused and why.
+ * ---- signing without Python (signer.c, signer_token.c; the oracle only) --
+ * The common signatures (RSA PKCS#1 v1.5 and PSS with MGF1 of the same hash
+ * and a digest-long salt, ECDSA, Ed25519; SHA-256/384/512) of file keys,
+ * and of token keys given a session, are made by the worker that took the
+ * request, in C, with the GIL free. Anything else (other parameters,
+ * rate-limited keys, a connection the counters do not know yet, any error
+ * of the token) goes to Python as before, which stays the one judge of
+ * what is refused and why.
  */
 struct shmkey_signer;
 struct shmkey_signer *shmkey_signer_new(void);
 /* der (PKCS#8) is wiped; key_row: the key's counters in this process. */
 int shmkey_signer_add(struct shmkey_signer *g, const uint8_t *key_id, uint8_t *der,
                       uint32_t der_len, int is_default, uint64_t *key_row);
+/* Types of token keys; sig_len: the length of the token's raw signatures. */
+#define SHMKEY_KEY_RSA 1
+#define SHMKEY_KEY_EC 2
+#define SHMKEY_KEY_ED25519 3
+/*
+ * A token key, in the PKCS#11 module at module_path that this process has
+ * already loaded and initialized (C never initializes or finalizes it). C
+ * signs with it once given a session (shmkey_server_token_session).
+ */
+int shmkey_signer_add_token(struct shmkey_signer *g, const uint8_t *key_id,
+                            const char *module_path, uint32_t type, uint32_t sig_len,
+                            int is_default, uint64_t *key_row);
+/* The session and key object (CK_SESSION_HANDLE, CK_OBJECT_HANDLE) the
+ * served signer's token key key_id is to use from now; session 0: none
+ * (Python signs). SHMKEY_ENOKEY if it has no such token key. */
+int shmkey_server_token_session(struct shmkey_server *s, const uint8_t *key_id,
+                                uint64_t session, uint64_t object);
+/* The DigestInfo prefix (RFC 8017 9.2) that CKM_RSA_PKCS signs before a
+ * digest of hash (SHMKEY_HASH_SHA256/384/512): the one copy, Python's too. */
+int shmkey_digest_info(uint32_t hash, const uint8_t **prefix, uint32_t *len);
 void shmkey_signer_free(struct shmkey_signer *g);
 /* Serve with g from the next request on (NULL: none); the server owns g then. */
 void shmkey_server_use_signer(struct shmkey_server *s, struct shmkey_signer *g);

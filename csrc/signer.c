@@ -1,10 +1,11 @@
 /*
- * signer.c - in the oracle: the common signatures of file keys, made by the
- * worker that took the request, without going up to Python.
+ * signer.c - in the oracle: the common signatures of file keys and token
+ * keys, made by the worker that took the request, without going up to Python.
  *
  * A TLS handshake's signature is one of a handful of shapes; for those the
- * worker calls OpenSSL here, with the GIL free, so several workers of one
- * process sign at once and no request waits for the interpreter. Any other
+ * worker calls OpenSSL here (or, for a token key, its PKCS#11 module:
+ * signer_token.c), with the GIL free, so several workers of one process
+ * sign at once and no request waits for the interpreter. Any other
  * request, and any request this code is unsure of, goes to Python
  * (oracle/handler.py), which stays the one judge of what is valid, refused
  * or an error: nothing is refused here.
@@ -19,16 +20,18 @@
 #include <openssl/x509.h>
 
 #define MAX_SIGNER_KEYS 32
-#define MAX_SIGNATURE 1024      /* RSA-8192; the largest of any key the oracle loads */
+#define MAX_SIGNATURE SHMKEY_SIGNER_MAX_SIG     /* RSA-8192 */
+#define NHASH SHMKEY_SIGNER_NHASH
 
-/* Prepared contexts, one per hash and padding: OpenSSL 3 fetches its
-   algorithms on every fresh context, which a copy of a prepared one skips. */
-#define NHASH 3                 /* SHA-256, -384, -512 */
-enum { PREP_PKCS1, PREP_PSS, PREP_ECDSA, NPREP };
+/* Prepared contexts of a file key, one per hash and padding (indexed by
+   shape): OpenSSL 3 fetches its algorithms on every fresh context, which a
+   copy of a prepared one skips. */
+#define NPREP (SHMKEY_SHAPE_ECDSA + 1)
 
 struct signer_key {
     uint8_t id[32];
-    EVP_PKEY *pkey;
+    EVP_PKEY *pkey;             /* a file key; NULL for a token's */
+    struct signer_token *tok;   /* a token key; NULL for a file's */
     int type;                   /* EVP_PKEY_RSA, _EC or _ED25519 */
     uint64_t *row;              /* its counters in this worker process */
     EVP_PKEY_CTX *prep[NPREP][NHASH];
@@ -60,9 +63,9 @@ static EVP_PKEY_CTX *prepare(EVP_PKEY *pkey, int prep, int h)
     const EVP_MD *md = h == 0 ? EVP_sha256() : h == 1 ? EVP_sha384() : EVP_sha512();
     EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(pkey, NULL);
     int ok = ctx && EVP_PKEY_sign_init(ctx) == 1 && EVP_PKEY_CTX_set_signature_md(ctx, md) == 1;
-    if (ok && prep == PREP_PKCS1)
+    if (ok && prep == SHMKEY_SHAPE_PKCS1)
         ok = EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1;
-    if (ok && prep == PREP_PSS)
+    if (ok && prep == SHMKEY_SHAPE_PSS)
         ok = EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PSS_PADDING) == 1 &&
              EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, md) == 1 &&
              EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx, (int)digest_len[h]) == 1;
@@ -83,6 +86,19 @@ struct shmkey_signer *shmkey_signer_new(void)
     return g;
 }
 
+/* Make g->keys[g->n], whose key (pkey or tok) the caller set, an entry of g. */
+static void commit(struct shmkey_signer *g, const uint8_t *key_id, int type, uint64_t *key_row,
+                   int is_default)
+{
+    struct signer_key *k = &g->keys[g->n];
+    memcpy(k->id, key_id, sizeof(k->id));
+    k->type = type;
+    k->row = key_row;
+    if (is_default)
+        g->dflt = (int)g->n;
+    g->n++;
+}
+
 int shmkey_signer_add(struct shmkey_signer *g, const uint8_t *key_id, uint8_t *der,
                       uint32_t der_len, int is_default, uint64_t *key_row)
 {
@@ -97,21 +113,38 @@ int shmkey_signer_add(struct shmkey_signer *g, const uint8_t *key_id, uint8_t *d
         return SHMKEY_EUNSUPPORTED;
     }
     struct signer_key *k = &g->keys[g->n];
-    memcpy(k->id, key_id, sizeof(k->id));
     k->pkey = pkey;
-    k->type = type;
-    k->row = key_row;
     for (int h = 0; h < NHASH; h++) {
         if (type == EVP_PKEY_RSA) {
-            k->prep[PREP_PKCS1][h] = prepare(pkey, PREP_PKCS1, h);
-            k->prep[PREP_PSS][h] = prepare(pkey, PREP_PSS, h);
+            k->prep[SHMKEY_SHAPE_PKCS1][h] = prepare(pkey, SHMKEY_SHAPE_PKCS1, h);
+            k->prep[SHMKEY_SHAPE_PSS][h] = prepare(pkey, SHMKEY_SHAPE_PSS, h);
         } else if (type == EVP_PKEY_EC) {
-            k->prep[PREP_ECDSA][h] = prepare(pkey, PREP_ECDSA, h);
+            k->prep[SHMKEY_SHAPE_ECDSA][h] = prepare(pkey, SHMKEY_SHAPE_ECDSA, h);
         }
     }
-    if (is_default)
-        g->dflt = (int)g->n;
-    g->n++;
+    commit(g, key_id, type, key_row, is_default);
+    return SHMKEY_OK;
+}
+
+int shmkey_signer_add_token(struct shmkey_signer *g, const uint8_t *key_id,
+                            const char *module_path, uint32_t type, uint32_t sig_len,
+                            int is_default, uint64_t *key_row)
+{
+    static const int evp_type[] = {[SHMKEY_KEY_RSA] = EVP_PKEY_RSA, [SHMKEY_KEY_EC] = EVP_PKEY_EC,
+                                   [SHMKEY_KEY_ED25519] = EVP_PKEY_ED25519};
+    if (g->n >= MAX_SIGNER_KEYS || type < SHMKEY_KEY_RSA || type > SHMKEY_KEY_ED25519 ||
+        !sig_len || sig_len > MAX_SIGNATURE || !module_path)
+        return SHMKEY_EINVAL;
+    struct signer_token *t = calloc(1, sizeof(*t));
+    if (!t)
+        return SHMKEY_ESYSTEM;
+    int rc = shmkey_token_open(t, module_path, sig_len);
+    if (rc != SHMKEY_OK) {
+        free(t);
+        return rc;
+    }
+    g->keys[g->n].tok = t;
+    commit(g, key_id, evp_type[type], key_row, is_default);
     return SHMKEY_OK;
 }
 
@@ -124,6 +157,10 @@ void shmkey_signer_free(struct shmkey_signer *g)
             for (int h = 0; h < NHASH; h++)
                 EVP_PKEY_CTX_free(g->keys[i].prep[p][h]);
         EVP_PKEY_free(g->keys[i].pkey);
+        if (g->keys[i].tok) {
+            shmkey_token_close(g->keys[i].tok);
+            free(g->keys[i].tok);
+        }
     }
     free(g);
 }
@@ -180,27 +217,49 @@ static const struct signer_key *find_key(const struct shmkey_signer *g, const ui
     return NULL;
 }
 
+int shmkey_server_token_session(struct shmkey_server *s, const uint8_t *key_id,
+                                uint64_t session, uint64_t object)
+{
+    if (session != (unsigned long)session || object != (unsigned long)object)
+        return SHMKEY_EINVAL;
+    int rc = SHMKEY_ENOKEY;
+    pthread_mutex_lock(&s->signer_lock);
+    const struct signer_key *k = s->signer ? find_key(s->signer, key_id) : NULL;
+    if (k && k->tok) {
+        k->tok->session = (unsigned long)session;
+        k->tok->object = (unsigned long)object;
+        rc = SHMKEY_OK;
+    }
+    pthread_mutex_unlock(&s->signer_lock);
+    return rc;
+}
 
-/* Sign a digest with an RSA or EC key; 1 on success, 0 if Python should try. */
-static int sign_digest(const struct signer_key *k, const struct shmkey_work *w,
-                       uint8_t *out, size_t *out_len)
+/* The shape (SHMKEY_SHAPE_*) of w's request to a key of type, and its hash
+   index in *h; -1 for any shape not made here. */
+static int shape_of(int type, const struct shmkey_work *w, int *h)
 {
     const uint32_t *p = w->req.p;
-    int h = tls_hash(p[1]), prep;
-    if (h < 0 || w->req.in_len != digest_len[h])
+    if (type == EVP_PKEY_ED25519)
+        return p[0] == SHMKEY_SIG_ED25519 && !p[1] && !p[2] && !p[3] ? SHMKEY_SHAPE_ED25519 : -1;
+    *h = tls_hash(p[1]);
+    if (*h < 0 || w->req.in_len != digest_len[*h])
+        return -1;
+    if (type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PKCS1V15 && p[2] == 0 && p[3] == 0)
+        return SHMKEY_SHAPE_PKCS1;
+    if (type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PSS && p[2] == p[1] && p[3] == w->req.in_len)
+        return SHMKEY_SHAPE_PSS;
+    if (type == EVP_PKEY_EC && p[0] == SHMKEY_SIG_ECDSA && p[2] == 0 && p[3] == 0)
+        return SHMKEY_SHAPE_ECDSA;
+    return -1;
+}
+
+/* Sign a digest with an RSA or EC file key; 1 on success, 0 if Python should try. */
+static int sign_digest(const struct signer_key *k, int shape, int h, const struct shmkey_work *w,
+                       uint8_t *out, size_t *out_len)
+{
+    if (!k->prep[shape][h])
         return 0;
-    if (k->type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PKCS1V15 && p[2] == 0 && p[3] == 0)
-        prep = PREP_PKCS1;
-    else if (k->type == EVP_PKEY_RSA && p[0] == SHMKEY_PAD_PSS && p[2] == p[1] &&
-             p[3] == w->req.in_len)
-        prep = PREP_PSS;
-    else if (k->type == EVP_PKEY_EC && p[0] == SHMKEY_SIG_ECDSA && p[2] == 0 && p[3] == 0)
-        prep = PREP_ECDSA;
-    else
-        return 0;
-    if (!k->prep[prep][h])
-        return 0;
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_dup(k->prep[prep][h]);
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_dup(k->prep[shape][h]);
     int ok = ctx && EVP_PKEY_sign(ctx, out, out_len, w->payload, w->req.in_len) == 1;
     EVP_PKEY_CTX_free(ctx);
     return ok;
@@ -209,14 +268,21 @@ static int sign_digest(const struct signer_key *k, const struct shmkey_work *w,
 static int sign_ed25519(const struct signer_key *k, const struct shmkey_work *w,
                         uint8_t *out, size_t *out_len)
 {
-    const uint32_t *p = w->req.p;
-    if (p[0] != SHMKEY_SIG_ED25519 || p[1] || p[2] || p[3])
-        return 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     int ok = ctx && EVP_DigestSignInit(ctx, NULL, NULL, NULL, k->pkey) == 1 &&
              EVP_DigestSign(ctx, out, out_len, w->payload, w->req.in_len) == 1;
     EVP_MD_CTX_free(ctx);
     return ok;
+}
+
+/* Sign with a token key on the session Python last gave it (none: Python's). */
+static int sign_token(struct shmkey_server *s, const struct signer_key *k, int shape, int h,
+                      const struct shmkey_work *w, uint8_t *out, size_t *out_len)
+{
+    pthread_mutex_lock(&s->signer_lock);
+    unsigned long session = k->tok->session, object = k->tok->object;
+    pthread_mutex_unlock(&s->signer_lock);
+    return session && shmkey_token_sign(k->tok, session, object, shape, h, w, out, out_len);
 }
 
 int shmkey_signer_serve(struct shmkey_server *s, struct shmkey_work *w)
@@ -232,12 +298,17 @@ int shmkey_signer_serve(struct shmkey_server *s, struct shmkey_work *w)
     uint8_t out[MAX_SIGNATURE];
     size_t out_len = sizeof(out);
     int done = 0;
-    if (k) {
+    int h = 0, shape = k ? shape_of(k->type, w, &h) : -1;
+    if (shape >= 0) {
         uint64_t t0 = shmkey_now_ns();
-        done = k->type == EVP_PKEY_ED25519 ? sign_ed25519(k, w, out, &out_len)
-                                            : sign_digest(k, w, out, &out_len);
+        if (k->tok)
+            done = sign_token(s, k, shape, h, w, out, &out_len);
+        else if (shape == SHMKEY_SHAPE_ED25519)
+            done = sign_ed25519(k, w, out, &out_len);
+        else
+            done = sign_digest(k, shape, h, w, out, &out_len);
         if (done) {
-            shmkey_stats_record(k->row, client_row, SHMKEY_STAT_SIGNS, shmkey_now_ns() - t0);
+            shmkey_stats_signed_in_c(k->row, client_row, shmkey_now_ns() - t0);
             shmkey_server_reply(s, w, SHMKEY_OK, out, (uint32_t)out_len);
         }
     }

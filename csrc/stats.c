@@ -64,3 +64,9 @@ void shmkey_stats_record(uint64_t *key_row, uint64_t *client_row, uint32_t outco
     if (client_row)
         __atomic_add_fetch(&client_row[client_word[outcome]], 1, __ATOMIC_RELAXED);
 }
+
+void shmkey_stats_signed_in_c(uint64_t *key_row, uint64_t *client_row, uint64_t elapsed_ns)
+{
+    shmkey_stats_record(key_row, client_row, SHMKEY_STAT_SIGNS, elapsed_ns);
+    __atomic_add_fetch(&key_row[SHMKEY_STAT_SIGNS_IN_C], 1, __ATOMIC_RELAXED);
+}

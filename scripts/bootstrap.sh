@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # Build: gcc + OpenSSL 3 headers. Tests: real TLS clients and servers
 # (nginx, haproxy: the OpenSSL provider tests serve TLS from them; strace: the
 # proxy test that only the oracle opens the key file). libseccomp-dev: the
-# workers' seccomp filter, built into the extension.
-APT_PACKAGES=(gcc libssl-dev libseccomp-dev openssl curl procps util-linux binutils clang
-              libclang-rt-14-dev nginx haproxy strace)
+# workers' seccomp filter, built into the extension. libp11-kit-dev: the
+# PKCS#11 header the oracle's C signer of token keys is built against.
+APT_PACKAGES=(gcc libssl-dev libseccomp-dev libp11-kit-dev openssl curl procps util-linux
+              binutils clang libclang-rt-14-dev nginx haproxy strace)
 # PKCS#11 key sources: a software token to test against, and OpenSC's pkcs11-tool.
 APT_PACKAGES+=(softhsm2 opensc p11-kit)
 PY=${PYTHON:-python3}

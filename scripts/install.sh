@@ -13,7 +13,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${1:-/opt/shmkey}
 PY=${PYTHON:-python3}
 
-APT_PACKAGES=(gcc libssl-dev libseccomp-dev python3-dev python3-venv)
+APT_PACKAGES=(gcc libssl-dev libseccomp-dev libp11-kit-dev python3-dev python3-venv)
 . "$SRC/scripts/apt-missing.sh"
 install_missing install "${APT_PACKAGES[@]}"
 

@@ -18,8 +18,9 @@ finally:
 LIB_SOURCES = [CSRC / n for n in build_native.LIB_SOURCES]
 # What a program linking LIB_SOURCES links.
 LIB_LDFLAGS = [f"-l{lib}" for lib in build_native.LIBRARIES]
-# What every compile of LIB_SOURCES needs: the header and the package version.
-LIB_CFLAGS = ["-std=gnu11", "-I", str(CSRC), *build_native.VERSION_CFLAGS]
+# What every compile of LIB_SOURCES needs: the headers and the package version.
+LIB_CFLAGS = ["-std=gnu11", "-I", str(CSRC), *(f"-I{d}" for d in build_native.INCLUDE_DIRS),
+              *build_native.VERSION_CFLAGS]
 
 
 def build_tool(name: str, outdir: Path, *cflags: str) -> Path:

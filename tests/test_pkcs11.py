@@ -1,22 +1,26 @@
 """PKCS#11 key sources against Debian's SoftHSM2: a token in a temporary
 directory, keys imported from files whose public halves check every result.
 URIs and PIN files; every operation through ``shmkey serve`` over both
-transports; start-up failures; a token that goes away and comes back; the
-PIN kept out of argv and logs; real TLS through key references to token
-keys (Python's ssl, nginx with two workers and a reload, haproxy -W).
+transports; the common signatures made in C by worker processes (and only
+there), the rest by Python; start-up failures; a token that goes away and
+comes back, and a module finalized under the handles C holds; the PIN kept
+out of argv and logs; real TLS through key references to token keys
+(Python's ssl, nginx with two workers and a reload, haproxy -W).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -26,8 +30,16 @@ from cryptography.hazmat.primitives.asymmetric import padding as apad
 import shmkey
 import shmkey.openssl
 from shmkey import _p11uri, names
+from shmkey._binding import ffi, lib
+from shmkey.client.connection import OracleClient
 from shmkey.errors import ConfigError
 from shmkey.openssl import keyref
+from shmkey.oracle import pkcs11 as token_keys
+from shmkey.oracle.dispatch import Dispatcher, KeySet
+from shmkey.oracle.handler import Handler, Policy
+from shmkey.oracle.server import _serve_worker
+from shmkey.oracle.stats import SIGNS_IN_C, Meter, Region
+from shmkey.tools import certs
 
 from . import _softhsm
 from ._softhsm import MODULE, PIN, SoftHSM
@@ -196,6 +208,86 @@ def test_every_operation_verifies(oracles: dict[str, Serve], token: SoftHSM, tra
         client.close()
 
 
+# ---- the common signatures made in C, by worker processes only ----------------------
+
+def _counts(client: OracleClient) -> dict[bytes, tuple[int, int]]:
+    """Key id -> (signs, of which made in C), from the status document."""
+    return {bytes.fromhex(k["key_id"]): (k["signs"], k["signs_in_c"]) for k in client.status()["keys"]}
+
+
+def _c_shapes(keys: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(label, a signing call) for every shape the C signer makes: PKCS#1 v1.5
+    and PSS with a digest-long salt over SHA-256/384/512, ECDSA over the same,
+    Ed25519 over a message and over nothing."""
+    rsa_key, ec_key, ed_key = keys["tls-rsa"], keys["tls-ec"], keys["tls-ed"]
+    out: list[tuple[str, Any]] = []
+    for h in (hashes.SHA256(), hashes.SHA384(), hashes.SHA512()):
+        pss = apad.PSS(mgf=apad.MGF1(type(h)()), salt_length=apad.PSS.DIGEST_LENGTH)
+        out += [("tls-rsa", (rsa_key.sign, (b"m", apad.PKCS1v15(), h), (apad.PKCS1v15(), h))),
+                ("tls-rsa", (rsa_key.sign, (b"m", pss, h), (pss, h))),
+                ("tls-ec", (ec_key.sign, (b"m", ec.ECDSA(h)), (ec.ECDSA(h),)))]
+    out += [("tls-ed", (ed_key.sign, (b"m" * 100,), ())), ("tls-ed", (ed_key.sign, (b"",), ()))]
+    return out
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_worker_processes_sign_token_keys_in_c(token: SoftHSM, transport: str) -> None:
+    uris = [token.keys[label].uri() for label in LABELS]
+    with shmkey.KeyOracle(uris, workers=1, worker_kind="process", transport=transport) as oracle:
+        client = oracle.client
+        keys = {label: client.private_key(shmkey.key_id(token.keys[label].public_key))
+                for label in LABELS}
+        ids = {label: shmkey.key_id(token.keys[label].public_key) for label in LABELS}
+        shapes = _c_shapes(keys)
+        for label in LABELS:    # Python: the connection's counters, then each key's session
+            sign, args, _ = next(call for lab, call in shapes if lab == label)
+            sign(*args)
+        before = _counts(client)
+        for label, (sign, args, how) in shapes:
+            sig = sign(*args)
+            token.keys[label].public_key.verify(sig, args[0], *how)     # raises if wrong
+        after = _counts(client)
+        for label in LABELS:
+            n = sum(1 for lab, _ in shapes if lab == label)
+            assert after[ids[label]][0] - before[ids[label]][0] == n
+            assert after[ids[label]][1] - before[ids[label]][1] == n, label
+
+        # Every other shape is Python's: signed there (other salts), refused by the
+        # token (MGF1 that is not the hash), or refused by Python (SHA-1).
+        rsa_key, public = keys["tls-rsa"], token.keys["tls-rsa"].public_key
+        for salt in (0, 20, apad.PSS.MAX_LENGTH):
+            pss = apad.PSS(mgf=apad.MGF1(hashes.SHA256()), salt_length=salt)
+            public.verify(rsa_key.sign(b"p", pss, hashes.SHA256()), b"p", pss, hashes.SHA256())
+        with pytest.raises(shmkey.UnsupportedOperationError, match="token refused PSS"):
+            rsa_key.sign(b"p", apad.PSS(mgf=apad.MGF1(hashes.SHA1()), salt_length=32),
+                         hashes.SHA256())
+        with pytest.raises(shmkey.UnsupportedOperationError, match="bad padding, hash"):
+            client.call(lib.SHMKEY_OP_SIGN, (lib.SHMKEY_PAD_PKCS1V15, lib.SHMKEY_HASH_SHA1, 0, 0),
+                        bytes(20), ids["tls-rsa"])
+        python = _counts(client)[ids["tls-rsa"]]
+        assert python == (after[ids["tls-rsa"]][0] + 3, after[ids["tls-rsa"]][1])
+        # and C goes on signing the common ones after them
+        public.verify(rsa_key.sign(b"q", apad.PKCS1v15(), hashes.SHA256()), b"q",
+                      apad.PKCS1v15(), hashes.SHA256())
+        assert _counts(client)[ids["tls-rsa"]] == (python[0] + 1, python[1] + 1)
+
+
+def test_worker_threads_leave_token_keys_to_python(token: SoftHSM, tmp_path: Path) -> None:
+    # Threads share the module, which only Python's lock keeps to one at a time.
+    file_key = certs.write_key_and_cert(tmp_path, "file", "p256")[1]
+    with shmkey.KeyOracle([token.keys["tls-ec"].uri(), file_key], workers=2,
+                          worker_kind="thread") as oracle:
+        token_key, file_twin = oracle.client.private_keys()
+        for _ in range(5):
+            for key in (token_key, file_twin):
+                key.public_key().verify(key.sign(b"t", ec.ECDSA(hashes.SHA256())), b"t",
+                                        ec.ECDSA(hashes.SHA256()))
+        counts = _counts(oracle.client)
+        assert counts[shmkey.key_id(token_key.public_key())] == (5, 0)
+        signs, in_c = counts[shmkey.key_id(file_twin.public_key())]
+        assert signs == 5 and in_c >= 4          # the first request of a connection is Python's
+
+
 def test_keyoracle_takes_uris_and_files_mixed(token: SoftHSM) -> None:
     file_key = token.keys["tls-ec"].key_file
     uri = token.keys["tls-rsa"].uri()          # pin-value: must reach the oracle off argv
@@ -284,9 +376,13 @@ def test_token_lost_gives_typed_error_then_recovers(token: SoftHSM, pin_file: Pa
     serve = Serve([uri], "shm", extra=("--log-level", "info")).start()   # type: ignore[list-item]
     away = token.tokendir.with_name("tokens.away")
     public = token.keys["tls-ec"].public_key
+    client = shmkey.connect(serve.name, oracle_user=serve.user)
+    kid = shmkey.key_id(public)
     try:
-        key = shmkey.connect(serve.name, oracle_user=serve.user).private_key()
-        public.verify(key.sign(b"a", ec.ECDSA(hashes.SHA256())), b"a", ec.ECDSA(hashes.SHA256()))
+        key = client.private_key()
+        for data in (b"a", b"a2"):     # Python opens the session; C signs with it
+            public.verify(key.sign(data, ec.ECDSA(hashes.SHA256())), data, ec.ECDSA(hashes.SHA256()))
+        assert _counts(client)[kid] == (2, 1)
         token.tokendir.rename(away)
         errors = 0
         for _ in range(6):       # every worker finds its session gone; none hangs
@@ -304,25 +400,78 @@ def test_token_lost_gives_typed_error_then_recovers(token: SoftHSM, pin_file: Pa
                 time.sleep(0.05)
         public.verify(sig, b"c", ec.ECDSA(hashes.SHA256()))
         assert errors == 6
+        # Python re-opened the session and gave C its new handles: C signs again.
+        signs, in_c = _counts(client)[kid]
+        for data in (b"d", b"e", b"f"):
+            public.verify(key.sign(data, ec.ECDSA(hashes.SHA256())), data, ec.ECDSA(hashes.SHA256()))
+        assert _counts(client)[kid] == (signs + 3, in_c + 3)
     finally:
+        client.close()
         if away.exists():
             away.rename(token.tokendir)
         serve.stop()
 
 
-def test_module_finalized_under_a_key_recovers(token: SoftHSM) -> None:
-    from shmkey.oracle import pkcs11 as token_keys
+class _OneWorker:
+    """The serving half of a worker process, in this process: a C server on a
+    socket of its own, a Dispatcher whose token keys C signs, and the one
+    serving thread (server._serve_worker). This test's thread can then do to
+    the module what no request does: finalize it under the handles C holds."""
 
+    def __init__(self, keys: list[Any], directory: Path) -> None:
+        ids = [shmkey.key_id(k.public_key()) for k in keys]
+        self.region = Region(1)
+        self.region.add_keys(ids)
+        keyset = KeySet(Handler(keys, Policy()), ids, ["token"] * len(ids), {})
+        self.path = str(directory / "worker.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen()
+        out = ffi.new("struct shmkey_server **")
+        assert lib.shmkey_server_open(self.sock.fileno(), 1, lib.SHMKEY_TRANSPORT_SHM, 16, 2048, 0,
+                                      1, out) == lib.SHMKEY_OK
+        self.srv = out[0]
+        lib.shmkey_server_allow_peers(self.srv, os.geteuid(), -1)
+        dispatcher = Dispatcher(keyset, Meter(self.region, 0), dict, 2048, self.srv,
+                                tokens_in_c=True)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=_serve_worker,
+                                       args=(self.srv, dispatcher, 2048, self.stopping))
+        self.thread.start()
+
+    def signs_in_c(self, kid: bytes) -> int:
+        return self.region.key_totals(self.region.key_slots()[kid])[SIGNS_IN_C]
+
+    def close(self) -> None:
+        self.stopping.set()
+        lib.shmkey_server_stop(self.srv)
+        self.thread.join(10)
+        lib.shmkey_server_close(self.srv)
+        self.sock.close()
+
+
+def test_module_finalized_under_a_key_recovers(token: SoftHSM, tmp_path: Path) -> None:
     key = token_keys.load(token.keys["tls-rsa"].uri())
-    public = token.keys["tls-rsa"].public_key
-    public.verify(key.sign(b"x", apad.PKCS1v15(), hashes.SHA256()), b"x", apad.PKCS1v15(),
-                  hashes.SHA256())
-    token_keys._module(MODULE)._lib.finalize()      # the module ends under the key's session
-    with pytest.raises(shmkey.TokenUnavailableError):
-        key.sign(b"y", apad.PKCS1v15(), hashes.SHA256())
-    sig = key.sign(b"z", apad.PKCS1v15(), hashes.SHA256())
-    public.verify(sig, b"z", apad.PKCS1v15(), hashes.SHA256())
-    key.source.release()
+    public, kid = token.keys["tls-rsa"].public_key, shmkey.key_id(token.keys["tls-rsa"].public_key)
+    worker = _OneWorker([key], tmp_path)
+    client = OracleClient.open(path=worker.path, transport="shm", timeout_ms=5000)
+    try:
+        signer = client.private_key()
+        for data in (b"w", b"x"):       # Python opens the session; C signs with it
+            public.verify(signer.sign(data, apad.PKCS1v15(), hashes.SHA256()), data,
+                          apad.PKCS1v15(), hashes.SHA256())
+        assert worker.signs_in_c(kid) == 1
+        token_keys._module(MODULE)._lib.finalize()      # the module ends under the key's session
+        with pytest.raises(shmkey.TokenUnavailableError):   # C's call fails, then Python's
+            signer.sign(b"y", apad.PKCS1v15(), hashes.SHA256())
+        for data in (b"z", b"v", b"u"):     # Python starts the module again; then C signs
+            public.verify(signer.sign(data, apad.PKCS1v15(), hashes.SHA256()), data,
+                          apad.PKCS1v15(), hashes.SHA256())
+        assert worker.signs_in_c(kid) == 3
+    finally:
+        client.close()
+        worker.close()
+        key.source.release()
 
 
 # ---- real TLS through key references to token keys ------------------------------------

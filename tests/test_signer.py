@@ -103,8 +103,8 @@ def test_common_signatures_are_made_in_c_and_verify(probe: Any) -> None:
         verify(keys[1], (PSS, S256, S256, 32), bytes(31) + b"\1", sig)
     after = client.call(lib.SHMKEY_OP_STATUS, (0, 0, 0, 0))
     n = len(C_SHAPES) + 1
-    signs0, ops0 = (int(x.split(b"=")[1]) for x in before.split())
-    assert after == f"signs={signs0 + n} ops={ops0 + n}".encode()
+    signs0, in_c0, ops0 = (int(x.split(b"=")[1]) for x in before.split())
+    assert after == f"signs={signs0 + n} in_c={in_c0 + n} ops={ops0 + n}".encode()
 
 
 @pytest.mark.parametrize("n,params,size", PYTHON_SHAPES)

@@ -1,13 +1,15 @@
 """Between a worker's copied request and the handler: status requests
 answered, rate limits applied, every private-key request counted and timed
-(``stats``), refusals reported to the audit. It also hands the file keys
-that no rate limit applies to to the C workers (csrc/signer.c), which make
-the common signatures without coming here once a connection has its
-counters.
+(``stats``), refusals reported to the audit. It also hands the keys that no
+rate limit applies to to the C workers (csrc/signer.c), which make the
+common signatures without coming here once a connection has its counters:
+file keys, and token keys with the session Python opened for them.
 """
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -19,6 +21,7 @@ from .._binding import ffi, lib
 from .audit import Audit
 from .handler import Handler
 from .limits import Bucket
+from .pkcs11 import TokenKey
 from .stats import DECRYPTS, ERRORS, REFUSED_POLICY, REFUSED_RATE, SIGNS, Meter
 
 _PRIVATE_OPS = (lib.SHMKEY_OP_SIGN, lib.SHMKEY_OP_DECRYPT)
@@ -45,10 +48,16 @@ class Dispatcher:
     """One worker process's front of the handler."""
 
     def __init__(self, keys: KeySet, meter: Meter, status: Callable[[], dict[str, Any]],
-                 chunk: int, srv: Any = None) -> None:
+                 chunk: int, srv: Any = None, tokens_in_c: bool = False) -> None:
+        """``tokens_in_c``: C may call the token keys' modules too (see Oracle._front)."""
         self.meter = meter
         self._srv = srv                                 # the C server whose workers sign too
+        self._tokens_in_c = tokens_in_c
         self._counted: set[int] = set()                 # connections C counts for itself
+        # A reload (another thread) replaces the signer; this thread updates its sessions.
+        self._lock = threading.Lock()
+        self._tokens: list[tuple[bytes, TokenKey]] = []   # the token keys of the C signer
+        self._given: dict[bytes, Optional[tuple[int, int]]] = {}  # their handles C has
         self.audit: Optional[Audit] = None
         self._status = status
         self._chunk = chunk
@@ -63,23 +72,50 @@ class Dispatcher:
         slots = keys.slots(self.meter)
         self._state = (keys, slots, {slots[kid]: r for kid, r in keys.rates.items() if kid in slots})
         if self._srv is not None:
-            lib.shmkey_server_use_signer(self._srv, self._signer(keys))
+            with self._lock:
+                lib.shmkey_server_use_signer(self._srv, self._signer(keys))
 
     def _signer(self, keys: KeySet) -> Any:
-        """The C signer of ``keys``' file keys without a rate limit (NULL: none)."""
+        """The C signer of ``keys``' file keys without a rate limit, and of their
+        token keys if C may call them (NULL: none). Its token keys have no
+        session yet: C leaves them to Python until :meth:`_give_sessions`."""
         signer = lib.shmkey_signer_new()
+        self._tokens, self._given = [], {}
         if signer == ffi.NULL:
             return ffi.NULL
         slots = self.meter.slots
-        for kid, key in keys.handler.file_keys():
-            if kid in keys.rates or kid not in slots:
-                continue
+
+        def unlimited(pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any, int, Any]]:
+            return [(kid, key, int(kid == keys.ids[0]), self.meter.key_ptr(slots[kid]))
+                    for kid, key in pairs if kid not in keys.rates and kid in slots]
+
+        for kid, key, default, row in unlimited(keys.handler.file_keys()):
             der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
             # C wipes these bytes in place once parsed: no copy of the key is left behind.
             lib.shmkey_signer_add(signer, kid, ffi.from_buffer("uint8_t[]", der), len(der),
-                                  int(kid == keys.ids[0]), self.meter.key_ptr(slots[kid]))
+                                  default, row)
+        if self._tokens_in_c:
+            for kid, key, default, row in unlimited(keys.handler.token_keys()):
+                kind, sig_len = key.c_signer()
+                if lib.shmkey_signer_add_token(signer, kid, os.fsencode(key.source.module_path),
+                                               kind, sig_len, default, row) == lib.SHMKEY_OK:
+                    self._tokens.append((kid, key))
         return signer
+
+    def _give_sessions(self) -> None:
+        """Tell C the session and key object each token key uses in this thread
+        now, where they changed since C was told: a session opened, re-opened
+        or lost, the module finalized. None (0, 0): C leaves the key to Python,
+        which opens one again. Runs after every private request Python served,
+        so C never signs with handles Python has let go of."""
+        with self._lock:
+            for kid, key in self._tokens:
+                now = key.source.handles()
+                if now != self._given.get(kid):
+                    session, obj = now or (0, 0)
+                    lib.shmkey_server_token_session(self._srv, kid, session, obj)
+                    self._given[kid] = now
 
     @property
     def keys(self) -> KeySet:
@@ -123,6 +159,8 @@ class Dispatcher:
         t0 = time.perf_counter_ns()
         status, out = keys.handler.handle(op, key_id, p, payload)
         elapsed = time.perf_counter_ns() - t0
+        if self._tokens:
+            self._give_sessions()
         if status == lib.SHMKEY_OK:
             outcome = SIGNS if op == lib.SHMKEY_OP_SIGN else DECRYPTS
         else:

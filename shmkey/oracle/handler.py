@@ -136,6 +136,12 @@ class Handler:
                                  ed25519.Ed25519PrivateKey)) and
                 not isinstance(key, pkcs11.TokenHeld)]
 
+    def token_keys(self) -> list[tuple[bytes, pkcs11.TokenKey]]:
+        """(key id, key) of every key held in a PKCS#11 token."""
+        return [(kid, key) for kid, (key, _) in self._by_id.items()
+                if kid != _wire.DEFAULT_KEY and
+                isinstance(key, (pkcs11.TokenRSAKey, pkcs11.TokenECKey, pkcs11.TokenEd25519Key))]
+
     def public_der(self) -> list[bytes]:
         """SubjectPublicKeyInfo of every key, first key first."""
         return list(self._spki)

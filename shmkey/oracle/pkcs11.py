@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from .. import _p11uri, _wire
+from .._binding import ffi, lib
 from .._held import HeldElsewhere
 from ..errors import (ConfigError, DecryptionError, InvalidArgumentError, KeyLoadError,
                       TokenUnavailableError, UnsupportedOperationError)
@@ -39,12 +40,18 @@ Buffer = Union[bytes, bytearray, memoryview]
 #: After a failed re-open, requests fail at once for this long instead of each
 #: waiting on the token again.
 RETRY_INTERVAL = 0.2
-# DigestInfo prefixes of RFC 8017 9.2 note 1: CKM_RSA_PKCS signs DigestInfo || digest.
-_DIGEST_INFO = {
-    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
-    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
-    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
-}
+
+
+def _digest_info(code: int) -> bytes:
+    """The DigestInfo prefix CKM_RSA_PKCS signs before a digest: C's (the C signer's) copy."""
+    prefix, length = ffi.new("const uint8_t **"), ffi.new("uint32_t *")
+    if lib.shmkey_digest_info(code, prefix, length) != lib.SHMKEY_OK:
+        raise AssertionError(f"no DigestInfo for hash {code}")
+    return bytes(ffi.buffer(prefix[0], length[0]))
+
+
+# RFC 8017 9.2 note 1, by hash name: CKM_RSA_PKCS signs DigestInfo || digest.
+_DIGEST_INFO = {_wire.HASHES[code]().name: _digest_info(code) for code in sorted(_wire.SIGN_HASHES)}
 _CURVE_OIDS = {bytes.fromhex("06082a8648ce3d030107"): ec.SECP256R1(),
                bytes.fromhex("06052b81040022"): ec.SECP384R1()}
 # CKA_EC_PARAMS of an Ed25519 key: the OID 1.3.101.112, or the curve's name (PKCS#11 3.0).
@@ -202,8 +209,22 @@ class TokenKeySource:
         return found[0]
 
     # -- sessions ----------------------------------------------------------
+    @property
+    def module_path(self) -> str:
+        """The PKCS#11 module's file."""
+        return self._module.path
+
     def _current(self) -> tuple[int, int]:
         return (self._module.generation, self._epoch)
+
+    def handles(self) -> Optional[tuple[int, int]]:
+        """(session, key object) handles of this thread's session while it is
+        current, for the oracle's C signer; None when it has none (not opened
+        yet, lost, or the module finalized since)."""
+        st: Optional[_Session] = getattr(self._local, "s", None)
+        if st is None or st.epoch != self._current():
+            return None
+        return int(st.session.handle), int(st.key.handle)
 
     def _session(self, announce: bool = True) -> _Session:
         """This thread's session, opened (and logged in) if it has none; call
@@ -392,6 +413,12 @@ class TokenHeld(HeldElsewhere):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.source.shown}>"
 
+    def c_signer(self) -> tuple[int, int]:
+        """What the oracle's C signer needs to know of the key besides its module
+        and handles: its type (``SHMKEY_KEY_*``) and the length of the raw
+        signatures the token returns."""
+        raise NotImplementedError
+
 
 def _unsupported(what: str) -> Callable[[Exception], Exception]:
     return lambda exc: UnsupportedOperationError(f"the token refused {what} ({_why(exc)})")
@@ -412,6 +439,10 @@ class TokenRSAKey(TokenHeld, rsa.RSAPrivateKey):
     def public_key(self) -> rsa.RSAPublicKey:
         """The public half, read from the token at start."""
         return self._public
+
+    def c_signer(self) -> tuple[int, int]:
+        """RSA; a signature is as long as the modulus."""
+        return int(lib.SHMKEY_KEY_RSA), (self.key_size + 7) // 8
 
     def sign(self, data: Buffer, padding: apad.AsymmetricPadding, algorithm: Any) -> bytes:
         """``CKM_RSA_PKCS`` over DigestInfo || digest, or ``CKM_RSA_PKCS_PSS``
@@ -508,6 +539,10 @@ class TokenECKey(TokenHeld, ec.EllipticCurvePrivateKey):
         """The public half, read from the token at start."""
         return self._public
 
+    def c_signer(self) -> tuple[int, int]:
+        """EC; r || s, each as long as the field."""
+        return int(lib.SHMKEY_KEY_EC), 2 * ((self.key_size + 7) // 8)
+
     def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         """``CKM_ECDSA`` over the digest; the token's r || s becomes DER.
 
@@ -542,6 +577,10 @@ class TokenEd25519Key(TokenHeld, ed25519.Ed25519PrivateKey):
     def public_key(self) -> ed25519.Ed25519PublicKey:
         """The public half, read from the token at start."""
         return self._public
+
+    def c_signer(self) -> tuple[int, int]:
+        """Ed25519; 64-byte signatures."""
+        return int(lib.SHMKEY_KEY_ED25519), 64
 
     def sign(self, data: Buffer) -> bytes:
         """``CKM_EDDSA`` over the message itself.

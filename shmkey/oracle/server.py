@@ -246,8 +246,14 @@ class Oracle:
     def _front(self, proc: int) -> tuple[Dispatcher, Audit]:
         """A worker process's dispatcher and audit (thread workers share one of each)."""
         assert self._keys is not None and self._region is not None
+        # Token keys are signed in C in worker processes only. python-pkcs11
+        # initializes a module without OS locking, so one thread at a time may
+        # be inside it: a worker process has one serving thread, which makes
+        # both the C signer's calls and Python's, one after the other; worker
+        # threads share the module, and only _Module.lock (Python) keeps them apart.
         dispatcher = Dispatcher(self._keys, Meter(self._region, proc), self.status_document,
-                                self.opts.config.slot_size, self._srv)
+                                self.opts.config.slot_size, self._srv,
+                                tokens_in_c=self._kind == "process")
         dispatcher.audit = Audit(self._srv, dispatcher.meter, dispatcher.forget)
         return dispatcher, dispatcher.audit
 

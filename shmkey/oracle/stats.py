@@ -30,6 +30,7 @@ _NBUCKETS = len(BOUNDS_NS) + 1
 
 # Key row (shmkey.h's SHMKEY_STAT_*): counters, then the latency sum and histogram.
 SIGNS: int = lib.SHMKEY_STAT_SIGNS
+SIGNS_IN_C: int = lib.SHMKEY_STAT_SIGNS_IN_C        # of SIGNS, those csrc/signer.c made
 DECRYPTS: int = lib.SHMKEY_STAT_DECRYPTS
 REFUSED_POLICY: int = lib.SHMKEY_STAT_REFUSED_POLICY
 REFUSED_RATE: int = lib.SHMKEY_STAT_REFUSED_RATE

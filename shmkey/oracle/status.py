@@ -9,7 +9,7 @@ from typing import Any
 
 from .dispatch import KeySet
 from .stats import (BOUNDS_NS, DECRYPTS, ERRORS, LATENCY_SUM_NS, REFUSED_POLICY, REFUSED_RATE,
-                    SIGNS, Region, histogram, percentile_us)
+                    SIGNS, SIGNS_IN_C, Region, histogram, percentile_us)
 
 FORMAT = 1      # of the document; grows keys, never renames or drops one
 
@@ -24,7 +24,7 @@ def _key(kid: bytes, kind: str, row: list[int]) -> dict[str, Any]:
             buckets.append([BOUNDS_NS[i] / 1000 if i < len(BOUNDS_NS) else None, seen])
     return {
         "key_id": kid.hex(), "type": kind,
-        "signs": row[SIGNS], "decrypts": row[DECRYPTS],
+        "signs": row[SIGNS], "signs_in_c": row[SIGNS_IN_C], "decrypts": row[DECRYPTS],
         "refused": row[REFUSED_POLICY] + row[REFUSED_RATE],
         "refused_policy": row[REFUSED_POLICY], "refused_rate_limit": row[REFUSED_RATE],
         "errors": row[ERRORS],

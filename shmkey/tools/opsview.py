@@ -39,7 +39,8 @@ def render_status(doc: dict[str, Any]) -> str:
     lines.append("keys:")
     for k in doc.get("keys", []):
         lat = k["latency_us"]
-        lines.append(f"  {k['key_id'][:16]} {k['type']:<14} signs {k['signs']}  decrypts "
+        lines.append(f"  {k['key_id'][:16]} {k['type']:<14} signs {k['signs']} "
+                     f"(in C {k.get('signs_in_c', 0)})  decrypts "
                      f"{k['decrypts']}  refused {k['refused']} (policy {k['refused_policy']}, "
                      f"rate limit {k['refused_rate_limit']})  errors {k['errors']}  "
                      f"math us p50 {_us(lat['p50'])} p90 {_us(lat['p90'])} p99 {_us(lat['p99'])}")

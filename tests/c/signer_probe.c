@@ -5,7 +5,7 @@
  * answer reaches this program's stand-in for Python, which answers
  * SHMKEY_EUNSUPPORTED "python" (after giving the connection its counters,
  * as oracle/dispatch.py does), so a test sees which side served each
- * request. A STATUS request answers "signs=N ops=M": the C counters.
+ * request. A STATUS request answers "signs=N in_c=C ops=M": the C counters.
  * Usage: signer_probe PATH KEY.der...
  */
 #include "internal.h"
@@ -59,11 +59,13 @@ int main(int argc, char **argv)
             continue;
         if (w->req.op == SHMKEY_OP_STATUS) {
             char text[128];
-            uint64_t signs = 0;
-            for (int i = 0; i < argc - 2; i++)
+            uint64_t signs = 0, in_c = 0;
+            for (int i = 0; i < argc - 2; i++) {
                 signs += key_rows[i][SHMKEY_STAT_SIGNS];
-            int len = snprintf(text, sizeof(text), "signs=%llu ops=%llu",
-                               (unsigned long long)signs,
+                in_c += key_rows[i][SHMKEY_STAT_SIGNS_IN_C];
+            }
+            int len = snprintf(text, sizeof(text), "signs=%llu in_c=%llu ops=%llu",
+                               (unsigned long long)signs, (unsigned long long)in_c,
                                (unsigned long long)client_row[SHMKEY_CSTAT_OPS]);
             shmkey_server_reply(s, w, SHMKEY_OK, (const uint8_t *)text, (uint32_t)len);
             continue;
