@@ -140,7 +140,11 @@ static int use_dir(const char *dir, mode_t mode, int create, int64_t owner, int 
 {
     struct stat st;
     int err;
-    if (create && mkdir(dir, mode) != 0 && errno != EEXIST) {
+    if (create && mkdir(dir, mode) == 0) {
+        /* The oracle's umask (077) must not make /run/shmkey unreachable for
+           the users it serves: the mode is the rule's, not the umask's. */
+        (void)chmod(dir, mode);
+    } else if (create && errno != EEXIST) {
         err = errno;
         shmkey_why(why, whylen, "cannot create socket directory %s: %s", dir, strerror(err));
         return shmkey_status_from_errno(err);

@@ -104,6 +104,26 @@ def test_root_uses_run_shmkey(xdg: Path) -> None:
     assert names.socket_path("web") == Path("/run/shmkey/shmkey-web.sock")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule for root")
+def test_run_shmkey_made_under_the_oracles_umask_is_0755(probe: Path) -> None:
+    """The oracle runs with umask 077; the directory it makes must still let
+    the users it serves (nginx's workers) reach their socket in it."""
+    saved = Path(tempfile.mkdtemp(prefix="run-shmkey-saved-", dir="/run"))
+    had = Path("/run/shmkey").exists()
+    if had:
+        os.rename("/run/shmkey", saved / "shmkey")
+    try:
+        run = subprocess.run(["sh", "-c", f"umask 077 && exec {probe} create"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.stdout.strip() == "/run/shmkey", run.stdout + run.stderr
+        assert os.stat("/run/shmkey").st_mode & 0o777 == 0o755
+    finally:
+        shutil.rmtree("/run/shmkey", ignore_errors=True)
+        if had:
+            os.rename(saved / "shmkey", "/run/shmkey")
+        saved.rmdir()
+
+
 @needs_root
 def test_a_user_gets_a_private_xdg_directory(probe: Path, open_tmp: Path) -> None:
     nobody = pwd.getpwnam("nobody")
