@@ -538,8 +538,6 @@ static int ring_call(struct cring *r, const struct shmkey_req *req, const uint8_
     uint32_t woken = submit_slot(r, s, gen, req, in, 0);
     rc = wait_reply(r, s, i, gen, deadline_ns, woken, doze_until(r, e, t0), lost);
     if (rc == SHMKEY_OK) {
-        { static int dbg = -1; if (dbg < 0) dbg = getenv("SHMKEY_DBG") != NULL;
-          if (dbg) fprintf(stderr, "S %lu E %lu doze %ld took %lu\n", (unsigned long)(t0/1000), (unsigned long)e->ns/1000, doze_until(r, e, t0) ? (long)(doze_until(r,e,t0)-t0)/1000 : -1L, (unsigned long)(shmkey_now_ns()-t0)/1000); }
         expect_learn(e, shmkey_now_ns() - t0);
         rc = take_reply(r, s, gen, out, out_cap, resp);
     } else if (!*lost && rc != SHMKEY_EPROTO) {
@@ -875,7 +873,6 @@ static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k,
     memcpy(w->payload, payload_of(sl), n);
     COMPILER_BARRIER();
     memset(payload_of(sl), 0, n);
-    if (getenv("SHMKEY_DBG")) fprintf(stderr, "C %lu\n", (unsigned long)(shmkey_now_ns()/1000));
     if (w->req.op == SHMKEY_OP_PING) {
         shmkey_ring_reply(s, w, SHMKEY_OK, w->payload, n);
         return -1;
@@ -1013,7 +1010,6 @@ int shmkey_ring_reply(struct shmkey_server *s, struct shmkey_work *w,
         return SHMKEY_EINVAL;
     struct shmkey_slot *sl = slot_at(k->base, s->stride, w->slot);
     uint32_t gen = (uint32_t)w->gen;
-    if (getenv("SHMKEY_DBG")) fprintf(stderr, "R %lu\n", (unsigned long)(shmkey_now_ns()/1000));
     w->conn = NULL;
     if (out_len > s->slot_size) {
         status = SHMKEY_EINTERNAL;
