@@ -927,6 +927,7 @@ int shmkey_server_open(int fd, int listening, int transport, uint32_t nslots,
     s->stride = shmkey_slot_stride(slot_size);
     s->spin_us = spin_us;
     s->ncpu = shmkey_ncpu();
+    (void)shmkey_runnable();    /* its descriptor opened now, not by the first spin */
     s->nprocs = nprocs;
     s->oracle_pid = getpid();
     s->peer_uid = geteuid();

@@ -166,6 +166,7 @@ int shmkey_cring_attach(int sock, const struct shmkey_welcome *wel, int *fds, ui
     r->stride = shmkey_slot_stride(wel->slot_size);
     r->spin_us = wel->spin_us;
     r->ncpu = wel->ncpu;
+    (void)shmkey_runnable();    /* its descriptor opened now, before any sandbox */
     r->proc = wel->proc;
     r->nprocs = wel->nprocs;
     pthread_mutex_init(&r->lock, NULL);
