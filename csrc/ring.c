@@ -383,8 +383,9 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
         __atomic_store_n(&s->waiters, 0, __ATOMIC_RELAXED);
     }
     /* A wake-up left over from an earlier use costs one spurious return from poll. */
+    /* After a doze, the worker we may have woken is long at work (in "active"). */
     if (CTL_STATE(ctl) != SHMKEY_SLOT_DONE)
-        ctl = spin_for_reply(r, s, woken);
+        ctl = spin_for_reply(r, s, doze_until ? 0 : woken);
     for (;;) {
         if (CTL_GEN(ctl) != gen)
             return SHMKEY_EPROTO;       /* our own process freed our slot */
