@@ -113,6 +113,8 @@ class OracleCollector:
 def _from_document(name: str, doc: dict[str, Any], own_pid: int) -> Iterator[Metric]:
     ops = CounterMetricFamily("shmkey_operations", "private-key operations by key, kind and result",
                               labels=["oracle", "key_id", "op", "result"])
+    in_c = CounterMetricFamily("shmkey_signs_in_c", "signatures among the ok signs made by the "
+                               "oracle's C signer, without its Python", labels=["oracle", "key_id"])
     hist = HistogramMetricFamily("shmkey_operation_duration_seconds",
                                  "time in the oracle's handler (policy checks and the math)",
                                  labels=["oracle", "key_id"])
@@ -120,6 +122,7 @@ def _from_document(name: str, doc: dict[str, Any], own_pid: int) -> Iterator[Met
         kid = str(key.get("key_id", ""))
         ops.add_metric([name, kid, "sign", "ok"], key.get("signs", 0))
         ops.add_metric([name, kid, "decrypt", "ok"], key.get("decrypts", 0))
+        in_c.add_metric([name, kid], key.get("signs_in_c", 0))
         # The oracle counts failures per key, not per kind of operation.
         ops.add_metric([name, kid, "any", "refused_policy"], key.get("refused_policy", 0))
         ops.add_metric([name, kid, "any", "refused_rate_limit"], key.get("refused_rate_limit", 0))
@@ -128,6 +131,7 @@ def _from_document(name: str, doc: dict[str, Any], own_pid: int) -> Iterator[Met
         hist.add_metric([name, kid], _rebucket(key.get("latency_buckets_us", []), count),
                         sum_value=float(key.get("latency_sum_us", 0.0)) / 1e6)
     yield ops
+    yield in_c
     yield hist
     clients = [c for c in doc.get("clients", []) if c.get("pid") != own_pid]
     settings = doc.get("settings", {})
