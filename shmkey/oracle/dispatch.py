@@ -8,6 +8,7 @@ file keys, and token keys with the session Python opened for them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from .handler import Handler
 from .limits import Bucket
 from .pkcs11 import TokenKey
 from .stats import DECRYPTS, ERRORS, REFUSED_POLICY, REFUSED_RATE, SIGNS, Meter
+
+log = logging.getLogger("shmkey.oracle")
 
 _PRIVATE_OPS = (lib.SHMKEY_OP_SIGN, lib.SHMKEY_OP_DECRYPT)
 
@@ -98,9 +101,14 @@ class Dispatcher:
         if self._tokens_in_c:
             for kid, key, default, row in unlimited(keys.handler.token_keys()):
                 kind, sig_len = key.c_signer()
-                if lib.shmkey_signer_add_token(signer, kid, os.fsencode(key.source.module_path),
-                                               kind, sig_len, default, row) == lib.SHMKEY_OK:
+                rc = lib.shmkey_signer_add_token(signer, kid, os.fsencode(key.source.module_path),
+                                                 kind, sig_len, default, row)
+                if rc == lib.SHMKEY_OK:
                     self._tokens.append((kid, key))
+                else:       # it still works, through Python: say why it is slower
+                    log.info("token key %s signs through Python, not in C (status %d: more "
+                             "than 32 keys, a signature over 1024 bytes, or the module would not "
+                             "load in C)", kid.hex()[:16], rc)
         return signer
 
     def _give_sessions(self) -> None:
