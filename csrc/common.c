@@ -420,19 +420,23 @@ size_t shmkey_ring_size(uint32_t nslots, uint32_t slot_size)
  */
 uint32_t shmkey_runnable(void)
 {
-    static int fd = -2;                 /* -2: not opened yet; -1: not to be had */
-    int f = __atomic_load_n(&fd, __ATOMIC_ACQUIRE);
-    if (f == -2) {
+    /* (pid << 32) | (fd + 1): opened anew in each process, since a forked
+       child may close what it inherited and reuse the number. */
+    static uint64_t state;
+    pid_t me = shmkey_self_pid();
+    uint64_t st = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+    if ((pid_t)(st >> 32) != me) {
         int mine = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-        int expect = -2;
-        if (!__atomic_compare_exchange_n(&fd, &expect, mine, 0, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_ACQUIRE)) {
-            if (mine >= 0)
-                close(mine);
-            mine = expect;
+        uint64_t want = (uint64_t)(uint32_t)me << 32 | (uint32_t)(mine + 1);
+        if (__atomic_compare_exchange_n(&state, &st, want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            st = want;
+        } else if (mine >= 0) {
+            close(mine);        /* another thread of ours opened it first (st is its) */
         }
-        f = mine;
+        if ((pid_t)(st >> 32) != me)
+            return 0;
     }
+    int f = (int)(uint32_t)st - 1;
     char buf[96];
     ssize_t n = f >= 0 ? pread(f, buf, sizeof(buf) - 1, 0) : -1;
     if (n <= 0)
