@@ -474,11 +474,10 @@ int shmkey_spin_should_stop(struct shmkey_spin *sp, uint32_t busy, uint32_t ncpu
         if (sp->yield)
             sched_yield();
         sp->look = now + SPIN_LOOK_NS;
-        uint64_t after = shmkey_now_ns();
         sp->crowded = shmkey_runnable() > ncpu ? sp->crowded + 1 : 0;
+        sp->last = shmkey_now_ns();
         /* A yield that took long let somebody run who wanted this core. */
-        stop = sp->crowded >= 2 || after - now > SPIN_PREEMPTED_NS;
-        sp->last = shmkey_now_ns();     /* the look itself is no preemption */
+        stop = sp->crowded >= 2 || sp->last - now > SPIN_PREEMPTED_NS;
     }
     return stop;
 }

@@ -39,8 +39,9 @@ DEFAULT_KEY = bytes(32)     # "the oracle's first key"
 # struct shmkey_req as bytes: filling it with one pack is several times
 # quicker than cffi's field by field. Checked against the header's layout.
 _REQ = struct.Struct("=6I32s")
-assert (_REQ.size, ffi.offsetof("struct shmkey_req", "p"), ffi.offsetof("struct shmkey_req", "in_len"),
-        ffi.offsetof("struct shmkey_req", "key_id")) == (ffi.sizeof("struct shmkey_req"), 4, 20, 24)
+if (_REQ.size, ffi.offsetof("struct shmkey_req", "p"), ffi.offsetof("struct shmkey_req", "in_len"),
+        ffi.offsetof("struct shmkey_req", "key_id")) != (ffi.sizeof("struct shmkey_req"), 4, 20, 24):
+    raise ImportError("struct shmkey_req in shmkey.h no longer matches _wire's packing")
 
 
 def pack_request(buf: Any, op: int, params: Params, in_len: int, kid: bytes) -> None:

@@ -22,7 +22,7 @@ from .._binding import ffi, lib
 from .audit import Audit
 from .handler import Handler
 from .limits import Bucket
-from .pkcs11 import TokenKey
+from .pkcs11 import TokenHeld
 from .stats import DECRYPTS, ERRORS, REFUSED_POLICY, REFUSED_RATE, SIGNS, Meter
 
 log = logging.getLogger("shmkey.oracle")
@@ -59,7 +59,7 @@ class Dispatcher:
         self._counted: set[int] = set()                 # connections C counts for itself
         # A reload (another thread) replaces the signer; this thread updates its sessions.
         self._lock = threading.Lock()
-        self._tokens: list[tuple[bytes, TokenKey]] = []   # the token keys of the C signer
+        self._tokens: list[tuple[bytes, TokenHeld]] = []   # the token keys of the C signer
         self._given: dict[bytes, Optional[tuple[int, int]]] = {}  # their handles C has
         self.audit: Optional[Audit] = None
         self._status = status

@@ -136,11 +136,10 @@ class Handler:
                                  ed25519.Ed25519PrivateKey)) and
                 not isinstance(key, pkcs11.TokenHeld)]
 
-    def token_keys(self) -> list[tuple[bytes, pkcs11.TokenKey]]:
-        """(key id, key) of every key held in a PKCS#11 token."""
+    def token_keys(self) -> list[tuple[bytes, pkcs11.TokenHeld]]:
+        """(key id, key) of every key held in a PKCS#11 token: those file_keys leaves out."""
         return [(kid, key) for kid, (key, _) in self._by_id.items()
-                if kid != _wire.DEFAULT_KEY and
-                isinstance(key, (pkcs11.TokenRSAKey, pkcs11.TokenECKey, pkcs11.TokenEd25519Key))]
+                if kid != _wire.DEFAULT_KEY and isinstance(key, pkcs11.TokenHeld)]
 
     def public_der(self) -> list[bytes]:
         """SubjectPublicKeyInfo of every key, first key first."""
