@@ -119,6 +119,7 @@ struct sconn {
     uint8_t *base;
     size_t map_len;
     int *wake;                  /* per slot: the oracle's end of the slot's wake-up socketpair */
+    uint32_t next_slot;         /* atomic: where the next scan of this ring starts */
     /* retirement */
     uint64_t snap[SHMKEY_MAX_PROCS];    /* the workers' grace counters when it was retired */
     struct sconn *next_dead;

@@ -885,7 +885,8 @@ static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k,
 
 /*
  * Claim a SUBMITTED slot in any ring, starting where the last scan left off
- * so that no client waits behind another. 1: w holds a request for Python;
+ * so that no client waits behind another, nor a client's thread behind its
+ * other threads. 1: w holds a request for Python;
  * -1: one was answered here (a ping, or a malformed one); 0: none waiting.
  */
 int shmkey_ring_claim(struct shmkey_server *s, struct shmkey_work *w)
@@ -900,12 +901,21 @@ int shmkey_ring_claim(struct shmkey_server *s, struct shmkey_work *w)
         if (!k || __atomic_load_n(&k->state, __ATOMIC_ACQUIRE) != CONN_RING ||
             __atomic_load_n(&k->dead, __ATOMIC_RELAXED))
             continue;
-        for (uint32_t j = 0; j < s->nslots; j++) {
+        /*
+         * Within a ring, too, from the slot after the last one claimed: a
+         * client's threads reuse its lowest free slots, which a scan from
+         * slot 0 would serve first for as long as more requests came than
+         * workers, while a higher slot waited for its timeout.
+         */
+        uint32_t first = __atomic_load_n(&k->next_slot, __ATOMIC_RELAXED);
+        for (uint32_t m = 0; m < s->nslots; m++) {
+            uint32_t j = (first + m) % s->nslots;
             struct shmkey_slot *sl = slot_at(k->base, s->stride, j);
             uint64_t ctl = ctl_load(sl);
             if (CTL_STATE(ctl) == SHMKEY_SLOT_SUBMITTED &&
                 ctl_cas(sl, ctl, CTL(CTL_GEN(ctl), SHMKEY_SLOT_BUSY))) {
                 w->cursor = at + 1;     /* the next scan starts with the next client */
+                __atomic_store_n(&k->next_slot, j + 1, __ATOMIC_RELAXED);
                 return take(s, w, k, j, ctl);
             }
         }

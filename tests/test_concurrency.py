@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 
 import shmkey
 from shmkey import _process
@@ -113,3 +115,35 @@ def test_many_pings_from_many_threads(oracle: shmkey.KeyOracle) -> None:
     for t in ts:
         t.join()
     assert not errors
+
+
+def test_threads_of_one_client_take_turns(rsa2048: Path) -> None:
+    """More of a client's threads than workers: each is served in turn. Its
+    threads reuse its lowest free slots, so a worker that always scanned its
+    ring from the first slot served two threads while the others waited for
+    their timeout."""
+    threads, enough = 4, 40
+    counts = [0] * threads
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    with shmkey.KeyOracle(rsa2048, workers=1, slots=16, timeout_ms=30000) as oracle:
+        key = oracle.private_key()
+
+        def signer(i: int) -> None:
+            try:
+                while not stop.is_set():
+                    key.sign(b"turn %d" % i, padding.PKCS1v15(), hashes.SHA256())
+                    counts[i] += 1
+                    if counts[i] >= enough:
+                        stop.set()
+            except BaseException as exc:  # collected and asserted below
+                errors.append(exc)
+                stop.set()
+
+        ts = [threading.Thread(target=signer, args=(i,)) for i in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not errors
+    assert min(counts) >= enough // 2, counts

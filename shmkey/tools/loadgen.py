@@ -39,10 +39,15 @@ class LoadResult:
     outcomes: list[Outcome] = field(default_factory=list)
     server_cpu: float = 0.0     # CPU seconds the server used meanwhile, where measured
     handshakes: list[float] = field(default_factory=list)   # seconds each successful one took
+    requests: list[float] = field(default_factory=list)     # the same, connect to response
 
     def handshake_ms(self, p: float) -> float:
         """The ``p``-th percentile of the handshake times, in milliseconds (NaN: none)."""
         return percentile(self.handshakes, p) * 1e3
+
+    def request_ms(self, p: float) -> float:
+        """The ``p``-th percentile of whole requests (connect to checked response), in ms."""
+        return percentile(self.requests, p) * 1e3
 
     @property
     def rate(self) -> float:
@@ -71,21 +76,22 @@ def _describe(exc: BaseException) -> str:
 
 
 async def request(host: str, port: int, ctx: ssl.SSLContext, server_hostname: str,
-                  path: str, timeout: float = 10.0) -> float:
+                  path: str, timeout: float = 10.0) -> tuple[float, float]:
     """One connection, handshake, ``GET path``, and a check of the response.
 
     Returns:
-        The seconds from connecting to the end of the handshake.
+        The seconds from connecting to the end of the handshake, and to the
+        end of the response.
 
     Raises:
         ssl.SSLError, OSError, asyncio.TimeoutError: the connection failed.
         ValueError: the response was not the backend's answer to ``path``.
     """
     took = 0.0
+    began = time.monotonic()
 
     async def exchange() -> bytes:
         nonlocal took
-        began = time.monotonic()
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx,
                                                        server_hostname=server_hostname)
         took = time.monotonic() - began
@@ -104,7 +110,7 @@ async def request(host: str, port: int, ctx: ssl.SSLContext, server_hostname: st
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200 ") or body != body_for(path):
         raise ValueError(f"unexpected response {data[:80]!r}")
-    return took
+    return took, time.monotonic() - began
 
 
 async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
@@ -130,7 +136,7 @@ async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
             n += 1
             path = f"/{tag}/{cid}/{n}"
             try:
-                took = await request(host, port, ctx, server_hostname, path)
+                took, whole = await request(host, port, ctx, server_hostname, path)
             except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError,
                     EOFError) as exc:
                 result.failed += 1
@@ -140,6 +146,7 @@ async def run(host: str, port: int, ctx: ssl.SSLContext, *, concurrency: int,
             else:
                 result.ok += 1
                 result.handshakes.append(took)
+                result.requests.append(whole)
                 result.outcomes.append(Outcome(time.monotonic()))
             if progress is not None:
                 progress(result)
@@ -195,6 +202,7 @@ class LoadClients:
             total.failed += part["failed"]
             total.errors.update(part["errors"])
             total.handshakes += part["handshakes"]
+            total.requests += part["requests"]
             total.elapsed = max(total.elapsed, part["elapsed"])
             rate += part["ok"] / part["elapsed"] if part["elapsed"] else 0.0
         self._loading = False
@@ -236,7 +244,8 @@ def main() -> None:
         sys.stdout.write(json.dumps({"ok": result.ok, "failed": result.failed,
                                      "elapsed": result.elapsed,
                                      "errors": dict(result.errors),
-                                     "handshakes": result.handshakes}) + "\n")
+                                     "handshakes": result.handshakes,
+                                     "requests": result.requests}) + "\n")
         sys.stdout.flush()
 
 
