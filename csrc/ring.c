@@ -378,6 +378,13 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
                       uint64_t deadline_ns, uint32_t woken, uint64_t doze_until, int *lost)
 {
     uint64_t ctl = ctl_load(s);
+    /*
+     * Every core busy with a worker or with us: no spin will be allowed when
+     * the doze ends, and its wake-up would be the first of two (it took the
+     * core from a signing worker, too). Sleep until the reply instead.
+     */
+    if (doze_until && shmkey_status_active(r->status, r->nprocs) + 1 + woken > r->ncpu)
+        doze_until = 0;
     if (doze_until && CTL_STATE(ctl) != SHMKEY_SLOT_DONE) {
         ctl = sleep_for_reply(r, s, i, ctl, doze_until < deadline_ns ? doze_until : deadline_ns);
         /* Spinning now: the worker need not ring (a byte left over costs one spurious wake). */
