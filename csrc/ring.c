@@ -912,7 +912,7 @@ int shmkey_ring_claim(struct shmkey_server *s, struct shmkey_work *w)
          * Within a ring, too, from the slot after the last one claimed: a
          * client's threads reuse its lowest free slots, which a scan from
          * slot 0 would serve first for as long as more requests came than
-         * workers, while a higher slot waited for its timeout.
+         * workers, while a higher slot waited all that time.
          */
         uint32_t first = __atomic_load_n(&k->next_slot, __ATOMIC_RELAXED);
         for (uint32_t m = 0; m < s->nslots; m++) {

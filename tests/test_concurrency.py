@@ -120,8 +120,8 @@ def test_many_pings_from_many_threads(oracle: shmkey.KeyOracle) -> None:
 def test_threads_of_one_client_take_turns(rsa2048: Path) -> None:
     """More of a client's threads than workers: each is served in turn. Its
     threads reuse its lowest free slots, so a worker that always scanned its
-    ring from the first slot served two threads while the others waited for
-    their timeout."""
+    ring from the first slot served two threads while the others waited
+    until those stopped."""
     threads, enough = 4, 40
     counts = [0] * threads
     stop = threading.Event()
