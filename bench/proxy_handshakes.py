@@ -52,6 +52,17 @@ def s_time(rig: ProxyRig, label: str, seconds: int, processes: int) -> tuple[flo
     return total, (rig.proxies[label].cpu_seconds() - before) / max(count, 1) * 1e3
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _median_and_ratio(by_label: dict[str, list[float]], label: str,
+                      base_label: str) -> tuple[float, float]:
+    """The median of ``label``'s rounds, and the median of its per-round ratios to the base."""
+    ratios = [a / b for a, b in zip(by_label[label], by_label[base_label])]
+    return _median(by_label[label]), _median(ratios)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=3, help="per mode and round")
@@ -97,14 +108,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for label in modes:
         ratios = [a / b for a, b in zip(rates[label], rates[base_label])]
-        ms = statistics.median(cpu[label]) if cpu[label] else float("nan")
-        base = statistics.median(cpu[base_label]) if cpu[base_label] else float("nan")
-        tail = statistics.median(p99[label]) if p99[label] else float("nan")
-        tail_ratios = [a / b for a, b in zip(p99[label], p99[base_label])]
-        tail_ratio = statistics.median(tail_ratios) if tail_ratios else float("nan")
-        whole = statistics.median(p99_whole[label]) if p99_whole[label] else float("nan")
-        whole_ratios = [a / b for a, b in zip(p99_whole[label], p99_whole[base_label])]
-        whole_ratio = statistics.median(whole_ratios) if whole_ratios else float("nan")
+        ms = _median(cpu[label])
+        base = _median(cpu[base_label])
+        tail, tail_ratio = _median_and_ratio(p99, label, base_label)
+        whole, whole_ratio = _median_and_ratio(p99_whole, label, base_label)
         print(f"| {label} | {statistics.median(rates[label]):.0f} ({min(rates[label]):.0f}-"
               f"{max(rates[label]):.0f}) | {statistics.median(ratios):.3f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | {ms:.3f} | {base / ms:.3f}x "

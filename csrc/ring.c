@@ -299,13 +299,18 @@ static void release_slot(struct cring *r, uint32_t i)
  * client that rang the doorbell (no worker spun) counts the worker it woke:
  * spinning on the core that worker needs would only delay it.
  */
+static int no_core_to_spin(const struct cring *r, uint32_t mine, uint32_t woken)
+{
+    return shmkey_status_active(r->status, r->nprocs) + mine + woken > r->ncpu;
+}
+
 static uint64_t spin_for_reply(struct cring *r, struct shmkey_slot *s, uint32_t woken)
 {
     uint64_t ctl = ctl_load(s);
     if (r->spin_us == 0 || CTL_STATE(ctl) == SHMKEY_SLOT_DONE)
         return ctl;
     uint32_t mine = __atomic_add_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
-    if (shmkey_status_active(r->status, r->nprocs) + mine + woken > r->ncpu) {
+    if (no_core_to_spin(r, mine, woken)) {
         __atomic_sub_fetch(&r->spinning, 1, __ATOMIC_RELAXED);
         return ctl;
     }
@@ -379,11 +384,12 @@ static int wait_reply(struct cring *r, struct shmkey_slot *s, uint32_t i, uint32
 {
     uint64_t ctl = ctl_load(s);
     /*
-     * Every core busy with a worker or with us: no spin will be allowed when
-     * the doze ends, and its wake-up would be the first of two (it took the
-     * core from a signing worker, too). Sleep until the reply instead.
+     * No core to spin on now means none when the doze ends, most likely: its
+     * wake-up would be the first of two, and would take the core from a
+     * signing worker. Sleep until the reply instead.
      */
-    if (doze_until && shmkey_status_active(r->status, r->nprocs) + 1 + woken > r->ncpu)
+    if (doze_until &&
+        no_core_to_spin(r, __atomic_load_n(&r->spinning, __ATOMIC_RELAXED) + 1, woken))
         doze_until = 0;
     if (doze_until && CTL_STATE(ctl) != SHMKEY_SLOT_DONE) {
         ctl = sleep_for_reply(r, s, i, ctl, doze_until < deadline_ns ? doze_until : deadline_ns);
