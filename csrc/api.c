@@ -316,6 +316,7 @@ int shmkey_server_next(struct shmkey_server *s, struct shmkey_work *w, uint32_t 
         shmkey_server_online(s, w, 0);
         return rc;
     }
+    shmkey_ring_look_end(s, w);
     shmkey_ring_leave_active(s, w);
     shmkey_server_online(s, w, 0);
     return SHMKEY_EUNAVAIL;

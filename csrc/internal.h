@@ -237,6 +237,8 @@ void shmkey_ring_kick_if_more(struct shmkey_server *s);
 int shmkey_ring_reply(struct shmkey_server *s, struct shmkey_work *w,
                       int32_t status, const uint8_t *out, uint32_t out_len);
 void shmkey_ring_enter_active(struct shmkey_server *s, struct shmkey_work *w);
+void shmkey_ring_look_begin(struct shmkey_server *s, struct shmkey_work *w);
+void shmkey_ring_look_end(struct shmkey_server *s, struct shmkey_work *w);
 void shmkey_ring_leave_active(struct shmkey_server *s, struct shmkey_work *w);
 
 /* signer.c */

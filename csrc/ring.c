@@ -8,7 +8,7 @@
  *
  * A client fills a FREE slot, marks it SUBMITTED and rings the doorbell (a
  * byte on the connection's socket) unless one of the oracle's workers is
- * spinning, as the oracle's read-only status page says. A worker claims a
+ * spinning or about to scan, as the oracle's read-only status page says. A worker claims a
  * SUBMITTED slot (-> BUSY) with one CAS, copies the request out once, zeroes
  * it, and works on the copy. The reply is written under WRITING and published
  * as DONE; the worker wakes a client that sleeps (it set "waiters") with a
@@ -869,6 +869,31 @@ void shmkey_ring_leave_active(struct shmkey_server *s, struct shmkey_work *w)
     }
 }
 
+/*
+ * A worker that will look at the rings before it sleeps counts itself with
+ * the spinners, so that clients do not ring for it: from just before it
+ * publishes a reply made in C (the client's next request may come before it
+ * looks again) until it claims one, or until its last scan before sleeping.
+ * Under load the worker is then rarely woken, and never for a request it
+ * would have found anyway.
+ */
+void shmkey_ring_look_begin(struct shmkey_server *s, struct shmkey_work *w)
+{
+    if (!w->looking) {
+        __atomic_add_fetch(&s->status->spinners[s->proc], 1, __ATOMIC_SEQ_CST);
+        w->looking = 1;
+    }
+}
+
+/* Then the caller scans once more (the other half of the Dekker pair in submit_slot). */
+void shmkey_ring_look_end(struct shmkey_server *s, struct shmkey_work *w)
+{
+    if (w->looking) {
+        __atomic_sub_fetch(&s->status->spinners[s->proc], 1, __ATOMIC_SEQ_CST);
+        w->looking = 0;
+    }
+}
+
 /* Copy the claimed request out once, zero it in the ring, validate the copy. */
 static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k, uint32_t j,
                 uint64_t ctl)
@@ -893,6 +918,8 @@ static int take(struct shmkey_server *s, struct shmkey_work *w, struct sconn *k,
         shmkey_ring_reply(s, w, SHMKEY_OK, w->payload, n);
         return -1;
     }
+    /* Busy now; a request that came meanwhile is kick_if_more's to see. */
+    shmkey_ring_look_end(s, w);
     return 1;
 }
 
@@ -955,6 +982,16 @@ void shmkey_ring_kick_if_more(struct shmkey_server *s)
     }
 }
 
+/* A worker that was looking and will not spin: its last scan before it sleeps. */
+static int stop_looking(struct shmkey_server *s, struct shmkey_work *w)
+{
+    if (!w->looking)
+        return 0;
+    shmkey_ring_look_end(s, w);
+    shmkey_server_quiescent(s, w);
+    return shmkey_ring_claim(s, w);
+}
+
 static uint32_t all_spinners(const struct shmkey_server *s)
 {
     uint32_t n = 0;
@@ -975,12 +1012,12 @@ static uint32_t all_spinners(const struct shmkey_server *s)
 int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
 {
     if (s->spin_us == 0 || __atomic_load_n(&s->nrings, __ATOMIC_RELAXED) == 0 ||
-        all_spinners(s) > 0)
-        return 0;
+        all_spinners(s) > w->looking)
+        return stop_looking(s, w);
     /* An idle oracle sleeps: spinning pays only while requests keep coming. */
     if (shmkey_now_ns() - __atomic_load_n(&s->last_work_ns, __ATOMIC_RELAXED) >
         SPIN_RECENT_NS)
-        return 0;
+        return stop_looking(s, w);
     /*
      * Busy workers other than us, plus us, plus a client that may be spinning
      * for its reply (no oracle can see its clients spin: that is theirs to
@@ -989,10 +1026,9 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
      */
     uint32_t others = shmkey_status_active(s->status, s->nprocs) - (w->active ? 1 : 0);
     if (others + 2 > s->ncpu)
-        return 0;
+        return stop_looking(s, w);
     shmkey_ring_enter_active(s, w);
-    uint32_t *spinners = &s->status->spinners[s->proc];
-    __atomic_add_fetch(spinners, 1, __ATOMIC_SEQ_CST);
+    shmkey_ring_look_begin(s, w);
     int rc = 0;
     struct shmkey_spin sp;
     shmkey_spin_begin(&sp, s->spin_us, 1);
@@ -1013,11 +1049,12 @@ int shmkey_ring_spin(struct shmkey_server *s, struct shmkey_work *w)
              shmkey_spin_should_stop(&sp, shmkey_status_active(s->status, s->nprocs) + 1, s->ncpu)))
             break;
     }
-    __atomic_sub_fetch(spinners, 1, __ATOMIC_SEQ_CST);
-    /* The other half of the Dekker pair in ring_call. */
     if (rc == 0) {
-        shmkey_server_quiescent(s, w);
-        rc = shmkey_ring_claim(s, w);
+        rc = stop_looking(s, w);
+    } else if (rc == 2) {
+        /* w holds a socket request: whatever came on the rings meanwhile is another's. */
+        shmkey_ring_look_end(s, w);
+        shmkey_ring_kick_if_more(s);
     }
     return rc;
 }

@@ -134,7 +134,8 @@ struct shmkey_welcome {
  */
 struct shmkey_status {
     uint32_t active[SHMKEY_MAX_PROCS];      /* threads spinning or computing */
-    uint32_t spinners[SHMKEY_MAX_PROCS];    /* threads spinning for requests: no need to ring */
+    uint32_t spinners[SHMKEY_MAX_PROCS];    /* threads spinning or about to look for requests:
+                                               no need to ring */
 };
 
 /*
@@ -164,6 +165,7 @@ struct shmkey_work {
     uint32_t cursor;        /* where this worker starts its next scan */
     uint32_t qs;            /* this worker's index in the oracle's grace-period table, plus one */
     uint32_t active;        /* nonzero while counted in the status page's "active" */
+    uint32_t looking;       /* nonzero while counted in its "spinners" */
     uint64_t conn_serial;   /* the connection's number, unique within the oracle */
     int32_t peer_pid;       /* the client, from SO_PEERCRED when it connected */
     uint32_t peer_uid;

@@ -309,6 +309,8 @@ int shmkey_signer_serve(struct shmkey_server *s, struct shmkey_work *w)
             done = sign_digest(k, shape, h, w, out, &out_len);
         if (done) {
             shmkey_stats_signed_in_c(k->row, client_row, shmkey_now_ns() - t0);
+            /* The caller looks for the next request at once. */
+            shmkey_ring_look_begin(s, w);
             shmkey_server_reply(s, w, SHMKEY_OK, out, (uint32_t)out_len);
         }
     }

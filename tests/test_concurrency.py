@@ -147,3 +147,39 @@ def test_threads_of_one_client_take_turns(rsa2048: Path) -> None:
             t.join()
     assert not errors
     assert min(counts) >= enough // 2, counts
+
+
+SEQUENTIAL = r'''
+import sys, time
+import shmkey
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+key = shmkey.connect(sys.argv[1]).private_key()
+pub, worst = key.public_key(), 0.0
+for i in range(int(sys.argv[2])):
+    msg = b"%s %d" % (sys.argv[3].encode(), i)
+    t0 = time.monotonic()
+    sig = key.sign(msg, padding.PKCS1v15(), hashes.SHA256())
+    worst = max(worst, time.monotonic() - t0)
+    pub.verify(sig, msg, padding.PKCS1v15(), hashes.SHA256())
+print(worst)
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_wakeup_is_lost_without_spinning(rsa2048: Path, workers: int) -> None:
+    """With spinning off, a request reaches a worker either by its doorbell
+    or because a worker that has just answered looks again before it sleeps
+    (clients do not ring for it). Three processes sign back to back: a
+    request that fell between the two would wait for its deadline."""
+    n, procs = 150, 3
+    with shmkey.KeyOracle(rsa2048, workers=workers, spin_us=0, timeout_ms=4000) as oracle:
+        kids = [subprocess.Popen([sys.executable, "-c", SEQUENTIAL, oracle.name, str(n), f"p{i}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in range(procs)]
+        outs = [k.communicate(timeout=120) for k in kids]
+        in_c = oracle.client.status()["keys"][0]
+    assert all(k.returncode == 0 for k in kids), [err[-500:] for _, err in outs]
+    # The slowest call waited for a few signatures at most, never for a deadline.
+    assert max(float(out) for out, _ in outs) < 0.5, outs
+    assert in_c["signs_in_c"] >= procs * (n - 1), in_c
