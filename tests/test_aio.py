@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -127,3 +128,74 @@ def test_timeout_and_killed_oracle(rsa2048: Path) -> None:
                 assert isinstance(r, shmkey.OracleUnavailableError), r
 
         asyncio.run(main())
+
+
+def test_coroutines_beyond_the_slots_take_turns(rsa2048: Path) -> None:
+    """Four times as many coroutines as slots, each signing again as soon as
+    it has its answer: a freed slot goes to the one waiting longest, not
+    back to the coroutine that just freed it (which would keep the same few
+    signing while the rest waited for a retry that usually lost too)."""
+    with shmkey.KeyOracle(rsa2048, transport="shm", workers=2, timeout_ms=30000) as oracle:
+        key = oracle.private_key()
+        key.ping()
+        n = 4 * oracle.client.slots()
+        enough = 12
+        counts = [0] * n
+
+        async def one(i: int) -> None:
+            while max(counts) < enough:
+                await key.asign(b"turn %d" % i, PSS, hashes.SHA256())
+                counts[i] += 1
+
+        async def main() -> None:
+            await asyncio.gather(*(one(i) for i in range(n)))
+
+        asyncio.run(main())
+    assert min(counts) >= enough // 2, counts
+
+
+def test_one_loop_across_an_oracle_restart(rsa2048: Path) -> None:
+    """The loop keeps running while the oracle is killed and started again
+    under its name: calls in between fail cleanly, later ones use the new
+    ring, whose descriptors may reuse the numbers of the old one's; and the
+    loop's own selector never held a ring's descriptor, so sockets that get
+    those numbers now register with it as any other."""
+    from ._tls import Serve
+    serve = Serve(rsa2048, "shm").start()
+    try:
+        key = shmkey.connect(serve.name, oracle_user=serve.user).private_key()
+        pub = key.public_key()
+
+        async def signs(tag: bytes, n: int) -> None:
+            msgs = [tag + b"%d" % i for i in range(n)]
+            sigs = await asyncio.gather(*(key.asign(m, PSS, hashes.SHA256()) for m in msgs))
+            for m, sig in zip(msgs, sigs):
+                pub.verify(sig, m, PSS, hashes.SHA256())
+
+        async def main() -> None:
+            await signs(b"before", 40)
+            # The new ring is made before the old one is let go: the third
+            # ring gets the first one's numbers.
+            for restart in range(2):
+                assert serve.proc is not None
+                serve.proc.kill()
+                serve.proc.wait()
+                with pytest.raises(shmkey.OracleUnavailableError):
+                    await key.asign(b"down", PSS, hashes.SHA256())
+                loop = asyncio.get_running_loop()
+                pairs = [socket.socketpair() for _ in range(24)]
+                try:
+                    for a, _ in pairs:
+                        loop.add_reader(a.fileno(), lambda: None)
+                    for a, _ in pairs:
+                        loop.remove_reader(a.fileno())
+                finally:
+                    for a, b in pairs:
+                        a.close()
+                        b.close()
+                serve.start()
+                await signs(b"after %d:" % restart, 40)
+
+        asyncio.run(main())
+    finally:
+        serve.stop()

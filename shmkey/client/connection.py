@@ -8,6 +8,7 @@ import asyncio
 import collections
 import functools
 import json
+import select
 import struct
 import threading
 from typing import Any, Optional, Union
@@ -39,7 +40,8 @@ class OracleClient:
         self._local = threading.local()
         self._ping_req = ffi.new("struct shmkey_req *", {"op": lib.SHMKEY_OP_PING})
         # Coroutines of each event loop waiting for one of this process's slots.
-        self._slot_waiters: dict[asyncio.AbstractEventLoop, collections.deque[asyncio.Future[None]]] = {}
+        self._slot_queues: dict[asyncio.AbstractEventLoop, _SlotQueue] = {}
+        self._replies: dict[asyncio.AbstractEventLoop, _Replies] = {}
         self.name = name
 
     @classmethod
@@ -172,10 +174,10 @@ class OracleClient:
                     key_id: bytes = _wire.DEFAULT_KEY, timeout_ms: Optional[int] = None) -> bytes:
         """:meth:`call` for asyncio: the loop goes on while the oracle works.
 
-        The reply's descriptor is watched with ``loop.add_reader``; any number
-        may be in flight (beyond the ring's slots they queue here). Cancelling
-        withdraws the request. Over the socket transport the call runs in the
-        loop's default executor.
+        The loop watches the replies of its requests as one descriptor; any
+        number may be in flight (beyond the ring's slots they queue here, in
+        turn). Cancelling withdraws the request. Over the socket transport
+        the call runs in the loop's default executor.
 
         Raises:
             as :meth:`call`.
@@ -184,40 +186,76 @@ class OracleClient:
         if lib.shmkey_client_transport(self._handle) != lib.SHMKEY_TRANSPORT_SHM:
             return await loop.run_in_executor(
                 None, functools.partial(self.call, op, params, payload, key_id, timeout_ms))
-        pending = self.submit(op, params, payload, key_id, timeout_ms)
+        queue = self._slot_queues.get(loop)
+        # Behind those already waiting: a freed slot is theirs, in turn.
+        pending = None if queue else self.submit(op, params, payload, key_id, timeout_ms)
+        again = False
         while pending is None:
-            await self._slot_freed(loop)
+            await self._slot_freed(loop, again)
             pending = self.submit(op, params, payload, key_id, timeout_ms)
+            again = True
         try:
             while True:
+                # Not looked for at once: no reply comes within a few microseconds
+                # of the request, and its descriptor is readable if one did.
+                await self._readable(loop, pending)
                 data = pending.collect()
                 if data is not None:
                     return data
-                await _readable(loop, pending)
         finally:
             pending.abandon()
             self._wake_slot_waiter(loop)
 
-    async def _slot_freed(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Woken when a coroutine of this loop ends its request; other threads'
-        # requests end unseen, so look again after a while anyway.
-        fut: asyncio.Future[None] = loop.create_future()
-        self._slot_waiters.setdefault(loop, collections.deque()).append(fut)
-        timer = loop.call_later(_SLOT_RETRY_S, _resolve, fut)
+    async def _slot_freed(self, loop: asyncio.AbstractEventLoop, first: bool) -> None:
+        # Woken when a coroutine of this loop ends its request, the slot then
+        # promised to us; other threads' requests end unseen, so look again
+        # after a while anyway. A waiter that lost its slot to another thread
+        # waits ``first`` in line.
+        queue = self._slot_queues.setdefault(loop, _SlotQueue(loop))
+        fut: asyncio.Future[bool] = loop.create_future()
+        (queue.waiting.appendleft if first else queue.waiting.append)(fut)
+        queue.arm()
+        try:
+            promised = await fut
+        except BaseException:
+            # Cancelled: pass on a promise made meanwhile, or leave the line.
+            if fut.done() and not fut.cancelled() and fut.result():
+                queue.promised -= 1
+                self._wake_slot_waiter(loop)
+            elif fut in queue.waiting:
+                queue.waiting.remove(fut)
+            self._drop_if_idle(loop, queue)
+            raise
+        if promised:
+            queue.promised -= 1
+        self._drop_if_idle(loop, queue)
+
+    def _drop_if_idle(self, loop: asyncio.AbstractEventLoop, queue: _SlotQueue) -> None:
+        if not queue:
+            queue.disarm()
+            if self._slot_queues.get(loop) is queue:
+                del self._slot_queues[loop]
+
+    async def _readable(self, loop: asyncio.AbstractEventLoop, pending: Pending) -> None:
+        # Until the reply's descriptor is readable, or its deadline (the loop's
+        # clock is CLOCK_MONOTONIC, as the ticket's).
+        replies = self._replies.get(loop)
+        if replies is None or replies.closed:
+            replies = self._replies[loop] = _Replies(loop, self._replies)
+        fut = replies.wait(pending.fd, pending.deadline)
         try:
             await fut
         finally:
-            timer.cancel()
+            replies.forget(pending.fd)
 
     def _wake_slot_waiter(self, loop: asyncio.AbstractEventLoop) -> None:
-        waiters = self._slot_waiters.get(loop)
-        while waiters:
-            fut = waiters.popleft()
+        queue = self._slot_queues.get(loop)
+        while queue is not None and queue.waiting:
+            fut = queue.waiting.popleft()
             if not fut.done():
-                fut.set_result(None)
+                queue.promised += 1
+                fut.set_result(True)
                 return
-        if waiters is not None:
-            del self._slot_waiters[loop]
 
     def slots(self) -> int:
         """Slots of this process's ring: how many requests it may have in flight (0: no ring)."""
@@ -319,22 +357,141 @@ class OracleClient:
 _SLOT_RETRY_S = 0.005
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+class _SlotQueue:
+    """One event loop's coroutines waiting for a slot of this process's ring,
+    in arrival order, and how many were woken with a slot promised and have
+    not yet taken it. New requests queue behind both, so that a coroutine
+    which just ended a request cannot take the slot back from the one it woke."""
+
+    __slots__ = ("waiting", "promised", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self.promised = 0
+        self._loop = loop
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.waiting) or self.promised > 0
+
+    def arm(self) -> None:
+        """Look at the ring again after a while, for a slot that another
+        thread freed: one timer for the line, not one per waiter."""
+        if self._timer is None:
+            self._timer = self._loop.call_later(_SLOT_RETRY_S, self._retry_first)
+
+    def disarm(self) -> None:
+        """Nobody waits any more."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _retry_first(self) -> None:
+        self._timer = None
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_result(False)       # it tries the ring, and waits first in line again
+                break
+        if self.waiting:
+            self.arm()
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, pending: Pending) -> None:
-    # Until the reply's descriptor is readable, or its deadline (the loop's
-    # clock is CLOCK_MONOTONIC, as the ticket's).
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pending.fd, _resolve, fut)
-    timer = loop.call_at(pending.deadline, _resolve, fut)
-    try:
-        await fut
-    finally:
-        timer.cancel()
-        loop.remove_reader(pending.fd)
+_REPLIES_LINGER_S = 1.0
+_ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
+
+
+class _Replies:
+    """The reply descriptors of one event loop's requests in flight on one
+    client, in an epoll set of our own that the loop watches as a single
+    descriptor: a request arms its descriptor with one system call (where
+    ``add_reader`` and ``remove_reader`` cost two and some bookkeeping), and
+    one wake-up of the loop resolves every reply that is ready. The loop
+    never sees the ring's descriptors, which close with their ring when the
+    oracle restarts: nothing stale is left in its selector. The set is closed
+    a while after its last request, so a loop that stops asking keeps nothing.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 registry: dict[asyncio.AbstractEventLoop, _Replies]) -> None:
+        self._loop = loop
+        self._registry = registry
+        self._ep = select.epoll()
+        self._waiting: dict[int, tuple[asyncio.Future[None], float]] = {}
+        self._armed_once: set[int] = set()
+        self._linger: Optional[asyncio.TimerHandle] = None
+        # One timer, for the earliest deadline: requests come in deadline order
+        # as a rule, so it is rarely moved, where a timer each costs a heap push.
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = 0.0
+        self.closed = False
+        loop.add_reader(self._ep.fileno(), self._ready)
+
+    def wait(self, fd: int, deadline: float) -> asyncio.Future[None]:
+        """A future that is resolved once ``fd`` is readable, or at
+        ``deadline`` (the loop's clock)."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiting[fd] = (fut, deadline)
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+        try:
+            if fd in self._armed_once:
+                self._ep.modify(fd, _ONESHOT)
+            else:
+                self._ep.register(fd, _ONESHOT)
+        except FileNotFoundError:
+            # Closed since (its ring is gone) and the number given to a new one.
+            self._ep.register(fd, _ONESHOT)
+        except FileExistsError:
+            self._ep.modify(fd, _ONESHOT)
+        self._armed_once.add(fd)
+        return fut
+
+    def forget(self, fd: int) -> None:
+        """The request on ``fd`` is over (answered, timed out or cancelled)."""
+        self._waiting.pop(fd, None)
+        if not self._waiting and self._linger is None and not self.closed:
+            self._linger = self._loop.call_later(_REPLIES_LINGER_S, self._close)
+
+    def _ready(self) -> None:
+        for fd, _ in self._ep.poll(0):
+            entry = self._waiting.get(fd)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(None)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._deadlines)
+        self._timer_at = when
+
+    def _deadlines(self) -> None:
+        self._timer = None
+        now, later = self._loop.time(), None
+        for fut, deadline in self._waiting.values():
+            if deadline <= now:
+                if not fut.done():
+                    fut.set_result(None)    # collect() then withdraws it: timed out
+            elif later is None or deadline < later:
+                later = deadline
+        if later is not None:
+            self._arm(later)
+
+    def _close(self) -> None:
+        self._linger = None
+        if self._waiting or self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop.remove_reader(self._ep.fileno())
+        self._ep.close()
+        if self._registry.get(self._loop) is self:
+            del self._registry[self._loop]
 
 
 class Pending:
